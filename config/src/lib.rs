@@ -1,1 +1,519 @@
-//! placeholder
+//! Typed settings for bulksend.
+//!
+//! One [`Settings`] value is loaded once at start-up from an optional TOML file plus
+//! `BULKSEND_*` environment variables (nested keys separated by `__`, e.g.
+//! `BULKSEND_SMTP__TIMEOUTS__DATA_DONE=15m`), validated, and then passed around as
+//! `Arc<Settings>`. Every struct has `deny_unknown_fields` and a default for every field, so
+//! bulksend runs with no file at all and a misspelt key is an error that names it.
+//!
+//! The key names are part of bulksend's external contract (see DESIGN.md): operators' files and
+//! scripts rely on them, so rename nothing; add freely.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Everything that can be configured.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Settings {
+    pub queue: QueueSettings,
+    /// Static routes, checked before any MX lookup: recipient domain → `host:port`.
+    /// The key `"*"` is a smarthost that takes every domain without a route of its own.
+    pub routes: BTreeMap<String, String>,
+    pub dns: DnsSettings,
+    pub smtp: SmtpSettings,
+    pub delivery: DeliverySettings,
+    pub events: EventsSettings,
+    pub api: ApiSettings,
+    pub metrics: MetricsSettings,
+    pub log: LogSettings,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct QueueSettings {
+    /// The sled directory.
+    pub path: PathBuf,
+    /// sled's page cache. Set explicitly so RSS stays bounded whatever the queue depth.
+    pub cache_capacity_mb: u64,
+}
+
+impl Default for QueueSettings {
+    fn default() -> Self {
+        Self {
+            path: PathBuf::from("data/queue"),
+            cache_capacity_mb: 64,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct DnsSettings {
+    /// Nameservers to query (`ip:port`). Empty: the system resolver (/etc/resolv.conf).
+    pub nameservers: Vec<SocketAddr>,
+    /// Port to connect to on MX hosts. 25 unless overridden (tests point it at loopback sinks).
+    pub smtp_port: Option<u16>,
+}
+
+/// STARTTLS policy (per destination in a later version; global for now).
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum TlsPolicy {
+    /// Never send STARTTLS.
+    Disabled,
+    /// Use STARTTLS when the server offers it, without certificate verification (as Postfix's
+    /// `may` level: MX certificates are often self-signed, and cleartext would be worse).
+    #[default]
+    Opportunistic,
+    /// Refuse to send unless STARTTLS succeeds with a certificate that verifies against the
+    /// webpki roots plus `smtp.tls_ca_file`.
+    Required,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct SmtpSettings {
+    /// Name sent in EHLO/HELO. Should resolve to the sending IP and match its PTR.
+    pub helo_name: String,
+    pub max_recipients_per_transaction: usize,
+    pub max_messages_per_connection: usize,
+    pub tls: TlsPolicy,
+    /// Extra PEM CA certificates trusted for `tls = "required"`, beside the webpki roots.
+    pub tls_ca_file: Option<PathBuf>,
+    /// Largest message bulksend accepts for sending, in bytes.
+    pub max_message_size: usize,
+    pub timeouts: Timeouts,
+}
+
+impl Default for SmtpSettings {
+    fn default() -> Self {
+        Self {
+            helo_name: "localhost".to_owned(),
+            max_recipients_per_transaction: 100,
+            max_messages_per_connection: 1000,
+            tls: TlsPolicy::default(),
+            tls_ca_file: None,
+            max_message_size: 50 * 1024 * 1024,
+            timeouts: Timeouts::default(),
+        }
+    }
+}
+
+/// One timeout per SMTP phase (RFC 5321 §4.5.3.2: "per-command timeouts rather than somehow
+/// trying to time the entire mail transaction"). Defaults are the RFC's minimums.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Timeouts {
+    /// TCP connect, kept apart from the greeting (a server may accept and delay its 220).
+    #[serde(with = "humantime_serde")]
+    pub connect: Duration,
+    /// Initial 220 greeting (§4.5.3.2.1: 5 min).
+    #[serde(with = "humantime_serde")]
+    pub greeting: Duration,
+    #[serde(with = "humantime_serde")]
+    pub ehlo: Duration,
+    /// STARTTLS reply and the TLS handshake.
+    #[serde(with = "humantime_serde")]
+    pub starttls: Duration,
+    /// §4.5.3.2.2: 5 min.
+    #[serde(with = "humantime_serde")]
+    pub mail: Duration,
+    /// §4.5.3.2.3: 5 min, per RCPT.
+    #[serde(with = "humantime_serde")]
+    pub rcpt: Duration,
+    /// Awaiting 354 (§4.5.3.2.4: 2 min).
+    #[serde(with = "humantime_serde")]
+    pub data_init: Duration,
+    /// Each data block write (§4.5.3.2.5: 3 min), so the total scales with message size.
+    #[serde(with = "humantime_serde")]
+    pub data_block: Duration,
+    /// Awaiting the reply after the final dot (§4.5.3.2.6: 10 min). A timeout here is
+    /// "unknown, possibly delivered" (§6.1), never a plain failure.
+    #[serde(with = "humantime_serde")]
+    pub data_done: Duration,
+    #[serde(with = "humantime_serde")]
+    pub rset: Duration,
+    /// Awaiting 221 after QUIT.
+    #[serde(with = "humantime_serde")]
+    pub quit: Duration,
+    /// An idle pooled connection is closed (with QUIT) after this, well before a server's
+    /// 5-minute idle timeout (§4.5.3.2.7).
+    #[serde(with = "humantime_serde")]
+    pub idle: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        const MIN: u64 = 60;
+        Self {
+            connect: Duration::from_secs(30),
+            greeting: Duration::from_secs(5 * MIN),
+            ehlo: Duration::from_secs(5 * MIN),
+            starttls: Duration::from_secs(5 * MIN),
+            mail: Duration::from_secs(5 * MIN),
+            rcpt: Duration::from_secs(5 * MIN),
+            data_init: Duration::from_secs(2 * MIN),
+            data_block: Duration::from_secs(3 * MIN),
+            data_done: Duration::from_secs(10 * MIN),
+            rset: Duration::from_secs(5 * MIN),
+            quit: Duration::from_secs(5),
+            idle: Duration::from_secs(60),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct DeliverySettings {
+    pub max_connections_per_destination: usize,
+    #[serde(with = "humantime_serde")]
+    pub min_backoff: Duration,
+    #[serde(with = "humantime_serde")]
+    pub max_backoff: Duration,
+    #[serde(with = "humantime_serde")]
+    pub max_queue_lifetime: Duration,
+}
+
+impl Default for DeliverySettings {
+    fn default() -> Self {
+        Self {
+            max_connections_per_destination: 20,
+            min_backoff: Duration::from_secs(5 * 60),
+            max_backoff: Duration::from_secs(4 * 3600),
+            max_queue_lifetime: Duration::from_secs(5 * 86400),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct EventsSettings {
+    /// One JSON object per recipient outcome.
+    pub path: PathBuf,
+}
+
+impl Default for EventsSettings {
+    fn default() -> Self {
+        Self {
+            path: PathBuf::from("data/events.jsonl"),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApiSettings {
+    pub listen: SocketAddr,
+}
+
+impl Default for ApiSettings {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8025)),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsSettings {
+    pub listen: SocketAddr,
+}
+
+impl Default for MetricsSettings {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 9898)),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Human,
+    Json,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogSettings {
+    pub format: LogFormat,
+    /// A tracing-subscriber filter, e.g. `info,bulksend_engine=debug`. `RUST_LOG` wins.
+    pub level: String,
+}
+
+impl Default for LogSettings {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Human,
+            level: "info".to_owned(),
+        }
+    }
+}
+
+/// Why the settings could not be loaded. The message always names the file or key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid configuration ({origin}): {detail}")]
+    Invalid { origin: String, detail: String },
+}
+
+impl Settings {
+    /// Loads the settings: defaults, then `file` (if any), then `BULKSEND_*` variables from
+    /// the process environment.
+    pub fn load(file: Option<&Path>) -> Result<Settings, ConfigError> {
+        Self::load_with_env(file, std::env::vars())
+    }
+
+    /// As [`Settings::load`], with the environment given explicitly (for tests).
+    pub fn load_with_env(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Settings, ConfigError> {
+        let mut builder = config::Config::builder();
+        let origin = match file {
+            Some(path) => {
+                // Read it ourselves: config-rs' own error for a missing file does not say which.
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.to_owned(),
+                    source,
+                })?;
+                builder =
+                    builder.add_source(config::File::from_str(&text, config::FileFormat::Toml));
+                format!("{} + BULKSEND_* environment", path.display())
+            }
+            None => "BULKSEND_* environment".to_owned(),
+        };
+        let env: config::Map<String, String> = env
+            .into_iter()
+            .filter(|(k, _)| k.starts_with("BULKSEND_"))
+            .collect();
+        builder = builder.add_source(
+            config::Environment::with_prefix("BULKSEND")
+                .prefix_separator("_")
+                .separator("__")
+                .list_separator(",")
+                .with_list_parse_key("dns.nameservers")
+                .try_parsing(true)
+                .source(Some(env)),
+        );
+        let invalid = |e: config::ConfigError| ConfigError::Invalid {
+            origin: origin.clone(),
+            detail: e.to_string(),
+        };
+        let settings: Settings = builder
+            .build()
+            .map_err(invalid)?
+            .try_deserialize()
+            .map_err(invalid)?;
+        settings.validate().map_err(|detail| ConfigError::Invalid {
+            origin: origin.clone(),
+            detail,
+        })?;
+        Ok(settings)
+    }
+
+    /// Checks relations serde cannot express. Returns a message naming the key.
+    pub fn validate(&self) -> Result<(), String> {
+        let s = &self.smtp;
+        if s.helo_name.is_empty()
+            || s.helo_name
+                .contains(|c: char| c.is_whitespace() || c.is_control())
+        {
+            return Err(format!(
+                "smtp.helo_name: invalid hostname {:?}",
+                s.helo_name
+            ));
+        }
+        if s.max_recipients_per_transaction == 0 {
+            return Err("smtp.max_recipients_per_transaction: must be at least 1".into());
+        }
+        if s.max_messages_per_connection == 0 {
+            return Err("smtp.max_messages_per_connection: must be at least 1".into());
+        }
+        let t = &s.timeouts;
+        for (key, value) in [
+            ("connect", t.connect),
+            ("greeting", t.greeting),
+            ("ehlo", t.ehlo),
+            ("starttls", t.starttls),
+            ("mail", t.mail),
+            ("rcpt", t.rcpt),
+            ("data_init", t.data_init),
+            ("data_block", t.data_block),
+            ("data_done", t.data_done),
+            ("rset", t.rset),
+            ("quit", t.quit),
+        ] {
+            if value.is_zero() {
+                return Err(format!("smtp.timeouts.{key}: must be greater than zero"));
+            }
+        }
+        let d = &self.delivery;
+        if d.max_connections_per_destination == 0 {
+            return Err("delivery.max_connections_per_destination: must be at least 1".into());
+        }
+        if d.min_backoff > d.max_backoff {
+            return Err(format!(
+                "delivery.min_backoff ({}) is greater than delivery.max_backoff ({})",
+                humantime::format_duration(d.min_backoff),
+                humantime::format_duration(d.max_backoff)
+            ));
+        }
+        for (domain, target) in &self.routes {
+            if !valid_route_target(target) {
+                return Err(format!("routes.{domain:?}: {target:?} is not host:port"));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn valid_route_target(target: &str) -> bool {
+    match target.rsplit_once(':') {
+        Some((host, port)) => !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p != 0),
+        None => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use std::io::Write;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    fn file(text: &str) -> tempfile::NamedTempFile {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        f.write_all(text.as_bytes()).unwrap();
+        f
+    }
+
+    #[test]
+    fn no_file_gives_rfc_defaults() {
+        let s = Settings::load_with_env(None, env(&[])).unwrap();
+        assert_eq!(s, Settings::default());
+        assert_eq!(s.smtp.timeouts.data_done, Duration::from_secs(600));
+        assert_eq!(s.smtp.timeouts.data_init, Duration::from_secs(120));
+        assert_eq!(s.api.listen.ip().to_string(), "127.0.0.1");
+    }
+
+    #[test]
+    fn design_md_example_loads() {
+        let f = file(
+            r#"
+[queue]
+path = "/var/spool/bulksend"
+
+[routes]
+"example.test" = "127.0.0.1:2525"
+"*" = "relay.example.net:587"
+
+[dns]
+nameservers = ["127.0.0.1:5353"]
+
+[smtp]
+helo_name = "mta.example.net"
+max_recipients_per_transaction = 50
+tls = "required"
+
+[smtp.timeouts]
+data_done = "15m"
+quit = "2s"
+
+[delivery]
+max_queue_lifetime = "3d"
+"#,
+        );
+        let s = Settings::load_with_env(Some(f.path()), env(&[])).unwrap();
+        assert_eq!(s.queue.path, PathBuf::from("/var/spool/bulksend"));
+        // A key with a dot in it must stay one key, not become a nested table.
+        assert_eq!(s.routes.get("example.test").unwrap(), "127.0.0.1:2525");
+        assert_eq!(s.routes.get("*").unwrap(), "relay.example.net:587");
+        assert_eq!(s.dns.nameservers, vec!["127.0.0.1:5353".parse().unwrap()]);
+        assert_eq!(s.smtp.tls, TlsPolicy::Required);
+        assert_eq!(s.smtp.max_recipients_per_transaction, 50);
+        assert_eq!(s.smtp.timeouts.data_done, Duration::from_secs(900));
+        assert_eq!(s.smtp.timeouts.quit, Duration::from_secs(2));
+        // Untouched keys keep their defaults.
+        assert_eq!(s.smtp.timeouts.rcpt, Duration::from_secs(300));
+        assert_eq!(
+            s.delivery.max_queue_lifetime,
+            Duration::from_secs(3 * 86400)
+        );
+    }
+
+    #[test]
+    fn environment_overrides_nested_keys() {
+        let f = file("[smtp.timeouts]\nrcpt = \"1m\"\n");
+        let s = Settings::load_with_env(
+            Some(f.path()),
+            env(&[
+                ("BULKSEND_SMTP__TIMEOUTS__RCPT", "7s"),
+                ("BULKSEND_QUEUE__PATH", "/tmp/q"),
+                ("BULKSEND_SMTP__MAX_RECIPIENTS_PER_TRANSACTION", "3"),
+                ("BULKSEND_DNS__NAMESERVERS", "127.0.0.1:53,127.0.0.2:53"),
+                ("UNRELATED", "x"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(s.smtp.timeouts.rcpt, Duration::from_secs(7));
+        assert_eq!(s.queue.path, PathBuf::from("/tmp/q"));
+        assert_eq!(s.smtp.max_recipients_per_transaction, 3);
+        assert_eq!(s.dns.nameservers.len(), 2);
+    }
+
+    #[test]
+    fn unknown_key_is_an_error_naming_it() {
+        let f = file("[smtp]\nhelo_nmae = \"x\"\n");
+        let err = Settings::load_with_env(Some(f.path()), env(&[])).unwrap_err();
+        assert!(err.to_string().contains("helo_nmae"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_name_the_key() {
+        let f = file("[smtp.timeouts]\nrcpt = \"soon\"\n");
+        let err = Settings::load_with_env(Some(f.path()), env(&[])).unwrap_err();
+        assert!(err.to_string().contains("rcpt"), "{err}");
+
+        let f = file("[smtp]\ntls = \"sometimes\"\n");
+        let err = Settings::load_with_env(Some(f.path()), env(&[])).unwrap_err();
+        assert!(err.to_string().contains("sometimes"), "{err}");
+
+        let err = Settings::load_with_env(None, env(&[("BULKSEND_SMTP__TIMEOUTS__QUIT", "0s")]))
+            .unwrap_err();
+        assert!(err.to_string().contains("smtp.timeouts.quit"), "{err}");
+
+        let f = file("[routes]\n\"a.test\" = \"nohost\"\n");
+        let err = Settings::load_with_env(Some(f.path()), env(&[])).unwrap_err();
+        assert!(err.to_string().contains("a.test"), "{err}");
+    }
+
+    #[test]
+    fn missing_file_names_the_path() {
+        let err = Settings::load_with_env(Some(Path::new("/nonexistent/bulksend.toml")), env(&[]))
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("/nonexistent/bulksend.toml"),
+            "{err}"
+        );
+    }
+}
