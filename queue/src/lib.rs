@@ -1,1 +1,96 @@
-//! placeholder
+//! bulksend's persistent spool, on sled 0.34.7.
+//!
+//! # What it owns
+//!
+//! * message bodies, stored **once** per message however many recipients it has, deleted as
+//!   soon as the last recipient is final;
+//! * one delivery record per recipient ([`RecipientRecord`]) with its [`RecipientState`]:
+//!   `Scheduled` → `Leased` (in flight) → `Delivered` / `Bounced` / `Expired` / `Suppressed`
+//!   / `Unknown` (final), or back to `Scheduled` (deferred, released);
+//! * the schedule index (due time → recipient), globally and per destination domain;
+//! * the suppression list (addresses, lowercased);
+//! * idempotency keys (a retried enqueue returns the first message's id);
+//! * crash recovery: on [`Queue::open`] leases of a dead process return to `Scheduled`.
+//!
+//! Callers (the engine, the CLI) see only [`Queue`] and plain value types; sled stays behind
+//! this interface so another store can be swapped in.
+//!
+//! # Layout
+//!
+//! Everything lives in sled's default tree, one key prefix per logical table, so that one
+//! sled `Batch` — atomic also across a crash, but limited to one tree — covers every write of
+//! a request (a message's metadata, body, records, schedule entries and idempotency key land
+//! together or not at all). Integers in keys are big-endian so byte order is numeric order.
+//!
+//! | key | value |
+//! |---|---|
+//! | `v` | schema version |
+//! | `m` id | message metadata: created, size, sender, idempotency key, recipient counts |
+//! | `b` id chunk | body, in 4 KiB chunks (keeps sled from spilling nodes into blob files) |
+//! | `r` id index | recipient record (compact binary, format byte first) |
+//! | `s` due_ms id index | global schedule (value: created ms, so expiry needs no record read) |
+//! | `d` domain 0x00 due_ms id index | per-destination schedule, for [`Queue::take_due_for`] |
+//! | `f` final_ms id index | final records by the time they became final, for purging |
+//! | `i` key | idempotency key → message id |
+//! | `x` address | suppression: reason and time |
+//!
+//! Message ids are `unix_millis << 20 | sequence`: unique, and ordered by age. Times are
+//! stored with millisecond precision.
+//!
+//! # Durability and group commit
+//!
+//! All mutations go through one *writer* thread fed by a bounded crossbeam channel. For each
+//! request it reads what it needs, builds one sled `Batch` and applies it, then hands the
+//! reply to a *syncer* thread. The syncer takes every reply that has accumulated, calls
+//! `db.flush()` once, then — because sled 0.34.7's flush only uses `sync_file_range`, which
+//! neither flushes the device cache nor the file's metadata — `fdatasync`s sled's `db` file
+//! (and any file in `blobs/`, which sled writes without syncing), and only then answers all of
+//! them. While the syncer syncs, the writer applies the next requests, so the cost of one
+//! flush is shared by every concurrent caller: throughput grows with concurrency.
+//! [`Queue::enqueue`], [`Queue::complete`], suppression changes, retry, delete and expiry
+//! return only after that sync. With [`QueueOptions::durable`] `= false` the fdatasync is
+//! skipped: acknowledged data then survives a process crash (it is in the page cache) but not
+//! necessarily a power loss.
+//!
+//! Leases ([`Queue::take_due`]) are not synced by themselves (a lease lost in a crash is
+//! harmless, and one that survives is undone on open), but their reply waits behind any sync
+//! in progress, so a lease is never handed out for a message whose enqueue is not yet durable.
+//! If a flush or fsync fails the queue refuses all further writes ([`QueueError::Closed`]):
+//! after a failed fsync the state of the unsynced writes is unknown.
+//!
+//! Because every request is one atomic batch, a crash cannot leave half a message behind;
+//! recovery still removes records without a message and messages without records or body,
+//! should any appear.
+//!
+//! # Duplicate-delivery window
+//!
+//! A recipient can be delivered twice only if the process dies after the receiving server
+//! answered 250 to the final dot and before [`Queue::complete`] returned: the lease is then
+//! undone on restart and the recipient sent again. Nothing can close that window on the
+//! sender's side (RFC 5321 §6.1); it is as short as one group commit. A timeout waiting for
+//! that reply is recorded as `Unknown` (final), never retried.
+//!
+//! # Expiry and retention
+//!
+//! A deferral past `created + max_queue_lifetime` is recorded as `Expired` directly, so a
+//! scheduled recipient's `next_attempt` never exceeds its deadline, and [`Queue::expire_due`]
+//! only scans due entries. Final records are purged by the writer thread (every minute, in
+//! chunks) once older than [`QueueOptions::final_retention`], or on demand with
+//! [`Queue::purge_final`].
+//!
+//! # Space
+//!
+//! sled reuses freed log space but does not shrink its file eagerly; see BENCHMARKS.md
+//! ("Queue") for measured disk and memory use under fill/drain.
+
+mod codec;
+mod error;
+mod store;
+mod types;
+
+pub use error::QueueError;
+pub use store::Queue;
+pub use types::{
+    Completed, Enqueued, Lease, MessageId, MessageInfo, NewMessage, Outcome, QueueOptions,
+    RecipientId, RecipientRecord, RecipientState, Stats, Suppression,
+};

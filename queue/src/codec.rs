@@ -1,0 +1,404 @@
+//! Key layout and the compact binary encoding of stored values.
+//!
+//! All integers in keys are big-endian so sled's byte order is numeric order. Values start
+//! with a format version byte so the encoding can evolve.
+
+use crate::types::{from_millis, to_millis};
+use crate::{MessageId, RecipientId, RecipientRecord, RecipientState};
+
+pub(crate) const P_VERSION: u8 = b'v';
+pub(crate) const P_META: u8 = b'm';
+pub(crate) const P_BODY: u8 = b'b';
+pub(crate) const P_RCPT: u8 = b'r';
+pub(crate) const P_SCHED: u8 = b's';
+pub(crate) const P_DEST: u8 = b'd';
+pub(crate) const P_FINAL: u8 = b'f';
+pub(crate) const P_IDEM: u8 = b'i';
+pub(crate) const P_SUPP: u8 = b'x';
+
+pub(crate) const SCHEMA_VERSION: &[u8] = b"bulksend-queue/1";
+
+/// Bodies are split into chunks this big. sled 0.34.7 writes a tree node bigger than
+/// segment_size / 4 (128 KiB by default) to a separate "blob" file; leaf nodes hold up to ~17
+/// entries, so keeping every value small keeps everything in the one `db` file that the writer
+/// fdatasyncs (blob files are still synced if they appear, see `Syncer`).
+pub(crate) const BODY_CHUNK: usize = 4096;
+
+const FORMAT: u8 = 1;
+
+pub(crate) fn version_key() -> [u8; 1] {
+    [P_VERSION]
+}
+
+pub(crate) fn meta_key(id: MessageId) -> [u8; 9] {
+    let mut k = [0u8; 9];
+    k[0] = P_META;
+    k[1..].copy_from_slice(&id.0.to_be_bytes());
+    k
+}
+
+pub(crate) fn body_prefix(id: MessageId) -> [u8; 9] {
+    let mut k = meta_key(id);
+    k[0] = P_BODY;
+    k
+}
+
+pub(crate) fn body_key(id: MessageId, chunk: u32) -> [u8; 13] {
+    let mut k = [0u8; 13];
+    k[..9].copy_from_slice(&body_prefix(id));
+    k[9..].copy_from_slice(&chunk.to_be_bytes());
+    k
+}
+
+pub(crate) fn body_chunks(size: u64) -> u32 {
+    let chunk = BODY_CHUNK as u64;
+    u32::try_from(size.div_ceil(chunk).max(1)).unwrap_or(u32::MAX)
+}
+
+pub(crate) fn rcpt_prefix(id: MessageId) -> [u8; 9] {
+    let mut k = meta_key(id);
+    k[0] = P_RCPT;
+    k
+}
+
+fn rid_bytes(id: RecipientId) -> [u8; 12] {
+    let mut b = [0u8; 12];
+    b[..8].copy_from_slice(&id.message.0.to_be_bytes());
+    b[8..].copy_from_slice(&id.index.to_be_bytes());
+    b
+}
+
+pub(crate) fn rid_from(b: &[u8]) -> Option<RecipientId> {
+    let m: [u8; 8] = b.get(..8)?.try_into().ok()?;
+    let i: [u8; 4] = b.get(8..12)?.try_into().ok()?;
+    Some(RecipientId {
+        message: MessageId(u64::from_be_bytes(m)),
+        index: u32::from_be_bytes(i),
+    })
+}
+
+pub(crate) fn rcpt_key(id: RecipientId) -> [u8; 13] {
+    let mut k = [0u8; 13];
+    k[0] = P_RCPT;
+    k[1..].copy_from_slice(&rid_bytes(id));
+    k
+}
+
+/// `s ++ due_ms ++ rid`: the global schedule, oldest first.
+pub(crate) fn sched_key(due_ms: u64, id: RecipientId) -> [u8; 21] {
+    let mut k = [0u8; 21];
+    k[0] = P_SCHED;
+    k[1..9].copy_from_slice(&due_ms.to_be_bytes());
+    k[9..].copy_from_slice(&rid_bytes(id));
+    k
+}
+
+/// Upper bound (exclusive) for schedule entries due at or before `now_ms`.
+pub(crate) fn sched_end(now_ms: u64) -> Vec<u8> {
+    let mut k = vec![P_SCHED];
+    match now_ms.checked_add(1) {
+        Some(n) => k.extend_from_slice(&n.to_be_bytes()),
+        None => k = vec![P_SCHED + 1],
+    }
+    k
+}
+
+/// Parses a schedule key (either index) tail `due_ms ++ rid`.
+pub(crate) fn parse_due_rid(tail: &[u8]) -> Option<(u64, RecipientId)> {
+    let d: [u8; 8] = tail.get(..8)?.try_into().ok()?;
+    Some((u64::from_be_bytes(d), rid_from(tail.get(8..)?)?))
+}
+
+/// `d ++ destination ++ 0 ++ due_ms ++ rid`: the per-destination schedule.
+pub(crate) fn dest_prefix(dest: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(dest.len() + 2);
+    k.push(P_DEST);
+    k.extend_from_slice(dest.as_bytes());
+    k.push(0);
+    k
+}
+
+pub(crate) fn dest_key(dest: &str, due_ms: u64, id: RecipientId) -> Vec<u8> {
+    let mut k = dest_prefix(dest);
+    k.extend_from_slice(&due_ms.to_be_bytes());
+    k.extend_from_slice(&rid_bytes(id));
+    k
+}
+
+pub(crate) fn dest_end(dest: &str, now_ms: u64) -> Vec<u8> {
+    let mut k = dest_prefix(dest);
+    match now_ms.checked_add(1) {
+        Some(n) => k.extend_from_slice(&n.to_be_bytes()),
+        None => {
+            k.pop();
+            k.push(1);
+        }
+    }
+    k
+}
+
+/// `f ++ final_at_ms ++ rid`: final records by the time they became final (for purging).
+pub(crate) fn final_key(at_ms: u64, id: RecipientId) -> [u8; 21] {
+    let mut k = sched_key(at_ms, id);
+    k[0] = P_FINAL;
+    k
+}
+
+pub(crate) fn idem_key(key: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(key.len() + 1);
+    k.push(P_IDEM);
+    k.extend_from_slice(key.as_bytes());
+    k
+}
+
+pub(crate) fn supp_key(address: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(address.len() + 1);
+    k.push(P_SUPP);
+    k.extend_from_slice(address.as_bytes());
+    k
+}
+
+/// Per-message bookkeeping (the body lives under `b`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Meta {
+    pub(crate) created_ms: u64,
+    pub(crate) size: u64,
+    pub(crate) recipients: u32,
+    /// Recipients not yet final; the body is deleted when this reaches 0.
+    pub(crate) pending: u32,
+    /// Recipient records not yet purged; the meta (and idempotency key) go when this reaches 0.
+    pub(crate) live: u32,
+    pub(crate) sender: String,
+    pub(crate) idempotency_key: Option<String>,
+}
+
+struct Writer(Vec<u8>);
+
+impl Writer {
+    fn u8(&mut self, v: u8) {
+        self.0.push(v);
+    }
+    fn u32(&mut self, v: u32) {
+        self.0.extend_from_slice(&v.to_be_bytes());
+    }
+    fn u64(&mut self, v: u64) {
+        self.0.extend_from_slice(&v.to_be_bytes());
+    }
+    fn str(&mut self, s: &str) {
+        self.u32(u32::try_from(s.len()).unwrap_or(u32::MAX));
+        self.0.extend_from_slice(s.as_bytes());
+    }
+    fn opt_str(&mut self, s: Option<&str>) {
+        match s {
+            Some(s) => {
+                self.u8(1);
+                self.str(s);
+            }
+            None => self.u8(0),
+        }
+    }
+}
+
+struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], String> {
+        if self.0.len() < n {
+            return Err(format!(
+                "truncated value: need {n} bytes, have {}",
+                self.0.len()
+            ));
+        }
+        let (a, b) = self.0.split_at(n);
+        self.0 = b;
+        Ok(a)
+    }
+    fn u8(&mut self) -> Result<u8, String> {
+        Ok(self.take(1)?[0])
+    }
+    fn u32(&mut self) -> Result<u32, String> {
+        let b: [u8; 4] = self.take(4)?.try_into().map_err(|_| "u32".to_string())?;
+        Ok(u32::from_be_bytes(b))
+    }
+    fn u64(&mut self) -> Result<u64, String> {
+        let b: [u8; 8] = self.take(8)?.try_into().map_err(|_| "u64".to_string())?;
+        Ok(u64::from_be_bytes(b))
+    }
+    fn str(&mut self) -> Result<String, String> {
+        let n = self.u32()? as usize;
+        let b = self.take(n)?;
+        String::from_utf8(b.to_vec()).map_err(|e| format!("invalid utf-8: {e}"))
+    }
+    fn opt_str(&mut self) -> Result<Option<String>, String> {
+        match self.u8()? {
+            0 => Ok(None),
+            1 => Ok(Some(self.str()?)),
+            t => Err(format!("bad option tag {t}")),
+        }
+    }
+    fn format(&mut self) -> Result<(), String> {
+        match self.u8()? {
+            FORMAT => Ok(()),
+            v => Err(format!("unknown value format {v}")),
+        }
+    }
+    fn end(&self) -> Result<(), String> {
+        if self.0.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("{} trailing bytes", self.0.len()))
+        }
+    }
+}
+
+pub(crate) fn encode_meta(m: &Meta) -> Vec<u8> {
+    let mut w = Writer(Vec::with_capacity(48 + m.sender.len()));
+    w.u8(FORMAT);
+    w.u64(m.created_ms);
+    w.u64(m.size);
+    w.u32(m.recipients);
+    w.u32(m.pending);
+    w.u32(m.live);
+    w.str(&m.sender);
+    w.opt_str(m.idempotency_key.as_deref());
+    w.0
+}
+
+pub(crate) fn decode_meta(v: &[u8]) -> Result<Meta, String> {
+    let mut r = Reader(v);
+    r.format()?;
+    let m = Meta {
+        created_ms: r.u64()?,
+        size: r.u64()?,
+        recipients: r.u32()?,
+        pending: r.u32()?,
+        live: r.u32()?,
+        sender: r.str()?,
+        idempotency_key: r.opt_str()?,
+    };
+    r.end()?;
+    Ok(m)
+}
+
+pub(crate) fn encode_record(rec: &RecipientRecord) -> Vec<u8> {
+    let mut w = Writer(Vec::with_capacity(
+        48 + rec.address.len() + rec.destination.len(),
+    ));
+    w.u8(FORMAT);
+    w.u8(rec.state.to_u8());
+    w.u32(rec.attempts);
+    w.u64(to_millis(rec.next_attempt));
+    w.u64(to_millis(rec.created));
+    w.u64(to_millis(rec.updated));
+    w.str(&rec.address);
+    w.str(&rec.destination);
+    w.opt_str(rec.last_reply.as_deref());
+    w.0
+}
+
+pub(crate) fn decode_record(id: RecipientId, v: &[u8]) -> Result<RecipientRecord, String> {
+    let mut r = Reader(v);
+    r.format()?;
+    let st = r.u8()?;
+    let state = RecipientState::from_u8(st).ok_or_else(|| format!("bad state {st}"))?;
+    let rec = RecipientRecord {
+        id,
+        state,
+        attempts: r.u32()?,
+        next_attempt: from_millis(r.u64()?),
+        created: from_millis(r.u64()?),
+        updated: from_millis(r.u64()?),
+        address: r.str()?,
+        destination: r.str()?,
+        last_reply: r.opt_str()?,
+    };
+    r.end()?;
+    Ok(rec)
+}
+
+pub(crate) fn encode_suppression(at_ms: u64, reason: &str) -> Vec<u8> {
+    let mut w = Writer(Vec::with_capacity(16 + reason.len()));
+    w.u8(FORMAT);
+    w.u64(at_ms);
+    w.str(reason);
+    w.0
+}
+
+pub(crate) fn decode_suppression(v: &[u8]) -> Result<(u64, String), String> {
+    let mut r = Reader(v);
+    r.format()?;
+    let at = r.u64()?;
+    let reason = r.str()?;
+    r.end()?;
+    Ok((at, reason))
+}
+
+/// Printable form of a key for error messages.
+pub(crate) fn show_key(k: &[u8]) -> String {
+    let mut s = String::new();
+    if let Some((&p, rest)) = k.split_first() {
+        s.push(char::from(p));
+        s.push(':');
+        for b in rest {
+            s.push_str(&format!("{b:02x}"));
+        }
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use std::time::{Duration, UNIX_EPOCH};
+
+    #[test]
+    fn record_roundtrip() {
+        let id = RecipientId {
+            message: MessageId(0x0123_4567_89ab_cdef),
+            index: 7,
+        };
+        let rec = RecipientRecord {
+            id,
+            address: "Bob@Example.test".into(),
+            destination: "example.test".into(),
+            state: RecipientState::Bounced,
+            attempts: 3,
+            next_attempt: UNIX_EPOCH + Duration::from_millis(1_700_000_000_123),
+            created: UNIX_EPOCH + Duration::from_millis(1_700_000_000_000),
+            updated: UNIX_EPOCH + Duration::from_millis(1_700_000_001_000),
+            last_reply: Some("550 5.1.1 no".into()),
+        };
+        assert_eq!(decode_record(id, &encode_record(&rec)).unwrap(), rec);
+        assert!(decode_record(id, &encode_record(&rec)[..10]).is_err());
+        let meta = Meta {
+            created_ms: 5,
+            size: 2048,
+            recipients: 3,
+            pending: 2,
+            live: 3,
+            sender: "a@b".into(),
+            idempotency_key: Some("k".into()),
+        };
+        assert_eq!(decode_meta(&encode_meta(&meta)).unwrap(), meta);
+    }
+
+    #[test]
+    fn schedule_keys_sort_by_time_then_id() {
+        let a = RecipientId {
+            message: MessageId(9),
+            index: 0,
+        };
+        let b = RecipientId {
+            message: MessageId(1),
+            index: 5,
+        };
+        assert!(sched_key(1, a) < sched_key(2, b));
+        assert!(sched_key(2, b) < sched_key(2, a));
+        assert!(sched_key(256, b).as_slice() < sched_end(256).as_slice());
+        assert!(sched_key(257, b).as_slice() >= sched_end(256).as_slice());
+        assert_eq!(parse_due_rid(&sched_key(42, a)[1..]), Some((42, a)));
+        assert!(dest_key("x.test", 10, a) < dest_end("x.test", 10));
+        assert!(dest_key("x.test", 11, a) > dest_end("x.test", 10));
+    }
+}

@@ -1,0 +1,1513 @@
+//! The queue: request types, the writer thread (all mutations, one sled `Batch` per request)
+//! and the syncer thread (group flush + fdatasync, then the acknowledgements).
+
+use std::collections::{HashMap, HashSet};
+use std::ffi::OsString;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime};
+
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use sled::IVec;
+
+use crate::codec::{self, Meta};
+use crate::types::{from_millis, to_millis};
+use crate::{
+    Completed, Enqueued, Lease, MessageId, MessageInfo, NewMessage, Outcome, QueueError,
+    QueueOptions, RecipientId, RecipientRecord, RecipientState, Stats, Suppression,
+};
+
+/// Longest accepted address (RFC 5321 §4.5.3.1: 64 local + 255 domain octets, plus '@').
+const MAX_ADDRESS: usize = 320;
+const MAX_IDEMPOTENCY_KEY: usize = 512;
+/// Purge at most this many final records per sled batch, so one purge never builds a
+/// batch as big as the queue.
+const PURGE_CHUNK: usize = 10_000;
+/// How often the writer purges final records older than `final_retention` on its own.
+const AUTO_PURGE_EVERY: Duration = Duration::from_secs(60);
+/// Recovery applies its fixes in batches of this many writes.
+const RECOVERY_CHUNK: usize = 10_000;
+const REQUEST_QUEUE: usize = 4096;
+const EXPIRED_REPLY: &str = "expired in queue";
+
+type Res<T> = Result<T, QueueError>;
+
+/// The persistent spool. Cheap to share: wrap it in an `Arc`. All methods block (call them
+/// from `spawn_blocking` in async code). Dropping the last handle stops the writer threads
+/// after the requests already submitted and flushes.
+pub struct Queue {
+    shared: Arc<Shared>,
+    requests: Option<Sender<Request>>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+}
+
+struct Shared {
+    path: PathBuf,
+    db: sled::Db,
+    opts: QueueOptions,
+    counters: Mutex<Counters>,
+    /// Set when a flush or fsync failed: no write is acknowledged after that.
+    closed: Mutex<Option<String>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[derive(Default)]
+struct Counters {
+    by_state: [u64; 7],
+    by_destination: HashMap<String, u64>,
+}
+
+impl Counters {
+    fn add(&mut self, state: RecipientState, dest: &str) {
+        self.by_state[usize::from(state.to_u8())] += 1;
+        if !state.is_final() {
+            *self.by_destination.entry(dest.to_string()).or_default() += 1;
+        }
+    }
+
+    fn sub(&mut self, state: RecipientState, dest: &str) {
+        let n = &mut self.by_state[usize::from(state.to_u8())];
+        *n = n.saturating_sub(1);
+        if !state.is_final() {
+            if let Some(n) = self.by_destination.get_mut(dest) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    self.by_destination.remove(dest);
+                }
+            }
+        }
+    }
+}
+
+/// A state change of one record, applied to the counters once its batch is committed.
+struct Change {
+    old: Option<RecipientState>,
+    new: Option<RecipientState>,
+    destination: String,
+}
+
+enum Op {
+    Enqueue(Vec<Checked>),
+    Take {
+        destination: Option<String>,
+        now_ms: u64,
+        limit: usize,
+    },
+    Complete(Vec<(RecipientId, Outcome)>, u64),
+    Expire(u64),
+    Retry(MessageId, u64),
+    Delete(MessageId),
+    Purge(u64),
+    SuppressAdd(String, String, u64),
+    SuppressRemove(String),
+    Flush,
+}
+
+enum Reply {
+    Enqueued(Vec<Res<Enqueued>>),
+    Leases(Vec<Lease>),
+    Completed(Vec<Res<Completed>>),
+    Records(Vec<RecipientRecord>),
+    Count(usize),
+    Bool(bool),
+    Unit,
+}
+
+struct Request {
+    op: Op,
+    reply: Sender<Res<Reply>>,
+}
+
+/// A handled request waiting for the group flush before its reply is sent.
+struct Done {
+    reply: Sender<Res<Reply>>,
+    result: Res<Reply>,
+    /// Needs flush + fdatasync before the reply (enqueue, complete, ...). Leases do not, but
+    /// their reply still waits for any flush in progress, so a lease never hands out a
+    /// message whose enqueue is not yet durable.
+    durable: bool,
+}
+
+/// A validated message, ready for the writer.
+struct Checked {
+    msg: NewMessage,
+    /// (lowercased address, destination) per recipient.
+    normalized: Vec<(String, String)>,
+}
+
+fn invalid(s: String) -> QueueError {
+    QueueError::InvalidInput(s)
+}
+
+/// Checks an envelope address; returns its lowercased destination domain.
+fn check_address(a: &str, what: &str) -> Res<String> {
+    if a.is_empty() {
+        return Err(invalid(format!("{what} is empty")));
+    }
+    if a.len() > MAX_ADDRESS {
+        return Err(invalid(format!("{what} longer than {MAX_ADDRESS} octets")));
+    }
+    if let Some(c) = a.chars().find(|c| c.is_control()) {
+        return Err(invalid(format!(
+            "{what} {a:?} contains control character {c:?} (CR, LF, NUL and other controls are \
+             not allowed: SMTP command injection)"
+        )));
+    }
+    if let Some(c) = a.chars().find(|c| matches!(c, ' ' | '<' | '>')) {
+        return Err(invalid(format!("{what} {a:?} contains {c:?}")));
+    }
+    let Some((local, domain)) = a.rsplit_once('@') else {
+        return Err(invalid(format!("{what} {a:?} has no '@'")));
+    };
+    if local.is_empty() || domain.is_empty() {
+        return Err(invalid(format!(
+            "{what} {a:?} needs a local part and a domain"
+        )));
+    }
+    Ok(domain.to_lowercase())
+}
+
+fn check_message(msg: NewMessage) -> Res<Checked> {
+    if msg.recipients.is_empty() {
+        return Err(invalid("message has no recipients".into()));
+    }
+    if u32::try_from(msg.recipients.len()).is_err() {
+        return Err(invalid("too many recipients".into()));
+    }
+    if !msg.sender.is_empty() {
+        check_address(&msg.sender, "sender")?;
+    }
+    if let Some(k) = &msg.idempotency_key {
+        if k.is_empty() || k.len() > MAX_IDEMPOTENCY_KEY {
+            return Err(invalid(format!(
+                "idempotency key must be 1..={MAX_IDEMPOTENCY_KEY} bytes"
+            )));
+        }
+    }
+    let normalized = msg
+        .recipients
+        .iter()
+        .map(|r| Ok((r.to_lowercase(), check_address(r, "recipient")?)))
+        .collect::<Res<Vec<_>>>()?;
+    Ok(Checked { msg, normalized })
+}
+
+fn normalize_suppressed(address: &str) -> Res<String> {
+    check_address(address, "address")?;
+    Ok(address.to_lowercase())
+}
+
+fn lifetime_ms(opts: &QueueOptions) -> u64 {
+    u64::try_from(opts.max_queue_lifetime.as_millis()).unwrap_or(u64::MAX)
+}
+
+fn open_err(path: &Path, e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> QueueError {
+    QueueError::Open {
+        path: path.to_path_buf(),
+        source: e.into(),
+    }
+}
+
+impl Queue {
+    /// Opens (or creates) the queue in directory `path`.
+    ///
+    /// Recovery: every `Leased` record returns to `Scheduled` (its process died), records
+    /// without a message and messages without records or without a body are removed (they
+    /// can only be never-acknowledged leftovers), per-message counters are re-checked, and the
+    /// in-memory statistics are rebuilt. This reads every record once.
+    pub fn open(path: &Path, opts: QueueOptions) -> Res<Queue> {
+        std::fs::create_dir_all(path).map_err(|e| open_err(path, e))?;
+        let config = sled::Config::new()
+            .path(path)
+            .cache_capacity(opts.cache_capacity_bytes)
+            .flush_every_ms(None)
+            .mode(sled::Mode::HighThroughput);
+        // sled 0.34.7 panics on some kinds of garbage instead of returning an error.
+        let db = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| config.open()))
+            .map_err(|p| {
+                let msg = p
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_else(|| "sled panicked".into());
+                open_err(path, format!("unreadable store (sled panicked: {msg})"))
+            })?
+            .map_err(|e| open_err(path, e))?;
+
+        match db
+            .get(codec::version_key())
+            .map_err(|e| open_err(path, e))?
+        {
+            Some(v) if v.as_ref() == codec::SCHEMA_VERSION => {}
+            Some(v) => {
+                return Err(open_err(
+                    path,
+                    format!(
+                        "unsupported schema version {:?} (expected {:?})",
+                        String::from_utf8_lossy(&v),
+                        String::from_utf8_lossy(codec::SCHEMA_VERSION)
+                    ),
+                ))
+            }
+            None => {
+                if !db.is_empty() {
+                    return Err(open_err(path, "not a bulksend queue (no schema version)"));
+                }
+                db.insert(codec::version_key(), codec::SCHEMA_VERSION)
+                    .map_err(|e| open_err(path, e))?;
+            }
+        }
+
+        let shared = Arc::new(Shared {
+            path: path.to_path_buf(),
+            db,
+            opts,
+            counters: Mutex::new(Counters::default()),
+            closed: Mutex::new(None),
+        });
+        let last_id = recover(&shared)?;
+
+        let mut syncer = Syncer::new(&shared).map_err(|e| open_err(path, e))?;
+        syncer.sync().map_err(|e| open_err(path, e))?;
+        // Make the directory entries (db, conf, blobs/) themselves durable.
+        File::open(path)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| open_err(path, e))?;
+
+        let (req_tx, req_rx) = crossbeam_channel::bounded::<Request>(REQUEST_QUEUE);
+        let (done_tx, done_rx) = crossbeam_channel::unbounded::<Done>();
+        let mut threads = Vec::new();
+        let s = Arc::clone(&shared);
+        threads.push(
+            std::thread::Builder::new()
+                .name("queue-writer".into())
+                .spawn(move || {
+                    Writer {
+                        shared: s,
+                        last_id,
+                        next_purge: Instant::now() + AUTO_PURGE_EVERY,
+                    }
+                    .run(req_rx, done_tx)
+                })
+                .map_err(|e| open_err(path, e))?,
+        );
+        threads.push(
+            std::thread::Builder::new()
+                .name("queue-syncer".into())
+                .spawn(move || syncer.run(done_rx))
+                .map_err(|e| open_err(path, e))?,
+        );
+        Ok(Queue {
+            shared,
+            requests: Some(req_tx),
+            threads: Mutex::new(threads),
+        })
+    }
+
+    fn call(&self, op: Op) -> Res<Reply> {
+        if let Some(reason) = lock(&self.shared.closed).clone() {
+            return Err(QueueError::Closed { reason });
+        }
+        let closed = || QueueError::Closed {
+            reason: "writer thread stopped".into(),
+        };
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        self.requests
+            .as_ref()
+            .ok_or_else(closed)?
+            .send(Request { op, reply: tx })
+            .map_err(|_| closed())?;
+        rx.recv().map_err(|_| closed())?
+    }
+
+    /// Stores a message; returns once it is durable (see the crate docs).
+    pub fn enqueue(&self, msg: NewMessage) -> Res<Enqueued> {
+        let checked = check_message(msg)?;
+        match self.call(Op::Enqueue(vec![checked]))? {
+            Reply::Enqueued(mut v) if v.len() == 1 => v.pop().unwrap_or_else(|| Err(unexpected())),
+            _ => Err(unexpected()),
+        }
+    }
+
+    /// Stores several messages with one durable commit (one sled batch). Invalid messages get
+    /// an `Err` in their slot; the rest are stored.
+    pub fn enqueue_batch(&self, msgs: Vec<NewMessage>) -> Res<Vec<Res<Enqueued>>> {
+        let mut out: Vec<Option<Res<Enqueued>>> = Vec::with_capacity(msgs.len());
+        let mut valid = Vec::new();
+        for m in msgs {
+            match check_message(m) {
+                Ok(c) => {
+                    valid.push(c);
+                    out.push(None);
+                }
+                Err(e) => out.push(Some(Err(e))),
+            }
+        }
+        let mut stored = if valid.is_empty() {
+            Vec::new().into_iter()
+        } else {
+            match self.call(Op::Enqueue(valid))? {
+                Reply::Enqueued(v) => v.into_iter(),
+                _ => return Err(unexpected()),
+            }
+        };
+        Ok(out
+            .into_iter()
+            .map(|slot| slot.unwrap_or_else(|| stored.next().unwrap_or_else(|| Err(unexpected()))))
+            .collect())
+    }
+
+    /// Leases up to `limit` recipients due at `now` (oldest `next_attempt` first), marking
+    /// them `Leased`; recipients of the same message and destination are returned adjacent.
+    /// Recipients past their lifetime are skipped (left for [`Queue::expire_due`]).
+    /// Leases are not fsynced: a lease that survives a crash is undone on open.
+    pub fn take_due(&self, now: SystemTime, limit: usize) -> Res<Vec<Lease>> {
+        self.take(None, now, limit)
+    }
+
+    /// Like [`Queue::take_due`] for one destination (lowercased domain), using the
+    /// per-destination schedule index (`d` keys), so its cost does not depend on other
+    /// destinations' backlog.
+    pub fn take_due_for(
+        &self,
+        destination: &str,
+        now: SystemTime,
+        limit: usize,
+    ) -> Res<Vec<Lease>> {
+        self.take(Some(destination.to_lowercase()), now, limit)
+    }
+
+    fn take(&self, destination: Option<String>, now: SystemTime, limit: usize) -> Res<Vec<Lease>> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        match self.call(Op::Take {
+            destination,
+            now_ms: to_millis(now),
+            limit,
+        })? {
+            Reply::Leases(v) => Ok(v),
+            _ => Err(unexpected()),
+        }
+    }
+
+    /// The message body, or `None` once every recipient is final (or the message is unknown).
+    pub fn body(&self, id: MessageId) -> Res<Option<Vec<u8>>> {
+        let mut body = Vec::new();
+        let mut found = false;
+        for item in self.shared.db.scan_prefix(codec::body_prefix(id)) {
+            let (_, v) = item?;
+            body.extend_from_slice(&v);
+            found = true;
+        }
+        Ok(found.then_some(body))
+    }
+
+    /// Records the outcome of a leased recipient; durable on return. Deletes the body when
+    /// this was the message's last non-final recipient.
+    pub fn complete(&self, id: RecipientId, outcome: Outcome) -> Res<Completed> {
+        self.complete_batch(vec![(id, outcome)])?
+            .pop()
+            .unwrap_or_else(|| Err(unexpected()))
+    }
+
+    /// Several outcomes with one durable commit.
+    pub fn complete_batch(&self, items: Vec<(RecipientId, Outcome)>) -> Res<Vec<Res<Completed>>> {
+        if items.is_empty() {
+            return Ok(Vec::new());
+        }
+        match self.call(Op::Complete(items, to_millis(SystemTime::now())))? {
+            Reply::Completed(v) => Ok(v),
+            _ => Err(unexpected()),
+        }
+    }
+
+    /// Moves scheduled recipients whose `created + max_queue_lifetime <= now` to `Expired`
+    /// (reply: their last transient reply, or "expired in queue") and returns them, so the
+    /// caller can emit events. Call it periodically. Only due schedule entries are scanned:
+    /// a deferral never schedules past the lifetime, so an expired recipient is always due.
+    pub fn expire_due(&self, now: SystemTime) -> Res<Vec<RecipientRecord>> {
+        match self.call(Op::Expire(to_millis(now)))? {
+            Reply::Records(v) => Ok(v),
+            _ => Err(unexpected()),
+        }
+    }
+
+    /// A message and all its (not yet purged) recipient records.
+    pub fn message(&self, id: MessageId) -> Res<Option<MessageInfo>> {
+        let db = &self.shared.db;
+        let mk = codec::meta_key(id);
+        let Some(v) = db.get(mk)? else {
+            return Ok(None);
+        };
+        let meta = codec::decode_meta(&v).map_err(|d| self.corrupt(&mk, d))?;
+        let mut recipients = Vec::new();
+        for item in db.scan_prefix(codec::rcpt_prefix(id)) {
+            let (k, v) = item?;
+            recipients.push(self.decode_record_kv(&k, &v)?);
+        }
+        Ok(Some(MessageInfo {
+            id,
+            sender: meta.sender,
+            created: from_millis(meta.created_ms),
+            size: meta.size,
+            idempotency_key: meta.idempotency_key,
+            recipients,
+        }))
+    }
+
+    /// Up to `limit` records (in message order), optionally only those in `state`. This is a
+    /// filtered scan over all records: meant for operators, not the delivery path.
+    pub fn list(&self, state: Option<RecipientState>, limit: usize) -> Res<Vec<RecipientRecord>> {
+        let mut out = Vec::new();
+        if limit == 0 {
+            return Ok(out);
+        }
+        for item in self.shared.db.scan_prefix([codec::P_RCPT]) {
+            let (k, v) = item?;
+            let rec = self.decode_record_kv(&k, &v)?;
+            if state.is_none_or(|s| s == rec.state) {
+                out.push(rec);
+                if out.len() >= limit {
+                    break;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Makes every scheduled recipient of the message due now; returns how many.
+    pub fn retry(&self, id: MessageId) -> Res<usize> {
+        match self.call(Op::Retry(id, to_millis(SystemTime::now())))? {
+            Reply::Count(n) => Ok(n),
+            _ => Err(unexpected()),
+        }
+    }
+
+    /// Removes a message, its body, records, schedule entries and idempotency key. A lease
+    /// still held on one of its recipients then fails to complete with `NotFound`.
+    pub fn delete(&self, id: MessageId) -> Res<bool> {
+        match self.call(Op::Delete(id))? {
+            Reply::Bool(b) => Ok(b),
+            _ => Err(unexpected()),
+        }
+    }
+
+    /// Drops records that became final before `older_than`; a message's metadata and
+    /// idempotency key go with its last record. Returns the number of records dropped.
+    /// The writer also does this on its own every minute for records older than
+    /// `final_retention`.
+    pub fn purge_final(&self, older_than: SystemTime) -> Res<usize> {
+        match self.call(Op::Purge(to_millis(older_than)))? {
+            Reply::Count(n) => Ok(n),
+            _ => Err(unexpected()),
+        }
+    }
+
+    /// Counters kept in memory; `oldest_due` is one sled seek, `disk_bytes` a stat of sled's
+    /// files.
+    pub fn stats(&self) -> Stats {
+        let mut stats = Stats::default();
+        {
+            let c = lock(&self.shared.counters);
+            for st in RecipientState::ALL {
+                let n = c.by_state[usize::from(st.to_u8())];
+                if n > 0 {
+                    stats.by_state.insert(st, n);
+                }
+            }
+            stats.by_destination = c
+                .by_destination
+                .iter()
+                .map(|(k, v)| (k.clone(), *v))
+                .collect();
+        }
+        if let Some(Ok((k, _))) = self.shared.db.scan_prefix([codec::P_SCHED]).next() {
+            stats.oldest_due = codec::parse_due_rid(&k[1..]).map(|(due, _)| from_millis(due));
+        }
+        stats.disk_bytes = self.shared.db.size_on_disk().unwrap_or(0);
+        stats
+    }
+
+    /// Adds an address (lowercased) to the suppression list; durable on return. `false` if it
+    /// was already there (the first reason is kept).
+    pub fn suppress_add(&self, address: &str, reason: &str) -> Res<bool> {
+        let a = normalize_suppressed(address)?;
+        match self.call(Op::SuppressAdd(
+            a,
+            reason.to_string(),
+            to_millis(SystemTime::now()),
+        ))? {
+            Reply::Bool(b) => Ok(b),
+            _ => Err(unexpected()),
+        }
+    }
+
+    pub fn suppress_remove(&self, address: &str) -> Res<bool> {
+        match self.call(Op::SuppressRemove(address.to_lowercase()))? {
+            Reply::Bool(b) => Ok(b),
+            _ => Err(unexpected()),
+        }
+    }
+
+    pub fn suppressed(&self, address: &str) -> Res<Option<Suppression>> {
+        let a = address.to_lowercase();
+        let k = codec::supp_key(&a);
+        match self.shared.db.get(&k)? {
+            None => Ok(None),
+            Some(v) => {
+                let (at, reason) =
+                    codec::decode_suppression(&v).map_err(|d| self.corrupt(&k, d))?;
+                Ok(Some(Suppression {
+                    address: a,
+                    reason,
+                    at: from_millis(at),
+                }))
+            }
+        }
+    }
+
+    pub fn suppress_list(&self) -> Res<Vec<Suppression>> {
+        let mut out = Vec::new();
+        for item in self.shared.db.scan_prefix([codec::P_SUPP]) {
+            let (k, v) = item?;
+            let (at, reason) = codec::decode_suppression(&v).map_err(|d| self.corrupt(&k, d))?;
+            out.push(Suppression {
+                address: String::from_utf8_lossy(&k[1..]).into_owned(),
+                reason,
+                at: from_millis(at),
+            });
+        }
+        Ok(out)
+    }
+
+    /// Waits until everything submitted so far is durable.
+    pub fn flush(&self) -> Res<()> {
+        match self.call(Op::Flush)? {
+            Reply::Unit => Ok(()),
+            _ => Err(unexpected()),
+        }
+    }
+
+    /// The directory this queue lives in.
+    pub fn path(&self) -> &Path {
+        &self.shared.path
+    }
+
+    fn corrupt(&self, key: &[u8], detail: String) -> QueueError {
+        corrupt(&self.shared.path, key, detail)
+    }
+
+    fn decode_record_kv(&self, k: &[u8], v: &[u8]) -> Res<RecipientRecord> {
+        decode_record_kv(&self.shared.path, k, v)
+    }
+}
+
+impl Drop for Queue {
+    fn drop(&mut self) {
+        drop(self.requests.take());
+        for t in lock(&self.threads).drain(..) {
+            let _ = t.join();
+        }
+        if let Err(e) = self.shared.db.flush() {
+            tracing::error!(path = %self.shared.path.display(), "final queue flush failed: {e}");
+        }
+    }
+}
+
+fn unexpected() -> QueueError {
+    QueueError::Closed {
+        reason: "internal error: unexpected reply from the writer".into(),
+    }
+}
+
+fn corrupt(path: &Path, key: &[u8], detail: String) -> QueueError {
+    QueueError::Corrupt {
+        path: path.to_path_buf(),
+        key: codec::show_key(key),
+        detail,
+    }
+}
+
+fn decode_record_kv(path: &Path, k: &[u8], v: &[u8]) -> Res<RecipientRecord> {
+    let id =
+        codec::rid_from(&k[1..]).ok_or_else(|| corrupt(path, k, "bad recipient key".into()))?;
+    codec::decode_record(id, v).map_err(|d| corrupt(path, k, d))
+}
+
+/// Pending writes of one request: a sled `Batch` (applied atomically, also across a crash)
+/// plus an overlay so later reads in the same request see earlier writes.
+struct Tx<'a> {
+    shared: &'a Shared,
+    batch: sled::Batch,
+    overlay: HashMap<Vec<u8>, Option<IVec>>,
+    changes: Vec<Change>,
+    writes: usize,
+}
+
+impl<'a> Tx<'a> {
+    fn new(shared: &'a Shared) -> Self {
+        Tx {
+            shared,
+            batch: sled::Batch::default(),
+            overlay: HashMap::new(),
+            changes: Vec::new(),
+            writes: 0,
+        }
+    }
+
+    fn get(&self, key: &[u8]) -> Res<Option<IVec>> {
+        match self.overlay.get(key) {
+            Some(v) => Ok(v.clone()),
+            None => Ok(self.shared.db.get(key)?),
+        }
+    }
+
+    fn insert(&mut self, key: &[u8], value: IVec) {
+        self.batch.insert(key, value.clone());
+        self.overlay.insert(key.to_vec(), Some(value));
+        self.writes += 1;
+    }
+
+    /// Insert that later reads of this request never need (bodies, index entries).
+    fn insert_blind(&mut self, key: &[u8], value: &[u8]) {
+        self.batch.insert(key, value);
+        self.overlay.remove(key);
+        self.writes += 1;
+    }
+
+    fn remove(&mut self, key: &[u8]) {
+        self.batch.remove(key);
+        self.overlay.insert(key.to_vec(), None);
+        self.writes += 1;
+    }
+
+    fn corrupt(&self, key: &[u8], detail: String) -> QueueError {
+        corrupt(&self.shared.path, key, detail)
+    }
+
+    fn meta(&self, id: MessageId) -> Res<Option<Meta>> {
+        let k = codec::meta_key(id);
+        match self.get(&k)? {
+            None => Ok(None),
+            Some(v) => codec::decode_meta(&v)
+                .map(Some)
+                .map_err(|d| self.corrupt(&k, d)),
+        }
+    }
+
+    fn put_meta(&mut self, id: MessageId, m: &Meta) {
+        self.insert(&codec::meta_key(id), codec::encode_meta(m).into());
+    }
+
+    fn record(&self, id: RecipientId) -> Res<Option<RecipientRecord>> {
+        let k = codec::rcpt_key(id);
+        match self.get(&k)? {
+            None => Ok(None),
+            Some(v) => codec::decode_record(id, &v)
+                .map(Some)
+                .map_err(|d| self.corrupt(&k, d)),
+        }
+    }
+
+    fn put_record(&mut self, old: Option<RecipientState>, rec: &RecipientRecord) {
+        self.insert(&codec::rcpt_key(rec.id), codec::encode_record(rec).into());
+        self.changes.push(Change {
+            old,
+            new: Some(rec.state),
+            destination: rec.destination.clone(),
+        });
+    }
+
+    fn remove_record(&mut self, rec: &RecipientRecord) {
+        self.remove(&codec::rcpt_key(rec.id));
+        self.changes.push(Change {
+            old: Some(rec.state),
+            new: None,
+            destination: rec.destination.clone(),
+        });
+    }
+
+    fn schedule(&mut self, rec: &RecipientRecord) {
+        let due = to_millis(rec.next_attempt);
+        let created = to_millis(rec.created).to_be_bytes();
+        self.insert_blind(&codec::sched_key(due, rec.id), &created);
+        self.insert_blind(&codec::dest_key(&rec.destination, due, rec.id), &[]);
+    }
+
+    fn unschedule(&mut self, rec: &RecipientRecord) {
+        let due = to_millis(rec.next_attempt);
+        self.remove(&codec::sched_key(due, rec.id));
+        self.remove(&codec::dest_key(&rec.destination, due, rec.id));
+    }
+
+    fn remove_body(&mut self, id: MessageId, size: u64) {
+        for c in 0..codec::body_chunks(size) {
+            self.remove(&codec::body_key(id, c));
+        }
+    }
+
+    /// Bookkeeping for a record that just became final.
+    fn finalized(&mut self, rec: &RecipientRecord) -> Res<()> {
+        self.insert_blind(&codec::final_key(to_millis(rec.updated), rec.id), &[]);
+        let mid = rec.id.message;
+        let mut meta = self.meta(mid)?.ok_or_else(|| {
+            self.corrupt(&codec::meta_key(mid), "missing message metadata".into())
+        })?;
+        meta.pending = meta.pending.saturating_sub(1);
+        if meta.pending == 0 {
+            self.remove_body(mid, meta.size);
+        }
+        self.put_meta(mid, &meta);
+        Ok(())
+    }
+
+    fn commit(self) -> Res<()> {
+        if self.writes == 0 {
+            return Ok(());
+        }
+        self.shared.db.apply_batch(self.batch)?;
+        let mut c = lock(&self.shared.counters);
+        for ch in &self.changes {
+            if let Some(s) = ch.old {
+                c.sub(s, &ch.destination);
+            }
+            if let Some(s) = ch.new {
+                c.add(s, &ch.destination);
+            }
+        }
+        Ok(())
+    }
+}
+
+struct Writer {
+    shared: Arc<Shared>,
+    last_id: u64,
+    next_purge: Instant,
+}
+
+impl Writer {
+    fn run(mut self, requests: Receiver<Request>, done: Sender<Done>) {
+        loop {
+            let wait = self.next_purge.saturating_duration_since(Instant::now());
+            match requests.recv_timeout(wait) {
+                Ok(req) => {
+                    let closed = lock(&self.shared.closed).clone();
+                    let (result, durable) = match closed {
+                        Some(reason) => (Err(QueueError::Closed { reason }), false),
+                        None => self.handle(req.op),
+                    };
+                    let d = Done {
+                        reply: req.reply,
+                        result,
+                        durable,
+                    };
+                    if let Err(e) = done.send(d) {
+                        // The syncer is gone; answer directly.
+                        let _ = e.0.reply.send(Err(QueueError::Closed {
+                            reason: "syncer thread stopped".into(),
+                        }));
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => return,
+            }
+            if Instant::now() >= self.next_purge {
+                self.auto_purge();
+            }
+        }
+    }
+
+    fn auto_purge(&mut self) {
+        let retention = self.shared.opts.final_retention;
+        let cutoff = SystemTime::now()
+            .checked_sub(retention)
+            .map(to_millis)
+            .unwrap_or(0);
+        match self.purge_chunk(cutoff) {
+            // A full chunk: more to do, continue after the next request.
+            Ok(n) if n >= PURGE_CHUNK => self.next_purge = Instant::now(),
+            Ok(n) => {
+                if n > 0 {
+                    tracing::debug!(records = n, "purged final records");
+                }
+                self.next_purge = Instant::now() + AUTO_PURGE_EVERY;
+            }
+            Err(e) => {
+                tracing::warn!("automatic purge failed: {e}");
+                self.next_purge = Instant::now() + AUTO_PURGE_EVERY;
+            }
+        }
+    }
+
+    fn handle(&mut self, op: Op) -> (Res<Reply>, bool) {
+        match op {
+            Op::Enqueue(msgs) => (self.enqueue(msgs).map(Reply::Enqueued), true),
+            Op::Take {
+                destination,
+                now_ms,
+                limit,
+            } => (
+                self.take(destination.as_deref(), now_ms, limit)
+                    .map(Reply::Leases),
+                false,
+            ),
+            Op::Complete(items, now_ms) => {
+                (self.complete(items, now_ms).map(Reply::Completed), true)
+            }
+            Op::Expire(now_ms) => (self.expire(now_ms).map(Reply::Records), true),
+            Op::Retry(id, now_ms) => (self.retry(id, now_ms).map(Reply::Count), true),
+            Op::Delete(id) => (self.delete(id).map(Reply::Bool), true),
+            Op::Purge(cutoff) => {
+                let mut total = 0;
+                loop {
+                    match self.purge_chunk(cutoff) {
+                        Ok(n) => {
+                            total += n;
+                            if n < PURGE_CHUNK {
+                                break (Ok(Reply::Count(total)), true);
+                            }
+                        }
+                        Err(e) => break (Err(e), true),
+                    }
+                }
+            }
+            Op::SuppressAdd(a, reason, at) => {
+                (self.suppress_add(&a, &reason, at).map(Reply::Bool), true)
+            }
+            Op::SuppressRemove(a) => (self.suppress_remove(&a).map(Reply::Bool), true),
+            Op::Flush => (Ok(Reply::Unit), true),
+        }
+    }
+
+    fn next_id(&mut self) -> MessageId {
+        let now = to_millis(SystemTime::now()) << 20;
+        self.last_id = now.max(self.last_id + 1);
+        MessageId(self.last_id)
+    }
+
+    fn enqueue(&mut self, msgs: Vec<Checked>) -> Res<Vec<Res<Enqueued>>> {
+        let shared = Arc::clone(&self.shared);
+        let mut tx = Tx::new(&shared);
+        let now = SystemTime::now();
+        let now_ms = to_millis(now);
+        let created = from_millis(now_ms);
+        let mut out = Vec::with_capacity(msgs.len());
+        for Checked { msg, normalized } in msgs {
+            if let Some(key) = &msg.idempotency_key {
+                let ik = codec::idem_key(key);
+                if let Some(v) = tx.get(&ik)? {
+                    let b: [u8; 8] = v
+                        .as_ref()
+                        .try_into()
+                        .map_err(|_| tx.corrupt(&ik, "bad idempotency entry".into()))?;
+                    out.push(Ok(Enqueued {
+                        id: MessageId(u64::from_be_bytes(b)),
+                        duplicate: true,
+                        suppressed: Vec::new(),
+                    }));
+                    continue;
+                }
+            }
+            let id = self.next_id();
+            let n = u32::try_from(msg.recipients.len()).unwrap_or(u32::MAX);
+            let mut suppressed = Vec::new();
+            for (i, (address, (lower, destination))) in
+                msg.recipients.into_iter().zip(normalized).enumerate()
+            {
+                let is_suppressed = tx.get(&codec::supp_key(&lower))?.is_some();
+                let rec = RecipientRecord {
+                    id: RecipientId {
+                        message: id,
+                        index: u32::try_from(i).unwrap_or(u32::MAX),
+                    },
+                    destination,
+                    state: if is_suppressed {
+                        RecipientState::Suppressed
+                    } else {
+                        RecipientState::Scheduled
+                    },
+                    attempts: 0,
+                    next_attempt: created,
+                    created,
+                    updated: created,
+                    last_reply: is_suppressed.then(|| "on the suppression list".to_string()),
+                    address,
+                };
+                if is_suppressed {
+                    suppressed.push(rec.address.clone());
+                    tx.insert_blind(&codec::final_key(now_ms, rec.id), &[]);
+                } else {
+                    tx.schedule(&rec);
+                }
+                tx.put_record(None, &rec);
+            }
+            let pending = n - u32::try_from(suppressed.len()).unwrap_or(n);
+            let size = msg.body.len() as u64;
+            if pending > 0 {
+                if msg.body.is_empty() {
+                    tx.insert_blind(&codec::body_key(id, 0), &[]);
+                }
+                for (c, chunk) in msg.body.chunks(codec::BODY_CHUNK).enumerate() {
+                    tx.insert_blind(
+                        &codec::body_key(id, u32::try_from(c).unwrap_or(u32::MAX)),
+                        chunk,
+                    );
+                }
+            }
+            if let Some(key) = &msg.idempotency_key {
+                tx.insert(&codec::idem_key(key), IVec::from(&id.0.to_be_bytes()));
+            }
+            tx.put_meta(
+                id,
+                &Meta {
+                    created_ms: now_ms,
+                    size,
+                    recipients: n,
+                    pending,
+                    live: n,
+                    sender: msg.sender,
+                    idempotency_key: msg.idempotency_key,
+                },
+            );
+            out.push(Ok(Enqueued {
+                id,
+                duplicate: false,
+                suppressed,
+            }));
+        }
+        tx.commit()?;
+        Ok(out)
+    }
+
+    fn expired(&self, created_ms: u64, now_ms: u64) -> bool {
+        created_ms.saturating_add(lifetime_ms(&self.shared.opts)) <= now_ms
+    }
+
+    fn take(&mut self, destination: Option<&str>, now_ms: u64, limit: usize) -> Res<Vec<Lease>> {
+        let shared = Arc::clone(&self.shared);
+        let db = &shared.db;
+        let mut tx = Tx::new(&shared);
+        let (iter, skip) = match destination {
+            None => (db.range(vec![codec::P_SCHED]..codec::sched_end(now_ms)), 1),
+            Some(d) => {
+                let p = codec::dest_prefix(d);
+                let skip = p.len();
+                (db.range(p..codec::dest_end(d, now_ms)), skip)
+            }
+        };
+        let mut senders: HashMap<MessageId, String> = HashMap::new();
+        let mut leases = Vec::new();
+        let now = from_millis(now_ms);
+        for item in iter {
+            let (k, _) = item?;
+            let Some((due, rid)) = codec::parse_due_rid(&k[skip..]) else {
+                return Err(tx.corrupt(&k, "bad schedule key".into()));
+            };
+            let rec = match tx.record(rid)? {
+                Some(r)
+                    if r.state == RecipientState::Scheduled && to_millis(r.next_attempt) == due =>
+                {
+                    r
+                }
+                // A stale index entry (cannot normally happen): drop it.
+                _ => {
+                    tx.remove(&k);
+                    continue;
+                }
+            };
+            if self.expired(to_millis(rec.created), now_ms) {
+                continue;
+            }
+            let sender = match senders.get(&rid.message) {
+                Some(s) => s.clone(),
+                None => {
+                    let Some(meta) = tx.meta(rid.message)? else {
+                        return Err(tx.corrupt(
+                            &codec::meta_key(rid.message),
+                            "schedule entry for a message without metadata".into(),
+                        ));
+                    };
+                    senders.insert(rid.message, meta.sender.clone());
+                    meta.sender
+                }
+            };
+            tx.unschedule(&rec);
+            let mut leased = rec;
+            leased.state = RecipientState::Leased;
+            leased.updated = now;
+            tx.put_record(Some(RecipientState::Scheduled), &leased);
+            leases.push(Lease {
+                recipient: leased,
+                sender,
+            });
+            if leases.len() >= limit {
+                break;
+            }
+        }
+        tx.commit()?;
+        // Keep the due order, but put each (message, destination) group together so the
+        // engine can send one transaction for several recipients.
+        let mut rank: HashMap<(MessageId, String), usize> = HashMap::new();
+        let keys: Vec<usize> = leases
+            .iter()
+            .map(|l| {
+                let n = rank.len();
+                *rank
+                    .entry((l.recipient.id.message, l.recipient.destination.clone()))
+                    .or_insert(n)
+            })
+            .collect();
+        let mut with_rank: Vec<(usize, Lease)> = keys.into_iter().zip(leases).collect();
+        with_rank.sort_by_key(|(r, _)| *r);
+        Ok(with_rank.into_iter().map(|(_, l)| l).collect())
+    }
+
+    fn complete(
+        &mut self,
+        items: Vec<(RecipientId, Outcome)>,
+        now_ms: u64,
+    ) -> Res<Vec<Res<Completed>>> {
+        let shared = Arc::clone(&self.shared);
+        let mut tx = Tx::new(&shared);
+        let now = from_millis(now_ms);
+        let lifetime = lifetime_ms(&shared.opts);
+        let mut out = Vec::with_capacity(items.len());
+        for (id, outcome) in items {
+            let Some(mut rec) = tx.record(id)? else {
+                out.push(Err(QueueError::NotFound(id)));
+                continue;
+            };
+            if rec.state != RecipientState::Leased {
+                out.push(Err(QueueError::NotLeased {
+                    id,
+                    state: rec.state,
+                }));
+                continue;
+            }
+            rec.updated = now;
+            let (state, attempted) = match outcome {
+                Outcome::Delivered { reply } => {
+                    rec.last_reply = Some(reply);
+                    (RecipientState::Delivered, true)
+                }
+                Outcome::Bounced { reply } => {
+                    rec.last_reply = Some(reply);
+                    (RecipientState::Bounced, true)
+                }
+                Outcome::Unknown { reply } => {
+                    rec.last_reply = Some(reply);
+                    (RecipientState::Unknown, true)
+                }
+                Outcome::Suppressed { reason } => {
+                    rec.last_reply = Some(reason);
+                    (RecipientState::Suppressed, false)
+                }
+                Outcome::Deferred {
+                    reply,
+                    next_attempt,
+                } => {
+                    rec.last_reply = Some(reply);
+                    let deadline = to_millis(rec.created).saturating_add(lifetime);
+                    if to_millis(next_attempt) > deadline {
+                        (RecipientState::Expired, true)
+                    } else {
+                        rec.next_attempt = from_millis(to_millis(next_attempt));
+                        (RecipientState::Scheduled, true)
+                    }
+                }
+                Outcome::Released => (RecipientState::Scheduled, false),
+            };
+            if attempted {
+                rec.attempts = rec.attempts.saturating_add(1);
+            }
+            rec.state = state;
+            if state == RecipientState::Scheduled {
+                tx.schedule(&rec);
+            } else {
+                tx.finalized(&rec)?;
+            }
+            tx.put_record(Some(RecipientState::Leased), &rec);
+            out.push(Ok(Completed { state }));
+        }
+        tx.commit()?;
+        Ok(out)
+    }
+
+    fn expire(&mut self, now_ms: u64) -> Res<Vec<RecipientRecord>> {
+        let shared = Arc::clone(&self.shared);
+        let db = &shared.db;
+        let mut tx = Tx::new(&shared);
+        let now = from_millis(now_ms);
+        let mut out = Vec::new();
+        for item in db.range(vec![codec::P_SCHED]..codec::sched_end(now_ms)) {
+            let (k, v) = item?;
+            let created_ms = match <[u8; 8]>::try_from(v.as_ref()) {
+                Ok(b) => u64::from_be_bytes(b),
+                Err(_) => 0, // unreadable: look at the record
+            };
+            if !self.expired(created_ms, now_ms) {
+                continue;
+            }
+            let Some((due, rid)) = codec::parse_due_rid(&k[1..]) else {
+                return Err(tx.corrupt(&k, "bad schedule key".into()));
+            };
+            let mut rec = match tx.record(rid)? {
+                Some(r)
+                    if r.state == RecipientState::Scheduled && to_millis(r.next_attempt) == due =>
+                {
+                    r
+                }
+                _ => {
+                    tx.remove(&k);
+                    continue;
+                }
+            };
+            if !self.expired(to_millis(rec.created), now_ms) {
+                continue;
+            }
+            tx.unschedule(&rec);
+            rec.state = RecipientState::Expired;
+            rec.updated = now;
+            if rec.last_reply.is_none() {
+                rec.last_reply = Some(EXPIRED_REPLY.into());
+            }
+            tx.finalized(&rec)?;
+            tx.put_record(Some(RecipientState::Scheduled), &rec);
+            out.push(rec);
+        }
+        tx.commit()?;
+        Ok(out)
+    }
+
+    fn retry(&mut self, id: MessageId, now_ms: u64) -> Res<usize> {
+        let shared = Arc::clone(&self.shared);
+        let mut tx = Tx::new(&shared);
+        let mut n = 0;
+        for item in shared.db.scan_prefix(codec::rcpt_prefix(id)) {
+            let (k, v) = item?;
+            let mut rec = decode_record_kv(&shared.path, &k, &v)?;
+            if rec.state != RecipientState::Scheduled {
+                continue;
+            }
+            n += 1;
+            if to_millis(rec.next_attempt) <= now_ms {
+                continue;
+            }
+            tx.unschedule(&rec);
+            rec.next_attempt = from_millis(now_ms);
+            tx.schedule(&rec);
+            tx.put_record(Some(RecipientState::Scheduled), &rec);
+        }
+        tx.commit()?;
+        Ok(n)
+    }
+
+    fn delete(&mut self, id: MessageId) -> Res<bool> {
+        let shared = Arc::clone(&self.shared);
+        let mut tx = Tx::new(&shared);
+        let Some(meta) = tx.meta(id)? else {
+            return Ok(false);
+        };
+        for item in shared.db.scan_prefix(codec::rcpt_prefix(id)) {
+            let (k, v) = item?;
+            let rec = decode_record_kv(&shared.path, &k, &v)?;
+            if rec.state == RecipientState::Scheduled {
+                tx.unschedule(&rec);
+            } else if rec.state.is_final() {
+                tx.remove(&codec::final_key(to_millis(rec.updated), rec.id));
+            }
+            tx.remove_record(&rec);
+        }
+        tx.remove_body(id, meta.size);
+        if let Some(k) = &meta.idempotency_key {
+            tx.remove(&codec::idem_key(k));
+        }
+        tx.remove(&codec::meta_key(id));
+        tx.commit()?;
+        Ok(true)
+    }
+
+    fn purge_chunk(&mut self, cutoff_ms: u64) -> Res<usize> {
+        let shared = Arc::clone(&self.shared);
+        let mut tx = Tx::new(&shared);
+        let mut end = vec![codec::P_FINAL];
+        end.extend_from_slice(&cutoff_ms.to_be_bytes());
+        let mut n = 0;
+        for item in shared.db.range(vec![codec::P_FINAL]..end) {
+            let (k, _) = item?;
+            tx.remove(&k);
+            n += 1;
+            let Some((_, rid)) = codec::parse_due_rid(&k[1..]) else {
+                continue;
+            };
+            if let Some(rec) = tx.record(rid)? {
+                if !rec.state.is_final() {
+                    continue;
+                }
+                tx.remove_record(&rec);
+                if let Some(mut meta) = tx.meta(rid.message)? {
+                    meta.live = meta.live.saturating_sub(1);
+                    if meta.live == 0 {
+                        if meta.pending > 0 {
+                            tx.remove_body(rid.message, meta.size);
+                        }
+                        if let Some(ik) = &meta.idempotency_key {
+                            tx.remove(&codec::idem_key(ik));
+                        }
+                        tx.remove(&codec::meta_key(rid.message));
+                    } else {
+                        tx.put_meta(rid.message, &meta);
+                    }
+                }
+            }
+            if n >= PURGE_CHUNK {
+                break;
+            }
+        }
+        tx.commit()?;
+        Ok(n)
+    }
+
+    fn suppress_add(&mut self, address: &str, reason: &str, at_ms: u64) -> Res<bool> {
+        let shared = Arc::clone(&self.shared);
+        let mut tx = Tx::new(&shared);
+        let k = codec::supp_key(address);
+        if tx.get(&k)?.is_some() {
+            return Ok(false);
+        }
+        tx.insert_blind(&k, &codec::encode_suppression(at_ms, reason));
+        tx.commit()?;
+        Ok(true)
+    }
+
+    fn suppress_remove(&mut self, address: &str) -> Res<bool> {
+        let shared = Arc::clone(&self.shared);
+        let mut tx = Tx::new(&shared);
+        let k = codec::supp_key(address);
+        if tx.get(&k)?.is_none() {
+            return Ok(false);
+        }
+        tx.remove(&k);
+        tx.commit()?;
+        Ok(true)
+    }
+}
+
+/// Makes sled's writes durable: `db.flush()` (which in sled 0.34.7 only issues
+/// `sync_file_range`, no device cache flush, no metadata), then `fdatasync` of the `db`
+/// file and of any new blob file.
+struct Syncer {
+    shared: Arc<Shared>,
+    db_file: File,
+    blob_dir: PathBuf,
+    synced_blobs: HashSet<OsString>,
+}
+
+impl Syncer {
+    fn new(shared: &Arc<Shared>) -> std::io::Result<Syncer> {
+        Ok(Syncer {
+            shared: Arc::clone(shared),
+            db_file: File::open(shared.path.join("db"))?,
+            blob_dir: shared.path.join("blobs"),
+            synced_blobs: HashSet::new(),
+        })
+    }
+
+    fn sync(&mut self) -> Res<()> {
+        self.shared.db.flush()?;
+        if !self.shared.opts.durable {
+            return Ok(());
+        }
+        self.db_file.sync_data()?;
+        // sled writes nodes bigger than segment_size/4 to blobs/<lsn> without syncing them.
+        let mut present = HashSet::new();
+        let mut new_blob = false;
+        match std::fs::read_dir(&self.blob_dir) {
+            Ok(rd) => {
+                for entry in rd {
+                    let entry = entry?;
+                    let name = entry.file_name();
+                    if !self.synced_blobs.contains(&name) {
+                        match File::open(entry.path()) {
+                            Ok(f) => f.sync_data()?,
+                            // removed by sled's gc in the meantime
+                            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                            Err(e) => return Err(e.into()),
+                        }
+                        new_blob = true;
+                    }
+                    present.insert(name);
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e.into()),
+        }
+        if new_blob {
+            File::open(&self.blob_dir)?.sync_all()?;
+        }
+        self.synced_blobs = present;
+        Ok(())
+    }
+
+    fn run(mut self, done: Receiver<Done>) {
+        while let Ok(first) = done.recv() {
+            let mut group = vec![first];
+            group.extend(done.try_iter());
+            let needs_sync = group.iter().any(|d| d.durable && d.result.is_ok());
+            if needs_sync {
+                if let Err(e) = self.sync() {
+                    let reason = format!("flush/fsync failed: {e}");
+                    tracing::error!(path = %self.shared.path.display(), "{reason}; refusing further writes");
+                    *lock(&self.shared.closed) = Some(reason.clone());
+                    for d in group {
+                        let _ = d.reply.send(Err(QueueError::Closed {
+                            reason: reason.clone(),
+                        }));
+                    }
+                    continue;
+                }
+            }
+            for d in group {
+                let _ = d.reply.send(d.result);
+            }
+        }
+        // Drain: the writer is gone; make what it did durable.
+        if let Err(e) = self.sync() {
+            tracing::error!(path = %self.shared.path.display(), "final sync failed: {e}");
+        }
+    }
+}
+
+/// Crash recovery and counter rebuild; returns the highest message id in use.
+fn recover(shared: &Shared) -> Res<u64> {
+    let db = &shared.db;
+    let path = &shared.path;
+    let mut counters = Counters::default();
+    let mut fixes = sled::Batch::default();
+    let mut nfixes = 0usize;
+    let mut released = 0u64;
+    let mut orphans = 0u64;
+    let mut max_id = 0u64;
+
+    let flush_fixes = |fixes: &mut sled::Batch, n: &mut usize, force: bool| -> Res<()> {
+        if *n > 0 && (force || *n >= RECOVERY_CHUNK) {
+            db.apply_batch(std::mem::take(fixes))?;
+            *n = 0;
+        }
+        Ok(())
+    };
+
+    let mut records = db.scan_prefix([codec::P_RCPT]).peekable();
+    let metas = db.scan_prefix([codec::P_META]);
+    let next_record =
+        |records: &mut std::iter::Peekable<sled::Iter>| -> Res<Option<RecipientRecord>> {
+            match records.next() {
+                None => Ok(None),
+                Some(item) => {
+                    let (k, v) = item?;
+                    decode_record_kv(path, &k, &v).map(Some)
+                }
+            }
+        };
+    let peek_msg = |records: &mut std::iter::Peekable<sled::Iter>| -> Option<MessageId> {
+        match records.peek() {
+            Some(Ok((k, _))) => codec::rid_from(&k[1..]).map(|r| r.message),
+            _ => None,
+        }
+    };
+    // Removes an orphan record and its index entries.
+    let drop_record = |fixes: &mut sled::Batch, n: &mut usize, rec: &RecipientRecord| {
+        let due = to_millis(rec.next_attempt);
+        fixes.remove(&codec::rcpt_key(rec.id));
+        fixes.remove(&codec::sched_key(due, rec.id));
+        fixes.remove(codec::dest_key(&rec.destination, due, rec.id));
+        fixes.remove(&codec::final_key(to_millis(rec.updated), rec.id));
+        *n += 4;
+    };
+
+    for item in metas {
+        let (mk, mv) = item?;
+        let mid = codec::rid_from(&[&mk[1..], &[0u8; 4][..]].concat())
+            .map(|r| r.message)
+            .ok_or_else(|| corrupt(path, &mk, "bad message key".into()))?;
+        let mut meta = codec::decode_meta(&mv).map_err(|d| corrupt(path, &mk, d))?;
+        max_id = max_id.max(mid.0);
+        // Records of messages that have no metadata.
+        while let Some(m) = peek_msg(&mut records) {
+            if m >= mid {
+                break;
+            }
+            if let Some(rec) = next_record(&mut records)? {
+                drop_record(&mut fixes, &mut nfixes, &rec);
+                orphans += 1;
+            }
+        }
+        let mut group = Vec::new();
+        while peek_msg(&mut records) == Some(mid) {
+            if let Some(rec) = next_record(&mut records)? {
+                group.push(rec);
+            }
+        }
+        let pending = group.iter().filter(|r| !r.state.is_final()).count();
+        let body_missing = pending > 0 && db.get(codec::body_key(mid, 0))?.is_none();
+        if group.is_empty() || body_missing {
+            // Never acknowledged (or unusable): remove the whole message.
+            tracing::warn!(message = %mid, records = group.len(), body_missing, "removing incomplete message");
+            for rec in &group {
+                drop_record(&mut fixes, &mut nfixes, rec);
+            }
+            for c in 0..codec::body_chunks(meta.size) {
+                fixes.remove(&codec::body_key(mid, c));
+            }
+            if let Some(k) = &meta.idempotency_key {
+                fixes.remove(codec::idem_key(k));
+            }
+            fixes.remove(&mk);
+            nfixes += 3;
+            orphans += 1;
+            flush_fixes(&mut fixes, &mut nfixes, false)?;
+            continue;
+        }
+        for rec in &mut group {
+            if rec.state == RecipientState::Leased {
+                rec.state = RecipientState::Scheduled;
+                let due = to_millis(rec.next_attempt);
+                fixes.insert(&codec::rcpt_key(rec.id), codec::encode_record(rec));
+                fixes.insert(
+                    &codec::sched_key(due, rec.id),
+                    &to_millis(rec.created).to_be_bytes(),
+                );
+                fixes.insert(codec::dest_key(&rec.destination, due, rec.id), &[]);
+                nfixes += 3;
+                released += 1;
+            }
+            counters.add(rec.state, &rec.destination);
+        }
+        let pending = u32::try_from(pending).unwrap_or(u32::MAX);
+        let live = u32::try_from(group.len()).unwrap_or(u32::MAX);
+        if meta.pending != pending || meta.live != live {
+            meta.pending = pending;
+            meta.live = live;
+            fixes.insert(&mk, codec::encode_meta(&meta));
+            nfixes += 1;
+        }
+        flush_fixes(&mut fixes, &mut nfixes, false)?;
+    }
+    while let Some(rec) = next_record(&mut records)? {
+        drop_record(&mut fixes, &mut nfixes, &rec);
+        orphans += 1;
+        flush_fixes(&mut fixes, &mut nfixes, false)?;
+    }
+    flush_fixes(&mut fixes, &mut nfixes, true)?;
+    if released > 0 || orphans > 0 {
+        tracing::info!(path = %path.display(), released, removed = orphans, "queue recovered");
+    }
+    *lock(&shared.counters) = counters;
+    Ok(max_id)
+}

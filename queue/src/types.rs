@@ -1,0 +1,330 @@
+//! Public value types: ids, records, options, outcomes, statistics.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+use crate::QueueError;
+
+/// Tuning and retention knobs for [`crate::Queue::open`].
+#[derive(Clone, Debug)]
+pub struct QueueOptions {
+    /// sled's page cache size. This, not the queue depth, bounds the resident memory
+    /// (plus sled's own overhead, see BENCHMARKS.md). Default 64 MiB.
+    pub cache_capacity_bytes: u64,
+    /// A recipient not delivered within this time after enqueue expires. Default 5 days.
+    pub max_queue_lifetime: Duration,
+    /// Final records are kept this long (for status queries) and then purged automatically
+    /// by the writer thread. Default 7 days.
+    pub final_retention: Duration,
+    /// `true` (default): `fdatasync` sled's files after every group flush, so an acknowledged
+    /// write survives power loss. `false`: sled's `flush()` only, which survives a process
+    /// crash (the data is in the OS page cache) but not necessarily a power loss.
+    pub durable: bool,
+}
+
+impl Default for QueueOptions {
+    fn default() -> Self {
+        QueueOptions {
+            cache_capacity_bytes: 64 * 1024 * 1024,
+            max_queue_lifetime: Duration::from_secs(5 * 24 * 3600),
+            final_retention: Duration::from_secs(7 * 24 * 3600),
+            durable: true,
+        }
+    }
+}
+
+/// A message in the spool. Ids grow with enqueue time (`unix_millis << 20 | sequence`), so
+/// ordering by id is ordering by age. Shown as 16 lowercase hex digits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(into = "String", try_from = "String")]
+pub struct MessageId(pub u64);
+
+impl fmt::Display for MessageId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:016x}", self.0)
+    }
+}
+
+impl FromStr for MessageId {
+    type Err = QueueError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s.len() != 16 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(QueueError::InvalidInput(format!(
+                "message id must be 16 hex digits, got {s:?}"
+            )));
+        }
+        u64::from_str_radix(s, 16)
+            .map(MessageId)
+            .map_err(|e| QueueError::InvalidInput(format!("message id {s:?}: {e}")))
+    }
+}
+
+impl From<MessageId> for String {
+    fn from(id: MessageId) -> String {
+        id.to_string()
+    }
+}
+
+impl TryFrom<String> for MessageId {
+    type Error = QueueError;
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        s.parse()
+    }
+}
+
+/// One recipient of one message: the unit of delivery. Shown as `<message id>.<index>`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(into = "String", try_from = "String")]
+pub struct RecipientId {
+    pub message: MessageId,
+    /// Position in [`NewMessage::recipients`].
+    pub index: u32,
+}
+
+impl fmt::Display for RecipientId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{}", self.message, self.index)
+    }
+}
+
+impl FromStr for RecipientId {
+    type Err = QueueError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (m, i) = s.split_once('.').ok_or_else(|| {
+            QueueError::InvalidInput(format!("recipient id must be <message>.<index>, got {s:?}"))
+        })?;
+        let index = i
+            .parse::<u32>()
+            .map_err(|e| QueueError::InvalidInput(format!("recipient index in {s:?}: {e}")))?;
+        Ok(RecipientId {
+            message: m.parse()?,
+            index,
+        })
+    }
+}
+
+impl From<RecipientId> for String {
+    fn from(id: RecipientId) -> String {
+        id.to_string()
+    }
+}
+
+impl TryFrom<String> for RecipientId {
+    type Error = QueueError;
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        s.parse()
+    }
+}
+
+/// What to enqueue.
+#[derive(Clone, Debug, Default)]
+pub struct NewMessage {
+    /// Client-chosen key: enqueueing the same key again returns the first message's id and
+    /// stores nothing (safe retries after a lost acknowledgement). Kept until the message's
+    /// records are purged.
+    pub idempotency_key: Option<String>,
+    /// Envelope sender (MAIL FROM). May be empty for the null reverse-path.
+    pub sender: String,
+    /// Envelope recipients (RCPT TO), in order; recipient `i` gets index `i`.
+    pub recipients: Vec<String>,
+    /// The RFC 5322 message, stored once however many recipients it has.
+    pub body: Vec<u8>,
+}
+
+/// Result of an enqueue.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Enqueued {
+    pub id: MessageId,
+    /// The idempotency key was seen before: `id` is the earlier message, nothing was stored.
+    pub duplicate: bool,
+    /// Recipients already on the suppression list: recorded as `Suppressed`, never scheduled.
+    pub suppressed: Vec<String>,
+}
+
+/// State of one recipient. `Scheduled` and `Leased` are live; the rest are final.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RecipientState {
+    /// Waiting for `next_attempt`.
+    Scheduled,
+    /// Handed out by `take_due*`, in flight. Returns to `Scheduled` on reopen after a crash.
+    Leased,
+    Delivered,
+    /// Permanent failure (5xx).
+    Bounced,
+    /// Not delivered within `max_queue_lifetime`.
+    Expired,
+    /// On the suppression list at enqueue or right before sending.
+    Suppressed,
+    /// No reply after the final dot: possibly delivered (RFC 5321 §6.1). Final, never retried,
+    /// to avoid duplicates.
+    Unknown,
+}
+
+impl RecipientState {
+    pub const ALL: [RecipientState; 7] = [
+        RecipientState::Scheduled,
+        RecipientState::Leased,
+        RecipientState::Delivered,
+        RecipientState::Bounced,
+        RecipientState::Expired,
+        RecipientState::Suppressed,
+        RecipientState::Unknown,
+    ];
+
+    pub fn is_final(self) -> bool {
+        !matches!(self, RecipientState::Scheduled | RecipientState::Leased)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RecipientState::Scheduled => "scheduled",
+            RecipientState::Leased => "leased",
+            RecipientState::Delivered => "delivered",
+            RecipientState::Bounced => "bounced",
+            RecipientState::Expired => "expired",
+            RecipientState::Suppressed => "suppressed",
+            RecipientState::Unknown => "unknown",
+        }
+    }
+
+    pub(crate) fn to_u8(self) -> u8 {
+        match self {
+            RecipientState::Scheduled => 0,
+            RecipientState::Leased => 1,
+            RecipientState::Delivered => 2,
+            RecipientState::Bounced => 3,
+            RecipientState::Expired => 4,
+            RecipientState::Suppressed => 5,
+            RecipientState::Unknown => 6,
+        }
+    }
+
+    pub(crate) fn from_u8(b: u8) -> Option<RecipientState> {
+        RecipientState::ALL.get(usize::from(b)).copied()
+    }
+}
+
+impl fmt::Display for RecipientState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for RecipientState {
+    type Err = QueueError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        RecipientState::ALL
+            .into_iter()
+            .find(|st| st.as_str() == s)
+            .ok_or_else(|| QueueError::InvalidInput(format!("unknown recipient state {s:?}")))
+    }
+}
+
+/// The delivery record of one recipient.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecipientRecord {
+    pub id: RecipientId,
+    pub address: String,
+    /// Lowercased domain of `address`: the routing key.
+    pub destination: String,
+    pub state: RecipientState,
+    /// Delivery attempts made (Delivered, Deferred, Bounced, Unknown count; Released and
+    /// Suppressed do not).
+    pub attempts: u32,
+    pub next_attempt: SystemTime,
+    pub created: SystemTime,
+    pub updated: SystemTime,
+    /// Last SMTP reply or reason (for expiry: the last transient reason).
+    pub last_reply: Option<String>,
+}
+
+/// A leased (in-flight) recipient. Finish it with [`crate::Queue::complete`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Lease {
+    pub recipient: RecipientRecord,
+    pub sender: String,
+}
+
+/// How a delivery attempt for a leased recipient ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    Delivered {
+        reply: String,
+    },
+    /// Retry at `next_attempt`. If that is past `created + max_queue_lifetime` the queue
+    /// records `Expired` with this reply instead.
+    Deferred {
+        reply: String,
+        next_attempt: SystemTime,
+    },
+    Bounced {
+        reply: String,
+    },
+    /// Found on the suppression list right before sending. Only records the state; adding an
+    /// address to the list is [`crate::Queue::suppress_add`].
+    Suppressed {
+        reason: String,
+    },
+    /// Possibly delivered (no reply after the dot): final, never retried.
+    Unknown {
+        reply: String,
+    },
+    /// Not attempted (e.g. shutdown): back to `Scheduled` unchanged, attempts not incremented.
+    Released,
+}
+
+/// What `complete` actually recorded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Completed {
+    pub state: RecipientState,
+}
+
+/// A message with all its recipient records.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MessageInfo {
+    pub id: MessageId,
+    pub sender: String,
+    pub created: SystemTime,
+    /// Body size in bytes (also after the body was deleted).
+    pub size: u64,
+    pub idempotency_key: Option<String>,
+    pub recipients: Vec<RecipientRecord>,
+}
+
+/// An entry of the suppression list.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Suppression {
+    /// Lowercased.
+    pub address: String,
+    pub reason: String,
+    pub at: SystemTime,
+}
+
+/// Queue statistics, from in-memory counters (rebuilt on open).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Stats {
+    /// Recipient records by state (final records count until purged).
+    pub by_state: BTreeMap<RecipientState, u64>,
+    /// Non-final (scheduled + leased) recipients per destination.
+    pub by_destination: BTreeMap<String, u64>,
+    /// Earliest `next_attempt` of a scheduled recipient.
+    pub oldest_due: Option<SystemTime>,
+    /// Bytes sled uses on disk.
+    pub disk_bytes: u64,
+}
+
+pub(crate) fn to_millis(t: SystemTime) -> u64 {
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => u64::try_from(d.as_millis()).unwrap_or(u64::MAX),
+        Err(_) => 0,
+    }
+}
+
+pub(crate) fn from_millis(ms: u64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_millis(ms)
+}
