@@ -553,6 +553,14 @@ impl Session {
                     };
                     return Err(settle_all(slots, negative(phase, r), e));
                 }
+                // `command` already turned a 421 into this error.
+                Err(SessionError::ServerClosing { phase, reply }) => {
+                    let e = SessionError::ServerClosing {
+                        phase,
+                        reply: reply.clone(),
+                    };
+                    return Err(settle_all(slots, negative(phase, reply), e));
+                }
                 Ok(r) => r,
                 Err(e) => return Err(settle_all(slots, RcptResult::Failed(e.clone()), e)),
             };
