@@ -31,6 +31,9 @@ const AUTO_PURGE_EVERY: Duration = Duration::from_secs(60);
 const RECOVERY_CHUNK: usize = 10_000;
 const REQUEST_QUEUE: usize = 4096;
 const EXPIRED_REPLY: &str = "expired in queue";
+/// Written next to sled's files once the store is initialised: tells "new, empty directory"
+/// apart from "sled could not read the data that was here".
+const MARKER: &str = "bulksend-queue";
 
 type Res<T> = Result<T, QueueError>;
 
@@ -239,6 +242,7 @@ impl Queue {
             })?
             .map_err(|e| open_err(path, e))?;
 
+        let marker = path.join(MARKER);
         match db
             .get(codec::version_key())
             .map_err(|e| open_err(path, e))?
@@ -255,10 +259,30 @@ impl Queue {
                 ))
             }
             None => {
+                if marker.exists() {
+                    // sled treats a log it cannot read as empty: refuse instead of starting
+                    // over on top of a queue that held data.
+                    return Err(QueueError::Corrupt {
+                        path: path.join("db"),
+                        key: String::from_utf8_lossy(&codec::version_key()).into_owned(),
+                        detail: format!(
+                            "{} says this directory holds a queue, but sled found no readable \
+                             data in it (unreadable or replaced db file)",
+                            marker.display()
+                        ),
+                    });
+                }
                 if !db.is_empty() {
                     return Err(open_err(path, "not a bulksend queue (no schema version)"));
                 }
                 db.insert(codec::version_key(), codec::SCHEMA_VERSION)
+                    .map_err(|e| open_err(path, e))?;
+                db.flush().map_err(|e| open_err(path, e))?;
+                File::open(path.join("db"))
+                    .and_then(|f| f.sync_all())
+                    .and_then(|()| std::fs::write(&marker, codec::SCHEMA_VERSION))
+                    .and_then(|()| File::open(&marker))
+                    .and_then(|f| f.sync_all())
                     .map_err(|e| open_err(path, e))?;
             }
         }

@@ -1,0 +1,681 @@
+#![allow(clippy::unwrap_used)]
+//! State transitions, idempotency, expiry, suppression, recovery, corruption, bad input.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use bulksend_queue::{
+    Completed, MessageId, NewMessage, Outcome, Queue, QueueError, QueueOptions, RecipientId,
+    RecipientState,
+};
+
+fn opts() -> QueueOptions {
+    QueueOptions {
+        cache_capacity_bytes: 8 << 20,
+        ..QueueOptions::default()
+    }
+}
+
+fn open(dir: &tempfile::TempDir) -> Queue {
+    Queue::open(dir.path(), opts()).unwrap()
+}
+
+fn msg(to: &[&str]) -> NewMessage {
+    NewMessage {
+        idempotency_key: None,
+        sender: "news@sender.test".into(),
+        recipients: to.iter().map(|s| s.to_string()).collect(),
+        body: b"Subject: hi\r\n\r\nhello\r\n".to_vec(),
+    }
+}
+
+fn later(secs: u64) -> SystemTime {
+    SystemTime::now() + Duration::from_secs(secs)
+}
+
+fn state(q: &Queue, id: RecipientId) -> RecipientState {
+    q.message(id.message)
+        .unwrap()
+        .unwrap()
+        .recipients
+        .into_iter()
+        .find(|r| r.id == id)
+        .unwrap()
+        .state
+}
+
+#[test]
+fn enqueue_take_deliver_removes_body() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = open(&dir);
+    let e = q
+        .enqueue(msg(&["a@One.test", "b@two.test", "c@one.test"]))
+        .unwrap();
+    assert!(!e.duplicate);
+    assert!(e.suppressed.is_empty());
+    let info = q.message(e.id).unwrap().unwrap();
+    assert_eq!(info.recipients.len(), 3);
+    assert_eq!(info.recipients[0].destination, "one.test");
+    assert_eq!(info.recipients[0].address, "a@One.test");
+    assert!(info
+        .recipients
+        .iter()
+        .all(|r| r.state == RecipientState::Scheduled));
+    assert_eq!(q.stats().by_state[&RecipientState::Scheduled], 3);
+    assert_eq!(q.stats().by_destination["one.test"], 2);
+    assert!(q.stats().oldest_due.is_some());
+
+    let leases = q.take_due(later(1), 10).unwrap();
+    assert_eq!(leases.len(), 3);
+    // Same message + destination adjacent: a, c (one.test), then b.
+    let order: Vec<u32> = leases.iter().map(|l| l.recipient.id.index).collect();
+    assert_eq!(order, vec![0, 2, 1]);
+    assert_eq!(leases[0].sender, "news@sender.test");
+    assert!(leases
+        .iter()
+        .all(|l| l.recipient.state == RecipientState::Leased));
+    assert_eq!(state(&q, leases[0].recipient.id), RecipientState::Leased);
+    assert!(q.take_due(later(1), 10).unwrap().is_empty());
+    assert_eq!(q.stats().by_state[&RecipientState::Leased], 3);
+
+    let body = q.body(e.id).unwrap().unwrap();
+    assert_eq!(body, msg(&[]).body);
+    let ids: Vec<RecipientId> = leases.iter().map(|l| l.recipient.id).collect();
+    let done = q
+        .complete(
+            ids[0],
+            Outcome::Delivered {
+                reply: "250 ok".into(),
+            },
+        )
+        .unwrap();
+    assert_eq!(
+        done,
+        Completed {
+            state: RecipientState::Delivered
+        }
+    );
+    assert!(
+        q.body(e.id).unwrap().is_some(),
+        "body stays while recipients pending"
+    );
+    let res = q
+        .complete_batch(vec![
+            (
+                ids[1],
+                Outcome::Delivered {
+                    reply: "250 ok".into(),
+                },
+            ),
+            (
+                ids[2],
+                Outcome::Delivered {
+                    reply: "250 ok".into(),
+                },
+            ),
+        ])
+        .unwrap();
+    assert!(res
+        .iter()
+        .all(|r| r.as_ref().unwrap().state == RecipientState::Delivered));
+    assert_eq!(
+        q.body(e.id).unwrap(),
+        None,
+        "body deleted when last recipient final"
+    );
+    let info = q.message(e.id).unwrap().unwrap();
+    assert!(info
+        .recipients
+        .iter()
+        .all(|r| r.state == RecipientState::Delivered && r.attempts == 1));
+    assert_eq!(info.recipients[0].last_reply.as_deref(), Some("250 ok"));
+    assert_eq!(q.stats().by_state[&RecipientState::Delivered], 3);
+    assert!(q.stats().by_destination.is_empty());
+    assert_eq!(q.stats().oldest_due, None);
+}
+
+#[test]
+fn every_outcome() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = open(&dir);
+    let e = q
+        .enqueue(msg(&[
+            "a@x.test", "b@x.test", "c@x.test", "d@x.test", "e@x.test", "f@x.test",
+        ]))
+        .unwrap();
+    let leases = q.take_due(later(1), 10).unwrap();
+    assert_eq!(leases.len(), 6);
+    let id = |i: u32| RecipientId {
+        message: e.id,
+        index: i,
+    };
+    let next = later(3600);
+    let res = q
+        .complete_batch(vec![
+            (
+                id(0),
+                Outcome::Bounced {
+                    reply: "550 5.1.1 unknown".into(),
+                },
+            ),
+            (
+                id(1),
+                Outcome::Deferred {
+                    reply: "451 later".into(),
+                    next_attempt: next,
+                },
+            ),
+            (
+                id(2),
+                Outcome::Suppressed {
+                    reason: "listed".into(),
+                },
+            ),
+            (
+                id(3),
+                Outcome::Unknown {
+                    reply: "timeout after dot".into(),
+                },
+            ),
+            (id(4), Outcome::Released),
+            (
+                id(5),
+                Outcome::Delivered {
+                    reply: "250".into(),
+                },
+            ),
+        ])
+        .unwrap();
+    let states: Vec<RecipientState> = res.into_iter().map(|r| r.unwrap().state).collect();
+    use RecipientState::*;
+    assert_eq!(
+        states,
+        vec![Bounced, Scheduled, Suppressed, Unknown, Scheduled, Delivered]
+    );
+    let info = q.message(e.id).unwrap().unwrap();
+    let attempts: Vec<u32> = info.recipients.iter().map(|r| r.attempts).collect();
+    assert_eq!(attempts, vec![1, 1, 0, 1, 0, 1]);
+    assert!(Bounced.is_final() && Unknown.is_final() && Suppressed.is_final());
+    assert!(!Scheduled.is_final() && !Leased.is_final());
+
+    // Released is due again right away; the deferred one only after next_attempt.
+    let again = q.take_due(later(1), 10).unwrap();
+    assert_eq!(again.len(), 1);
+    assert_eq!(again[0].recipient.id, id(4));
+    q.complete(id(4), Outcome::Released).unwrap();
+    let later_leases = q.take_due(next + Duration::from_secs(1), 10).unwrap();
+    let mut got: Vec<u32> = later_leases.iter().map(|l| l.recipient.id.index).collect();
+    got.sort();
+    assert_eq!(got, vec![1, 4]);
+    assert_eq!(
+        later_leases
+            .iter()
+            .find(|l| l.recipient.id == id(1))
+            .unwrap()
+            .recipient
+            .attempts,
+        1
+    );
+
+    // Completing something not leased / unknown fails, and changes nothing.
+    let err = q
+        .complete(
+            id(0),
+            Outcome::Delivered {
+                reply: "250".into(),
+            },
+        )
+        .unwrap_err();
+    assert!(
+        matches!(err, QueueError::NotLeased { state: Bounced, .. }),
+        "{err}"
+    );
+    let missing = RecipientId {
+        message: MessageId(1),
+        index: 0,
+    };
+    assert!(matches!(
+        q.complete(missing, Outcome::Released).unwrap_err(),
+        QueueError::NotFound(_)
+    ));
+}
+
+#[test]
+fn deferred_beyond_lifetime_expires() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = Queue::open(
+        dir.path(),
+        QueueOptions {
+            max_queue_lifetime: Duration::from_secs(600),
+            ..opts()
+        },
+    )
+    .unwrap();
+    let e = q.enqueue(msg(&["a@x.test", "b@x.test"])).unwrap();
+    let leases = q.take_due(later(1), 10).unwrap();
+    let r0 = leases[0].recipient.id;
+    let r1 = leases[1].recipient.id;
+    let c = q
+        .complete(
+            r0,
+            Outcome::Deferred {
+                reply: "451 4.7.1 try later".into(),
+                next_attempt: later(3600),
+            },
+        )
+        .unwrap();
+    assert_eq!(c.state, RecipientState::Expired);
+    let rec = q.message(e.id).unwrap().unwrap().recipients.remove(0);
+    assert_eq!(rec.state, RecipientState::Expired);
+    assert_eq!(rec.last_reply.as_deref(), Some("451 4.7.1 try later"));
+    assert_eq!(rec.attempts, 1);
+    // Within the lifetime it is scheduled.
+    let c = q
+        .complete(
+            r1,
+            Outcome::Deferred {
+                reply: "451".into(),
+                next_attempt: later(60),
+            },
+        )
+        .unwrap();
+    assert_eq!(c.state, RecipientState::Scheduled);
+    assert!(q.body(e.id).unwrap().is_some());
+}
+
+#[test]
+fn expire_due_and_take_skips_expired() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = Queue::open(
+        dir.path(),
+        QueueOptions {
+            max_queue_lifetime: Duration::from_secs(60),
+            ..opts()
+        },
+    )
+    .unwrap();
+    let e = q.enqueue(msg(&["a@x.test", "b@y.test"])).unwrap();
+    // Give one a transient reply first.
+    let l = q.take_due_for("y.test", later(1), 10).unwrap();
+    assert_eq!(l.len(), 1);
+    q.complete(
+        l[0].recipient.id,
+        Outcome::Deferred {
+            reply: "421 busy".into(),
+            next_attempt: later(30),
+        },
+    )
+    .unwrap();
+    assert!(
+        q.expire_due(later(10)).unwrap().is_empty(),
+        "not yet expired"
+    );
+    // Past the lifetime take_due hands out nothing...
+    assert!(q.take_due(later(120), 10).unwrap().is_empty());
+    // ...and expire_due returns both.
+    let mut expired = q.expire_due(later(120)).unwrap();
+    expired.sort_by_key(|r| r.id);
+    assert_eq!(expired.len(), 2);
+    assert!(expired.iter().all(|r| r.state == RecipientState::Expired));
+    assert_eq!(expired[0].last_reply.as_deref(), Some("expired in queue"));
+    assert_eq!(expired[1].last_reply.as_deref(), Some("421 busy"));
+    assert_eq!(q.body(e.id).unwrap(), None);
+    assert!(q.expire_due(later(120)).unwrap().is_empty());
+    assert_eq!(q.stats().by_state[&RecipientState::Expired], 2);
+}
+
+#[test]
+fn idempotent_enqueue() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = open(&dir);
+    let mut m = msg(&["a@x.test"]);
+    m.idempotency_key = Some("order-42".into());
+    let first = q.enqueue(m.clone()).unwrap();
+    let second = q.enqueue(m.clone()).unwrap();
+    assert!(!first.duplicate);
+    assert!(second.duplicate);
+    assert_eq!(first.id, second.id);
+    assert_eq!(q.list(None, 100).unwrap().len(), 1, "nothing stored twice");
+    // Inside one batch too.
+    let mut m2 = msg(&["b@x.test"]);
+    m2.idempotency_key = Some("order-43".into());
+    let res = q.enqueue_batch(vec![m2.clone(), m2, m.clone()]).unwrap();
+    let res: Vec<_> = res.into_iter().map(|r| r.unwrap()).collect();
+    assert!(!res[0].duplicate && res[1].duplicate && res[2].duplicate);
+    assert_eq!(res[0].id, res[1].id);
+    assert_eq!(res[2].id, first.id);
+    assert_eq!(q.list(None, 100).unwrap().len(), 2);
+    assert_eq!(
+        q.message(first.id)
+            .unwrap()
+            .unwrap()
+            .idempotency_key
+            .as_deref(),
+        Some("order-42")
+    );
+    // Survives a reopen.
+    drop(q);
+    let q = open(&dir);
+    let again = q.enqueue(m).unwrap();
+    assert!(again.duplicate);
+    assert_eq!(again.id, first.id);
+}
+
+#[test]
+fn suppression() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = open(&dir);
+    assert!(q.suppress_add("Bob@X.test", "5.1.1 unknown user").unwrap());
+    assert!(!q.suppress_add("bob@x.test", "again").unwrap());
+    let s = q.suppressed("BOB@x.TEST").unwrap().unwrap();
+    assert_eq!(s.address, "bob@x.test");
+    assert_eq!(s.reason, "5.1.1 unknown user");
+    assert_eq!(q.suppress_list().unwrap().len(), 1);
+
+    let e = q.enqueue(msg(&["bob@x.test", "alice@x.test"])).unwrap();
+    assert_eq!(e.suppressed, vec!["bob@x.test".to_string()]);
+    let info = q.message(e.id).unwrap().unwrap();
+    assert_eq!(info.recipients[0].state, RecipientState::Suppressed);
+    assert_eq!(info.recipients[1].state, RecipientState::Scheduled);
+    let leases = q.take_due(later(1), 10).unwrap();
+    assert_eq!(leases.len(), 1, "suppressed recipient never scheduled");
+    assert_eq!(leases[0].recipient.address, "alice@x.test");
+
+    // All recipients suppressed: stored as final, no body kept.
+    let e2 = q.enqueue(msg(&["BOB@x.test"])).unwrap();
+    assert_eq!(e2.suppressed.len(), 1);
+    assert_eq!(q.body(e2.id).unwrap(), None);
+
+    assert!(q.suppress_remove("bob@X.test").unwrap());
+    assert!(!q.suppress_remove("bob@x.test").unwrap());
+    assert!(q.suppressed("bob@x.test").unwrap().is_none());
+    let e3 = q.enqueue(msg(&["bob@x.test"])).unwrap();
+    assert!(e3.suppressed.is_empty());
+    assert!(matches!(
+        q.suppress_add("bob\r\n@x.test", "x").unwrap_err(),
+        QueueError::InvalidInput(_)
+    ));
+}
+
+#[test]
+fn leases_recovered_after_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = open(&dir);
+    let e = q.enqueue(msg(&["a@x.test", "b@y.test"])).unwrap();
+    let e2 = q.enqueue(msg(&["c@x.test"])).unwrap();
+    let leases = q.take_due(later(1), 10).unwrap();
+    assert_eq!(leases.len(), 3);
+    q.complete(
+        RecipientId {
+            message: e2.id,
+            index: 0,
+        },
+        Outcome::Delivered {
+            reply: "250".into(),
+        },
+    )
+    .unwrap();
+    drop(q); // the "crash": two leases never completed
+
+    let q = open(&dir);
+    let info = q.message(e.id).unwrap().unwrap();
+    assert!(info
+        .recipients
+        .iter()
+        .all(|r| r.state == RecipientState::Scheduled));
+    let stats = q.stats();
+    assert_eq!(stats.by_state[&RecipientState::Scheduled], 2);
+    assert_eq!(stats.by_state[&RecipientState::Delivered], 1);
+    assert_eq!(stats.by_state.get(&RecipientState::Leased), None);
+    assert_eq!(stats.by_destination["x.test"], 1);
+    assert_eq!(stats.by_destination["y.test"], 1);
+    let again = q.take_due(later(1), 10).unwrap();
+    assert_eq!(again.len(), 2);
+    assert!(again.iter().all(|l| l.recipient.id.message == e.id));
+    // New ids stay above the old ones.
+    let e3 = q.enqueue(msg(&["d@x.test"])).unwrap();
+    assert!(e3.id > e2.id);
+}
+
+#[test]
+fn corrupt_store_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let q = open(&dir);
+        for i in 0..50 {
+            q.enqueue(msg(&[&format!("u{i}@x.test")])).unwrap();
+        }
+    }
+    let db = dir.path().join("db");
+    let len = std::fs::metadata(&db).unwrap().len() as usize;
+    let garbage: Vec<u8> = (0..len.max(4096)).map(|i| (i * 31 % 251) as u8).collect();
+    std::fs::write(&db, garbage).unwrap();
+    let err = match Queue::open(dir.path(), opts()) {
+        Ok(_) => panic!("opened a corrupt store"),
+        Err(e) => e,
+    };
+    let text = err.to_string();
+    assert!(
+        matches!(err, QueueError::Open { .. } | QueueError::Corrupt { .. }),
+        "{text}"
+    );
+    assert!(text.contains(&dir.path().display().to_string()), "{text}");
+
+    // A directory holding something that is not a queue at all.
+    let dir2 = tempfile::tempdir().unwrap();
+    std::fs::write(dir2.path().join("conf"), b"nonsense\n").unwrap();
+    std::fs::write(dir2.path().join("db"), b"\xff\xfe garbage").unwrap();
+    let err = Queue::open(dir2.path(), opts()).err().expect("must fail");
+    assert!(
+        err.to_string().contains(&dir2.path().display().to_string()),
+        "{err}"
+    );
+}
+
+#[test]
+fn bad_input_is_rejected() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = open(&dir);
+    for bad in [
+        "victim@x.test\r\nRCPT TO:<other@y.test>",
+        "a@x.test\n",
+        "a\0@x.test",
+        "no-at-sign",
+        "@x.test",
+        "a@",
+        "",
+        "a b@x.test",
+        "<a@x.test>",
+    ] {
+        let err = q.enqueue(msg(&[bad])).unwrap_err();
+        assert!(matches!(err, QueueError::InvalidInput(_)), "{bad:?}: {err}");
+    }
+    let err = q.enqueue(msg(&[])).unwrap_err();
+    assert!(matches!(err, QueueError::InvalidInput(_)), "{err}");
+    let mut m = msg(&["a@x.test"]);
+    m.sender = "evil\r\n@x.test".into();
+    assert!(matches!(
+        q.enqueue(m).unwrap_err(),
+        QueueError::InvalidInput(_)
+    ));
+    let mut m = msg(&["a@x.test"]);
+    m.sender = String::new(); // null reverse-path is fine
+    q.enqueue(m).unwrap();
+    // A batch keeps the good ones.
+    let res = q
+        .enqueue_batch(vec![
+            msg(&["ok@x.test"]),
+            msg(&["bad\r@x.test"]),
+            msg(&["ok2@x.test"]),
+        ])
+        .unwrap();
+    assert!(res[0].is_ok() && res[1].is_err() && res[2].is_ok());
+    assert_eq!(q.list(None, 100).unwrap().len(), 3);
+    assert!("zz".parse::<MessageId>().is_err());
+    assert!("0123456789abcdef.x".parse::<RecipientId>().is_err());
+}
+
+#[test]
+fn ids_display_and_parse() {
+    let id = MessageId(0x0123_4567_89ab_cdef);
+    assert_eq!(id.to_string(), "0123456789abcdef");
+    assert_eq!("0123456789abcdef".parse::<MessageId>().unwrap(), id);
+    let r = RecipientId {
+        message: id,
+        index: 12,
+    };
+    assert_eq!(r.to_string(), "0123456789abcdef.12");
+    assert_eq!(r.to_string().parse::<RecipientId>().unwrap(), r);
+    assert_eq!(
+        serde_json::to_string(&RecipientState::Delivered).unwrap(),
+        "\"delivered\""
+    );
+    assert_eq!(
+        "unknown".parse::<RecipientState>().unwrap(),
+        RecipientState::Unknown
+    );
+}
+
+#[test]
+fn retry_delete_purge_list() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = open(&dir);
+    let mut m = msg(&["a@x.test", "b@x.test"]);
+    m.idempotency_key = Some("k1".into());
+    let e = q.enqueue(m.clone()).unwrap();
+    let leases = q.take_due(later(1), 10).unwrap();
+    q.complete_batch(vec![
+        (
+            leases[0].recipient.id,
+            Outcome::Deferred {
+                reply: "451".into(),
+                next_attempt: later(3600),
+            },
+        ),
+        (
+            leases[1].recipient.id,
+            Outcome::Delivered {
+                reply: "250".into(),
+            },
+        ),
+    ])
+    .unwrap();
+    assert!(q.take_due(later(1), 10).unwrap().is_empty());
+    assert_eq!(q.retry(e.id).unwrap(), 1);
+    assert_eq!(q.take_due(later(1), 10).unwrap().len(), 1);
+    assert_eq!(q.list(Some(RecipientState::Leased), 10).unwrap().len(), 1);
+    assert_eq!(
+        q.list(Some(RecipientState::Delivered), 10).unwrap().len(),
+        1
+    );
+    assert_eq!(q.list(None, 1).unwrap().len(), 1);
+
+    // Delete removes everything, including the idempotency key.
+    assert!(q.delete(e.id).unwrap());
+    assert!(!q.delete(e.id).unwrap());
+    assert!(q.message(e.id).unwrap().is_none());
+    assert!(q.body(e.id).unwrap().is_none());
+    assert!(q.list(None, 10).unwrap().is_empty());
+    assert!(q.stats().by_state.values().all(|&n| n == 0));
+    assert!(matches!(
+        q.complete(leases[0].recipient.id, Outcome::Released)
+            .unwrap_err(),
+        QueueError::NotFound(_)
+    ));
+    let e2 = q.enqueue(m).unwrap();
+    assert!(!e2.duplicate);
+
+    // Purge drops final records (and the message once all are gone).
+    let l = q.take_due(later(1), 10).unwrap();
+    q.complete(
+        l[0].recipient.id,
+        Outcome::Bounced {
+            reply: "550".into(),
+        },
+    )
+    .unwrap();
+    assert_eq!(
+        q.purge_final(SystemTime::now() - Duration::from_secs(60))
+            .unwrap(),
+        0
+    );
+    assert_eq!(q.purge_final(later(1)).unwrap(), 1);
+    assert_eq!(q.message(e2.id).unwrap().unwrap().recipients.len(), 1);
+    q.complete(
+        l[1].recipient.id,
+        Outcome::Delivered {
+            reply: "250".into(),
+        },
+    )
+    .unwrap();
+    assert_eq!(q.purge_final(later(1)).unwrap(), 1);
+    assert!(q.message(e2.id).unwrap().is_none());
+    assert!(q.list(None, 10).unwrap().is_empty());
+    q.flush().unwrap();
+}
+
+#[test]
+fn take_due_for_one_destination() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = open(&dir);
+    q.enqueue(msg(&["a@x.test", "b@Y.test"])).unwrap();
+    q.enqueue(msg(&["c@y.test"])).unwrap();
+    let l = q.take_due_for("Y.TEST", later(1), 10).unwrap();
+    assert_eq!(l.len(), 2);
+    assert!(l.iter().all(|l| l.recipient.destination == "y.test"));
+    assert!(q.take_due_for("y.test", later(1), 10).unwrap().is_empty());
+    assert_eq!(q.take_due_for("x.test", later(1), 1).unwrap().len(), 1);
+    assert!(q.take_due(later(1), 10).unwrap().is_empty());
+    // Not due yet.
+    q.enqueue(msg(&["d@z.test"])).unwrap();
+    assert!(q
+        .take_due_for("z.test", SystemTime::now() - Duration::from_secs(5), 10)
+        .unwrap()
+        .is_empty());
+}
+
+#[test]
+fn large_body_and_concurrency() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = Arc::new(open(&dir));
+    let big: Vec<u8> = (0..1_000_003u32).map(|i| (i % 253) as u8).collect();
+    let mut m = msg(&["a@x.test"]);
+    m.body = big.clone();
+    let e = q.enqueue(m).unwrap();
+    assert_eq!(q.body(e.id).unwrap().unwrap(), big);
+    assert_eq!(q.message(e.id).unwrap().unwrap().size, big.len() as u64);
+    let mut empty = msg(&["a@x.test"]);
+    empty.body.clear();
+    let e0 = q.enqueue(empty).unwrap();
+    assert_eq!(q.body(e0.id).unwrap(), Some(Vec::new()));
+
+    let threads: Vec<_> = (0..8)
+        .map(|t| {
+            let q = Arc::clone(&q);
+            std::thread::spawn(move || {
+                (0..50)
+                    .map(|i| q.enqueue(msg(&[&format!("u{t}-{i}@x.test")])).unwrap().id)
+                    .collect::<Vec<_>>()
+            })
+        })
+        .collect();
+    let mut ids: Vec<MessageId> = threads
+        .into_iter()
+        .flat_map(|t| t.join().unwrap())
+        .collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), 400);
+    assert_eq!(q.stats().by_state[&RecipientState::Scheduled], 402);
+}
+
+#[test]
+fn second_open_of_same_path_fails_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let _q = open(&dir);
+    let err = Queue::open(dir.path(), opts()).err().expect("locked");
+    assert!(
+        err.to_string().contains(&dir.path().display().to_string()),
+        "{err}"
+    );
+}
