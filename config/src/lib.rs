@@ -31,6 +31,43 @@ pub struct Settings {
     pub api: ApiSettings,
     pub metrics: MetricsSettings,
     pub log: LogSettings,
+    pub classify: ClassifySettings,
+    /// Per-destination overrides, keyed by recipient domain or destination key (MX set).
+    pub destinations: BTreeMap<String, DestinationOverrides>,
+}
+
+/// Extra reply-classification rules, checked before the built-in table (first match wins).
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClassifySettings {
+    pub rules: Vec<ClassifyRule>,
+}
+
+/// One classification rule. Every field given must match.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClassifyRule {
+    /// "invalid_recipient" | "permanent" | "transient" | "reputation"
+    pub class: String,
+    /// A code ("550") or class ("5xx", "4xx").
+    pub code: Option<String>,
+    /// Enhanced status prefix, e.g. "5.7" or "4.7.1".
+    pub enhanced: Option<String>,
+    /// "mail" | "rcpt" | "data_init" | "data_done" | ...
+    pub phase: Option<String>,
+    /// Case-insensitive substring of the reply text.
+    pub text: Option<String>,
+}
+
+/// Limits for one destination, overriding `[delivery]` and `[smtp]`.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct DestinationOverrides {
+    pub max_connections: Option<usize>,
+    pub max_messages_per_connection: Option<usize>,
+    pub max_recipients_per_transaction: Option<usize>,
+    /// "100/s", "3000/min", "50000/h".
+    pub rate_limit: Option<String>,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
@@ -167,26 +204,96 @@ impl Default for Timeouts {
     }
 }
 
+/// What to do with a recipient whose transaction got no reply after the final dot.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum UnknownPolicy {
+    /// Record an `unknown` event and try again later (may duplicate; never loses). Postfix does this.
+    #[default]
+    Retry,
+    /// Record `unknown` as final (never duplicates; may lose).
+    Final,
+}
+
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct DeliverySettings {
     pub max_connections_per_destination: usize,
+    /// Default rate limit per destination: "100/s", "3000/min", "50000/h"; none if unset.
+    pub rate_limit: Option<String>,
     #[serde(with = "humantime_serde")]
     pub min_backoff: Duration,
     #[serde(with = "humantime_serde")]
     pub max_backoff: Duration,
     #[serde(with = "humantime_serde")]
     pub max_queue_lifetime: Duration,
+    /// First pause of a destination after a reputation/rate deferral; doubles on each further
+    /// one, up to `pause_max`.
+    #[serde(with = "humantime_serde")]
+    pub pause_min: Duration,
+    #[serde(with = "humantime_serde")]
+    pub pause_max: Duration,
+    /// Harvesting guard: within `harvest_window`, if at least `harvest_min_sample` recipients
+    /// were tried at a destination and the share rejected as unknown users reaches
+    /// `harvest_threshold`, pause the destination for `harvest_pause`.
+    #[serde(with = "humantime_serde")]
+    pub harvest_window: Duration,
+    pub harvest_min_sample: u32,
+    pub harvest_threshold: f64,
+    #[serde(with = "humantime_serde")]
+    pub harvest_pause: Duration,
+    pub unknown_after_dot: UnknownPolicy,
+    /// On shutdown, how long in-flight transactions may take to finish before being dropped.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
 }
 
 impl Default for DeliverySettings {
     fn default() -> Self {
         Self {
             max_connections_per_destination: 20,
+            rate_limit: None,
             min_backoff: Duration::from_secs(5 * 60),
             max_backoff: Duration::from_secs(4 * 3600),
             max_queue_lifetime: Duration::from_secs(5 * 86400),
+            pause_min: Duration::from_secs(60),
+            pause_max: Duration::from_secs(30 * 60),
+            harvest_window: Duration::from_secs(10 * 60),
+            harvest_min_sample: 50,
+            harvest_threshold: 0.10,
+            harvest_pause: Duration::from_secs(3600),
+            unknown_after_dot: UnknownPolicy::Retry,
+            shutdown_grace: Duration::from_secs(60),
         }
+    }
+}
+
+/// A parsed rate limit: `count` messages per `per`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RateLimit {
+    pub count: u32,
+    pub per: Duration,
+}
+
+impl RateLimit {
+    /// Parses "100/s", "3000/min", "50000/h".
+    pub fn parse(s: &str) -> Result<RateLimit, String> {
+        let (n, unit) = s
+            .split_once('/')
+            .ok_or_else(|| format!("{s:?} is not N/s, N/min or N/h"))?;
+        let count: u32 = n
+            .trim()
+            .parse()
+            .ok()
+            .filter(|&c| c > 0)
+            .ok_or_else(|| format!("{s:?}: count must be a positive integer"))?;
+        let per = match unit.trim() {
+            "s" | "sec" => Duration::from_secs(1),
+            "m" | "min" => Duration::from_secs(60),
+            "h" | "hour" => Duration::from_secs(3600),
+            other => return Err(format!("{s:?}: unknown unit {other:?} (s, min, h)")),
+        };
+        Ok(RateLimit { count, per })
     }
 }
 
@@ -371,6 +478,31 @@ impl Settings {
                 humantime::format_duration(d.min_backoff),
                 humantime::format_duration(d.max_backoff)
             ));
+        }
+        if !(d.harvest_threshold > 0.0 && d.harvest_threshold <= 1.0) {
+            return Err(format!(
+                "delivery.harvest_threshold: {} is not in (0, 1]",
+                d.harvest_threshold
+            ));
+        }
+        if let Some(r) = &d.rate_limit {
+            RateLimit::parse(r).map_err(|e| format!("delivery.rate_limit: {e}"))?;
+        }
+        for (key, o) in &self.destinations {
+            if let Some(r) = &o.rate_limit {
+                RateLimit::parse(r).map_err(|e| format!("destinations.{key:?}.rate_limit: {e}"))?;
+            }
+        }
+        for (i, rule) in self.classify.rules.iter().enumerate() {
+            if !matches!(
+                rule.class.as_str(),
+                "invalid_recipient" | "permanent" | "transient" | "reputation"
+            ) {
+                return Err(format!(
+                    "classify.rules[{i}].class: {:?} is not invalid_recipient, permanent, transient or reputation",
+                    rule.class
+                ));
+            }
         }
         for (domain, target) in &self.routes {
             if !valid_route_target(target) {

@@ -11,5 +11,6 @@
 //! - [`sink`]: a small receiving SMTP server that accepts everything, used by `bulksend demo`
 //!   and by benchmarks as a fast loopback peer.
 
+pub mod classify;
 pub mod sink;
 pub mod smtp;
