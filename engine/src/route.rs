@@ -105,12 +105,17 @@ pub enum DnsError {
     Other(String),
 }
 
+/// An MX answer: (preference, exchange) pairs.
+pub type MxAnswer = Result<Answer<Vec<(u16, String)>>, DnsError>;
+/// An address answer: A and AAAA together.
+pub type IpAnswer = Result<Answer<Vec<IpAddr>>, DnsError>;
+
 /// The lookups routing needs. Small so unit tests can use an in-memory zone.
 pub trait Dns: Send + Sync + 'static {
     /// MX records of `domain`: (preference, exchange). The exchange may be "." or "" (null MX).
-    fn mx(&self, domain: &str) -> BoxFuture<'_, Result<Answer<Vec<(u16, String)>>, DnsError>>;
+    fn mx(&self, domain: &str) -> BoxFuture<'_, MxAnswer>;
     /// A and AAAA records of `host` (A first). Ok only with at least one address.
-    fn ips(&self, host: &str) -> BoxFuture<'_, Result<Answer<Vec<IpAddr>>, DnsError>>;
+    fn ips(&self, host: &str) -> BoxFuture<'_, IpAnswer>;
 }
 
 /// [`Dns`] over hickory-resolver.
@@ -153,11 +158,7 @@ impl HickoryDns {
         Ok(HickoryDns { resolver })
     }
 
-    async fn lookup_ips(
-        &self,
-        name: Name,
-        rtype: RecordType,
-    ) -> Result<Answer<Vec<IpAddr>>, DnsError> {
+    async fn lookup_ips(&self, name: Name, rtype: RecordType) -> IpAnswer {
         let lookup = self
             .resolver
             .lookup(name, rtype)
@@ -203,7 +204,7 @@ fn map_net_error(e: NetError) -> DnsError {
 }
 
 impl Dns for HickoryDns {
-    fn mx(&self, domain: &str) -> BoxFuture<'_, Result<Answer<Vec<(u16, String)>>, DnsError>> {
+    fn mx(&self, domain: &str) -> BoxFuture<'_, MxAnswer> {
         let name = fqdn(domain);
         Box::pin(async move {
             let lookup = self
@@ -230,7 +231,7 @@ impl Dns for HickoryDns {
         })
     }
 
-    fn ips(&self, host: &str) -> BoxFuture<'_, Result<Answer<Vec<IpAddr>>, DnsError>> {
+    fn ips(&self, host: &str) -> BoxFuture<'_, IpAnswer> {
         let name = fqdn(host);
         Box::pin(async move {
             let name = name?;
@@ -245,10 +246,7 @@ impl Dns for HickoryDns {
 
 /// Merges the A and AAAA answers: any address wins; otherwise a transient failure of either
 /// wins (it might have had addresses); NXDOMAIN only if the name does not exist for both.
-fn combine_ips(
-    a: Result<Answer<Vec<IpAddr>>, DnsError>,
-    aaaa: Result<Answer<Vec<IpAddr>>, DnsError>,
-) -> Result<Answer<Vec<IpAddr>>, DnsError> {
+fn combine_ips(a: IpAnswer, aaaa: IpAnswer) -> IpAnswer {
     match (a, aaaa) {
         (Ok(mut a), Ok(b)) => {
             a.records.extend(b.records);
@@ -633,8 +631,7 @@ impl Router {
             let name = name.clone();
             lookups.spawn(async move { (i, dns.ips(&name).await) });
         }
-        let mut results: Vec<Option<Result<Answer<Vec<IpAddr>>, DnsError>>> =
-            vec![None; records.len()];
+        let mut results: Vec<Option<IpAnswer>> = vec![None; records.len()];
         // A task that panicked leaves its host at None: counted as a transient failure.
         while let Some(joined) = lookups.join_next().await {
             if let Ok((i, r)) = joined {
@@ -735,9 +732,6 @@ mod tests {
     use super::*;
     use std::collections::BTreeSet;
     use std::sync::atomic::{AtomicUsize, Ordering};
-
-    type MxAnswer = Result<Answer<Vec<(u16, String)>>, DnsError>;
-    type IpAnswer = Result<Answer<Vec<IpAddr>>, DnsError>;
 
     /// An in-memory zone. Unknown names are NXDOMAIN; a name listed only in `ips` has no MX
     /// (NODATA), as in real DNS.
