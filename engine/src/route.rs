@@ -127,7 +127,8 @@ impl HickoryDns {
     /// `nameservers` empty: the system configuration (`/etc/resolv.conf`); otherwise exactly
     /// those servers, UDP with TCP fallback. Names are always queried fully qualified (no search
     /// domains), `/etc/hosts` is not consulted, and the resolver's own cache is off because
-    /// [`Router`] caches whole routes.
+    /// [`Router`] caches whole routes. Fails (as `Transient`) only if the system configuration
+    /// cannot be read.
     pub fn new(nameservers: &[SocketAddr], timeout: Duration) -> Result<HickoryDns, RouteError> {
         let config_err = |e: NetError| RouteError::Transient(format!("DNS resolver setup: {e}"));
         let mut builder = if nameservers.is_empty() {
@@ -600,8 +601,9 @@ impl Router {
                 "domain {domain} does not accept mail (null MX, RFC 7505)"
             )));
         }
-        records.sort();
-        records.dedup_by(|a, b| a.1 == b.1);
+        // A host listed twice keeps its best preference.
+        records.sort_by(|a, b| a.1.cmp(&b.1).then(a.0.cmp(&b.0)));
+        records.dedup_by(|later, kept| later.1 == kept.1);
         // Preference ascending, equal preferences in random order (RFC 5321 §5.1).
         records.sort_by_key(|(pref, _)| *pref);
         {
@@ -1017,6 +1019,38 @@ mod tests {
         for d in ["sf.test", "to.test", "io.test"] {
             transient(router.route(d).await);
         }
+    }
+
+    #[tokio::test]
+    async fn a_host_listed_twice_is_tried_once_at_its_best_preference() {
+        let zone = Zone::default()
+            .mx(
+                "a.test",
+                300,
+                &[(30, "x.a.test"), (20, "y.a.test"), (10, "X.a.test.")],
+            )
+            .ip("x.a.test", 300, &["192.0.2.1"])
+            .ip("y.a.test", 300, &["192.0.2.2"]);
+        let (router, _) = router(zone);
+        let r = router.route("a.test").await.unwrap();
+        assert_eq!(names(&r), ["x.a.test", "y.a.test"]);
+        assert_eq!(r.hosts[0].preference, 10);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn expired_cache_slots_are_swept() {
+        let (router, _) = router(Zone::default());
+        for i in 0..SWEEP_MIN + 10 {
+            permanent(router.route(&format!("d{i}.test")).await);
+        }
+        let len = || router.cache.lock().unwrap().slots.len();
+        assert!(len() >= SWEEP_MIN);
+        tokio::time::advance(PERMANENT_TTL + secs(1)).await;
+        for i in 0..SWEEP_MIN {
+            permanent(router.route(&format!("e{i}.test")).await);
+        }
+        // The d* slots expired and went at the sweep; the map did not double.
+        assert!(len() <= SWEEP_MIN + 10, "{}", len());
     }
 
     #[tokio::test]
