@@ -12,5 +12,9 @@
 //!   and by benchmarks as a fast loopback peer.
 
 pub mod classify;
+pub mod delivery;
+pub mod events;
+pub mod metrics;
+pub mod route;
 pub mod sink;
 pub mod smtp;

@@ -5,7 +5,10 @@
 //! The judge in bulksend's tests is what this server saw, never the client's own view.
 #![allow(clippy::unwrap_used, unreachable_pub)]
 
+pub mod dns;
+
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -137,6 +140,9 @@ impl Script {
 pub struct ScriptedServer {
     pub addr: SocketAddr,
     log: Arc<Mutex<Vec<Arc<Mutex<ConnLog>>>>>,
+    /// Connections open now, and the most open at once.
+    active: Arc<AtomicUsize>,
+    max_active: Arc<AtomicUsize>,
     task: JoinHandle<()>,
 }
 
@@ -162,6 +168,9 @@ impl ScriptedServer {
         let addr = listener.local_addr().unwrap();
         let log: Arc<Mutex<Vec<Arc<Mutex<ConnLog>>>>> = Arc::default();
         let log2 = log.clone();
+        let active = Arc::new(AtomicUsize::new(0));
+        let max_active = Arc::new(AtomicUsize::new(0));
+        let (a2, m2) = (active.clone(), max_active.clone());
         let task = tokio::spawn(async move {
             let mut n = 0;
             while let Ok((stream, _)) = listener.accept().await {
@@ -170,12 +179,48 @@ impl ScriptedServer {
                 let script = script.clone();
                 let conn = n;
                 n += 1;
+                let now = a2.fetch_add(1, Ordering::SeqCst) + 1;
+                m2.fetch_max(now, Ordering::SeqCst);
+                let a3 = a2.clone();
                 tokio::spawn(async move {
                     let _ = serve(Box::new(stream), script, conn, conn_log).await;
+                    a3.fetch_sub(1, Ordering::SeqCst);
                 });
             }
         });
-        ScriptedServer { addr, log, task }
+        ScriptedServer {
+            addr,
+            log,
+            active,
+            max_active,
+            task,
+        }
+    }
+
+    /// The most connections that were open at the same time.
+    pub fn max_concurrent(&self) -> usize {
+        self.max_active.load(Ordering::SeqCst)
+    }
+
+    /// Connections open now.
+    pub fn open_connections(&self) -> usize {
+        self.active.load(Ordering::SeqCst)
+    }
+
+    /// Every message body received, over all connections.
+    pub fn messages(&self) -> Vec<Vec<u8>> {
+        self.connections()
+            .into_iter()
+            .flat_map(|c| c.messages)
+            .collect()
+    }
+
+    /// Every command received, over all connections.
+    pub fn commands(&self) -> Vec<String> {
+        self.connections()
+            .into_iter()
+            .flat_map(|c| c.commands)
+            .collect()
     }
 
     /// A snapshot of every connection so far.

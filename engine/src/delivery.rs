@@ -1,0 +1,1226 @@
+//! The delivery engine: takes due recipients from the queue and gets them to the receivers as
+//! fast as each receiver allows, and no faster.
+//!
+//! ```text
+//!            take_due (lease)           route (MX)          push
+//!  queue ───────────────────► dispatch ──────────► Dest ─────────► ready queue
+//!    ▲                                              │ spawns ≤ limit
+//!    │ complete_batch (durable)                     ▼
+//!    └──────────── record ◄── classify ◄── worker: one SMTP connection, many transactions
+//! ```
+//!
+//! - One dispatcher loop leases due recipients (bounded by [`MAX_IN_FLIGHT`], so memory does not
+//!   grow with queue depth), loads and prepares each body once, routes each domain, and groups
+//!   recipients of the same message at the same destination into one transaction (split at the
+//!   destination's recipients-per-transaction limit).
+//! - Each destination ([`Dest`]) has its own ready queue, connection limit (AIMD: halved on a
+//!   reputation deferral, +1 after sustained success), pause state, harvesting guard and
+//!   optional rate limit. Workers of one destination never wait on another destination's.
+//! - A worker owns one connection at a time: it tries the MX hosts in order, carries up to
+//!   `max_messages_per_connection` transactions, and ends every connection with
+//!   [`Session::close`] (QUIT where the connection allows it).
+//! - Every outcome is written to the queue durably before the next step counts on it, then
+//!   reported as an event and a metric.
+//! - Shutdown: the dispatcher stops leasing, workers finish the transaction in hand (never cut
+//!   off after the dot), QUIT, and ready-but-unsent recipients are released back to scheduled.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use bulksend_config::{RateLimit, Settings, UnknownPolicy};
+use bulksend_queue::{Completed, Lease, MessageId, Outcome, Queue, RecipientId, RecipientState};
+use rand::Rng;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::classify::{Class, Classified, Classifier};
+use crate::events::{rfc3339, Event, EventKind, EventSink};
+use crate::metrics as m;
+use crate::route::{DestinationKey, Route, RouteError, Router};
+use crate::smtp::{
+    prepare, Address, ClientSettings, MessageData, RcptResult, Session, SessionError,
+};
+
+/// Most recipients leased and not yet recorded at once. Bounds memory (bodies in flight) and
+/// the work a crash hands back to recovery.
+pub const MAX_IN_FLIGHT: usize = 5_000;
+/// Most recipients leased per queue read.
+const TAKE_BATCH: usize = 1_000;
+/// Most MX addresses tried for one connection (as Postfix's smtp_mx_address_limit).
+const MAX_ADDRESSES: usize = 5;
+/// How often scheduled recipients past their lifetime are swept.
+const EXPIRE_EVERY: Duration = Duration::from_secs(30);
+
+/// Why the engine could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    Tls(#[from] crate::smtp::tls::TlsSetupError),
+    #[error(transparent)]
+    Classify(#[from] crate::classify::RuleError),
+}
+
+/// Counts of what one run did.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct RunSummary {
+    pub delivered: u64,
+    pub bounced: u64,
+    pub deferred: u64,
+    pub suppressed: u64,
+    pub expired: u64,
+    pub unknown: u64,
+    pub connections: u64,
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    delivered: AtomicU64,
+    bounced: AtomicU64,
+    deferred: AtomicU64,
+    suppressed: AtomicU64,
+    expired: AtomicU64,
+    unknown: AtomicU64,
+    connections: AtomicU64,
+}
+
+impl Counters {
+    fn snapshot(&self) -> RunSummary {
+        RunSummary {
+            delivered: self.delivered.load(Ordering::Relaxed),
+            bounced: self.bounced.load(Ordering::Relaxed),
+            deferred: self.deferred.load(Ordering::Relaxed),
+            suppressed: self.suppressed.load(Ordering::Relaxed),
+            expired: self.expired.load(Ordering::Relaxed),
+            unknown: self.unknown.load(Ordering::Relaxed),
+            connections: self.connections.load(Ordering::Relaxed),
+        }
+    }
+}
+
+impl RunSummary {
+    fn since(&self, before: &RunSummary) -> RunSummary {
+        RunSummary {
+            delivered: self.delivered - before.delivered,
+            bounced: self.bounced - before.bounced,
+            deferred: self.deferred - before.deferred,
+            suppressed: self.suppressed - before.suppressed,
+            expired: self.expired - before.expired,
+            unknown: self.unknown - before.unknown,
+            connections: self.connections - before.connections,
+        }
+    }
+}
+
+/// A destination's state, for status output and tests.
+#[derive(Clone, Debug)]
+pub struct DestStatus {
+    pub key: DestinationKey,
+    pub active: usize,
+    pub limit: usize,
+    pub max: usize,
+    pub ready: usize,
+    pub paused_until: Option<Instant>,
+    pub pauses: u64,
+}
+
+/// The delivery engine. Cheap to clone.
+#[derive(Clone)]
+pub struct Engine {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    settings: Arc<Settings>,
+    queue: Arc<Queue>,
+    router: Arc<Router>,
+    client: Arc<ClientSettings>,
+    classifier: Classifier,
+    events: Arc<dyn EventSink>,
+    labels: m::DestinationLabels,
+    dests: Mutex<HashMap<DestinationKey, Arc<Dest>>>,
+    in_flight: AtomicUsize,
+    /// Cancelled at shutdown: workers take no new transaction. Renewed by each run.
+    stop: Mutex<CancellationToken>,
+    workers: TaskTracker,
+    wake: Notify,
+    counters: Counters,
+}
+
+/// One message to some recipients at one destination: one SMTP transaction.
+struct Job {
+    message: MessageId,
+    sender: Option<Address>,
+    data: Arc<MessageData>,
+    rcpts: Vec<JobRcpt>,
+}
+
+struct JobRcpt {
+    id: RecipientId,
+    address: Address,
+    /// Attempts before this one.
+    attempts: u32,
+    created: SystemTime,
+}
+
+/// Limits of one destination (from `[delivery]`/`[smtp]`, overridden by `[destinations.X]`).
+#[derive(Clone, Debug)]
+struct Limits {
+    max_connections: usize,
+    messages_per_connection: usize,
+    recipients_per_transaction: usize,
+    rate: Option<RateLimit>,
+}
+
+/// A destination: the worker pool for one MX host set.
+struct Dest {
+    key: DestinationKey,
+    label: String,
+    limits: Limits,
+    route: Mutex<Arc<Route>>,
+    state: Mutex<DestState>,
+    /// Wakes an idle worker when a job arrives.
+    notify: Notify,
+}
+
+struct DestState {
+    ready: VecDeque<Job>,
+    active: usize,
+    limit: usize,
+    paused_until: Option<Instant>,
+    pause_reason: &'static str,
+    /// Consecutive reputation pauses, for the growing pause length.
+    pause_level: u32,
+    pauses: u64,
+    /// Successful transactions since the limit last grew.
+    successes: usize,
+    /// (when, recipients tried, unknown-user rejections) per transaction, for the guard.
+    harvest: VecDeque<(Instant, u32, u32)>,
+    /// Earliest time the next message may start (rate limit spacing).
+    next_send: Instant,
+}
+
+impl Engine {
+    pub fn new(
+        settings: Arc<Settings>,
+        queue: Arc<Queue>,
+        router: Arc<Router>,
+        events: Arc<dyn EventSink>,
+    ) -> Result<Engine, EngineError> {
+        let client = Arc::new(ClientSettings::from_config(&settings.smtp)?);
+        let classifier = Classifier::new(&settings.classify.rules)?;
+        Ok(Engine {
+            inner: Arc::new(Inner {
+                settings,
+                queue,
+                router,
+                client,
+                classifier,
+                events,
+                labels: m::DestinationLabels::default(),
+                dests: Mutex::default(),
+                in_flight: AtomicUsize::new(0),
+                stop: Mutex::new(CancellationToken::new()),
+                workers: TaskTracker::new(),
+                wake: Notify::new(),
+                counters: Counters::default(),
+            }),
+        })
+    }
+
+    /// Tells the dispatcher that new work may be due (after an enqueue).
+    pub fn wake(&self) {
+        self.inner.wake.notify_one();
+    }
+
+    /// Delivers until `shutdown` is cancelled or, with `drain`, until nothing is due or in
+    /// flight. Then shuts down gracefully and returns what this run did.
+    pub async fn run(&self, shutdown: CancellationToken, drain: bool) -> RunSummary {
+        let inner = &self.inner;
+        let before = inner.counters.snapshot();
+        // A previous run's shutdown cancelled these; one run at a time.
+        *lock(&inner.stop) = CancellationToken::new();
+        inner.workers.reopen();
+        let mut last_expire: Option<Instant> = None;
+        loop {
+            if shutdown.is_cancelled() {
+                break;
+            }
+            if last_expire.is_none_or(|t| t.elapsed() >= EXPIRE_EVERY) {
+                inner.expire_sweep().await;
+                last_expire = Some(Instant::now());
+            }
+            let room = MAX_IN_FLIGHT.saturating_sub(inner.in_flight.load(Ordering::Acquire));
+            let mut took = 0;
+            if room > 0 {
+                let q = inner.queue.clone();
+                let limit = room.min(TAKE_BATCH);
+                match tokio::task::spawn_blocking(move || q.take_due(SystemTime::now(), limit))
+                    .await
+                {
+                    Ok(Ok(leases)) => {
+                        took = leases.len();
+                        if took > 0 {
+                            inner.in_flight.fetch_add(took, Ordering::AcqRel);
+                            Inner::dispatch(inner, leases).await;
+                        }
+                    }
+                    Ok(Err(e)) => {
+                        tracing::error!(error = %e, "cannot take due recipients from the queue")
+                    }
+                    Err(e) => tracing::error!(error = %e, "queue task failed"),
+                }
+            }
+            if took > 0 {
+                continue;
+            }
+            if drain && inner.in_flight.load(Ordering::Acquire) == 0 {
+                break;
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = inner.wake.notified() => {}
+                _ = tokio::time::sleep(Duration::from_millis(if drain { 20 } else { 250 })) => {}
+            }
+        }
+        self.shutdown().await;
+        inner.counters.snapshot().since(&before)
+    }
+
+    async fn shutdown(&self) {
+        let inner = &self.inner;
+        inner.stop_token().cancel();
+        // Ready jobs that no worker has started go back to scheduled, unchanged.
+        let dests: Vec<Arc<Dest>> = inner
+            .dests
+            .lock()
+            .map(|d| d.values().cloned().collect())
+            .unwrap_or_default();
+        for d in &dests {
+            let jobs: Vec<Job> = d
+                .state
+                .lock()
+                .map(|mut s| s.ready.drain(..).collect())
+                .unwrap_or_default();
+            let items: Vec<(RecipientId, Outcome)> = jobs
+                .iter()
+                .flat_map(|j| j.rcpts.iter().map(|r| (r.id, Outcome::Released)))
+                .collect();
+            inner.complete(items).await;
+            d.notify.notify_waiters();
+        }
+        inner.workers.close();
+        let grace = inner.settings.delivery.shutdown_grace;
+        if tokio::time::timeout(grace, inner.workers.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                grace = %humantime::format_duration(grace),
+                "workers still busy after the shutdown grace; their recipients stay leased and return to scheduled at the next start"
+            );
+        }
+        let events = inner.events.clone();
+        let _ = tokio::task::spawn_blocking(move || events.flush()).await;
+    }
+
+    /// Every destination's state.
+    pub fn destinations(&self) -> Vec<DestStatus> {
+        let dests: Vec<Arc<Dest>> = self
+            .inner
+            .dests
+            .lock()
+            .map(|d| d.values().cloned().collect())
+            .unwrap_or_default();
+        let mut out: Vec<DestStatus> = dests
+            .iter()
+            .filter_map(|d| {
+                let s = d.state.lock().ok()?;
+                Some(DestStatus {
+                    key: d.key.clone(),
+                    active: s.active,
+                    limit: s.limit,
+                    max: d.limits.max_connections,
+                    ready: s.ready.len(),
+                    paused_until: s.paused_until.filter(|t| *t > Instant::now()),
+                    pauses: s.pauses,
+                })
+            })
+            .collect();
+        out.sort_by(|a, b| a.key.cmp(&b.key));
+        out
+    }
+
+    /// Recipients leased and not yet recorded.
+    pub fn in_flight(&self) -> usize {
+        self.inner.in_flight.load(Ordering::Acquire)
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Inner {
+    fn stop_token(&self) -> CancellationToken {
+        lock(&self.stop).clone()
+    }
+
+    /// Routes leased recipients and hands them to their destinations as transactions.
+    async fn dispatch(self: &Arc<Self>, leases: Vec<Lease>) {
+        // Group by message, keeping the queue's order.
+        let mut order: Vec<MessageId> = Vec::new();
+        let mut by_msg: HashMap<MessageId, Vec<Lease>> = HashMap::new();
+        for l in leases {
+            let id = l.recipient.id.message;
+            by_msg
+                .entry(id)
+                .or_insert_with(|| {
+                    order.push(id);
+                    Vec::new()
+                })
+                .push(l);
+        }
+        // Load and prepare every body once, off the async threads.
+        let q = self.queue.clone();
+        let ids = order.clone();
+        let max = self.settings.smtp.max_message_size;
+        let bodies = tokio::task::spawn_blocking(move || {
+            ids.into_iter()
+                .map(|id| {
+                    let data = match q.body(id) {
+                        Ok(Some(b)) => prepare(&b, max).map(Arc::new).map_err(|e| e.to_string()),
+                        Ok(None) => Err("message body missing from the queue".to_owned()),
+                        Err(e) => Err(format!("cannot read message body: {e}")),
+                    };
+                    (id, data)
+                })
+                .collect::<HashMap<_, _>>()
+        })
+        .await
+        .unwrap_or_default();
+
+        let mut failed: Vec<(JobRcpt, Classified, bool)> = Vec::new();
+        for id in order {
+            let Some(leases) = by_msg.remove(&id) else {
+                continue;
+            };
+            let data = match bodies.get(&id) {
+                Some(Ok(d)) => d.clone(),
+                Some(Err(reason)) => {
+                    for l in leases {
+                        if let Some(r) = job_rcpt(&l) {
+                            failed.push((r, local(Class::Permanent, reason), false));
+                        } else {
+                            self.bad_address(&l).await;
+                        }
+                    }
+                    continue;
+                }
+                None => {
+                    // The blocking task failed: give them back untouched.
+                    let items = leases
+                        .iter()
+                        .map(|l| (l.recipient.id, Outcome::Released))
+                        .collect();
+                    self.complete(items).await;
+                    continue;
+                }
+            };
+            let sender = match leases[0].sender.as_str() {
+                "" | "<>" => None,
+                s => match Address::parse(s) {
+                    Ok(a) => Some(a),
+                    Err(e) => {
+                        for l in leases {
+                            if let Some(r) = job_rcpt(&l) {
+                                failed.push((
+                                    r,
+                                    local(Class::Permanent, &format!("bad sender address: {e}")),
+                                    false,
+                                ));
+                            } else {
+                                self.bad_address(&l).await;
+                            }
+                        }
+                        continue;
+                    }
+                },
+            };
+            // Group this message's recipients by destination.
+            let mut per_dest: Vec<(Arc<Dest>, Vec<JobRcpt>)> = Vec::new();
+            for l in leases {
+                let Some(rcpt) = job_rcpt(&l) else {
+                    self.bad_address(&l).await;
+                    continue;
+                };
+                match self.router.route(&l.recipient.destination).await {
+                    Ok(route) => {
+                        let dest = self.dest(&route, &l.recipient.destination);
+                        match per_dest.iter_mut().find(|(d, _)| Arc::ptr_eq(d, &dest)) {
+                            Some((_, v)) => v.push(rcpt),
+                            None => per_dest.push((dest, vec![rcpt])),
+                        }
+                    }
+                    Err(RouteError::Permanent(reason)) => failed.push((
+                        rcpt,
+                        local(Class::Permanent, &format!("routing: {reason}")),
+                        false,
+                    )),
+                    Err(RouteError::Transient(reason)) => failed.push((
+                        rcpt,
+                        local(Class::Transient, &format!("routing: {reason}")),
+                        false,
+                    )),
+                }
+            }
+            for (dest, rcpts) in per_dest {
+                let per_tx = dest.limits.recipients_per_transaction.max(1);
+                let mut rcpts = rcpts.into_iter().peekable();
+                while rcpts.peek().is_some() {
+                    let chunk: Vec<JobRcpt> = rcpts.by_ref().take(per_tx).collect();
+                    let job = Job {
+                        message: id,
+                        sender: sender.clone(),
+                        data: data.clone(),
+                        rcpts: chunk,
+                    };
+                    Dest::push(&dest, self, job).await;
+                }
+            }
+        }
+        if !failed.is_empty() {
+            let key = DestinationKey("-".into());
+            self.record(&key, None, failed).await;
+        }
+    }
+
+    /// A queued address that no longer parses (the queue's validation is looser): bounce it.
+    async fn bad_address(&self, l: &Lease) {
+        let reason = format!("invalid recipient address {:?}", l.recipient.address);
+        self.complete(vec![(l.recipient.id, Outcome::Bounced { reply: reason })])
+            .await;
+        self.counters.bounced.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The destination for `route`, created on first use.
+    fn dest(self: &Arc<Self>, route: &Arc<Route>, domain: &str) -> Arc<Dest> {
+        let mut dests = match self.dests.lock() {
+            Ok(d) => d,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if let Some(d) = dests.get(&route.destination) {
+            if let Ok(mut r) = d.route.lock() {
+                if !Arc::ptr_eq(&r, route) {
+                    *r = route.clone();
+                }
+            }
+            return d.clone();
+        }
+        let s = &self.settings;
+        let o = s
+            .destinations
+            .get(domain)
+            .or_else(|| s.destinations.get(&route.destination.0))
+            .cloned()
+            .unwrap_or_default();
+        let rate = o
+            .rate_limit
+            .as_deref()
+            .or(s.delivery.rate_limit.as_deref())
+            .and_then(|r| RateLimit::parse(r).ok());
+        let limits = Limits {
+            max_connections: o
+                .max_connections
+                .unwrap_or(s.delivery.max_connections_per_destination)
+                .max(1),
+            messages_per_connection: o
+                .max_messages_per_connection
+                .unwrap_or(s.smtp.max_messages_per_connection)
+                .max(1),
+            recipients_per_transaction: o
+                .max_recipients_per_transaction
+                .unwrap_or(s.smtp.max_recipients_per_transaction)
+                .max(1),
+            rate,
+        };
+        let label = self.labels.label(&route.destination.0);
+        metrics::gauge!(m::CONCURRENCY_LIMIT, "destination" => label.clone())
+            .set(limits.max_connections as f64);
+        let dest = Arc::new(Dest {
+            key: route.destination.clone(),
+            label,
+            route: Mutex::new(route.clone()),
+            state: Mutex::new(DestState {
+                ready: VecDeque::new(),
+                active: 0,
+                limit: limits.max_connections,
+                paused_until: None,
+                pause_reason: "",
+                pause_level: 0,
+                pauses: 0,
+                successes: 0,
+                harvest: VecDeque::new(),
+                next_send: Instant::now(),
+            }),
+            limits,
+            notify: Notify::new(),
+        });
+        dests.insert(route.destination.clone(), dest.clone());
+        dest
+    }
+
+    async fn expire_sweep(&self) {
+        let q = self.queue.clone();
+        let expired =
+            match tokio::task::spawn_blocking(move || q.expire_due(SystemTime::now())).await {
+                Ok(Ok(v)) => v,
+                Ok(Err(e)) => {
+                    tracing::error!(error = %e, "expiry sweep failed");
+                    return;
+                }
+                Err(_) => return,
+            };
+        for r in expired {
+            self.counters.expired.fetch_add(1, Ordering::Relaxed);
+            metrics::counter!(m::MESSAGES_EXPIRED).increment(1);
+            self.events.emit(Event {
+                event: EventKind::Expired,
+                message_id: r.id.message.to_string(),
+                recipient: r.address.clone(),
+                destination: r.destination.clone(),
+                mx: None,
+                code: None,
+                enhanced: None,
+                text: r
+                    .last_reply
+                    .clone()
+                    .unwrap_or_else(|| "expired in queue".into()),
+                class: "expired".into(),
+                phase: None,
+                attempt: r.attempts,
+                at: rfc3339(SystemTime::now()),
+                next_attempt: None,
+            });
+        }
+    }
+
+    /// Writes outcomes durably; logs (never panics) on failure. Decrements in-flight.
+    async fn complete(&self, items: Vec<(RecipientId, Outcome)>) -> Vec<Option<Completed>> {
+        if items.is_empty() {
+            return Vec::new();
+        }
+        let n = items.len();
+        let q = self.queue.clone();
+        let res = tokio::task::spawn_blocking(move || q.complete_batch(items)).await;
+        self.in_flight.fetch_sub(n, Ordering::AcqRel);
+        match res {
+            Ok(Ok(v)) => v
+                .into_iter()
+                .map(|r| match r {
+                    Ok(c) => Some(c),
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot record an outcome");
+                        None
+                    }
+                })
+                .collect(),
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "cannot record outcomes; they stay leased until restart");
+                vec![None; n]
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "queue task failed");
+                vec![None; n]
+            }
+        }
+    }
+
+    /// Turns classified outcomes into queue outcomes, suppression entries, events and metrics.
+    /// `pause_until`: when the destination's pause ends, if it is paused (reputation deferrals
+    /// are not retried before that).
+    async fn record(
+        &self,
+        dest: &DestinationKey,
+        mx: Option<&str>,
+        outcomes: Vec<(JobRcpt, Classified, bool)>,
+    ) {
+        self.record_with_pause(dest, "-", mx, outcomes, None).await;
+    }
+
+    async fn record_with_pause(
+        &self,
+        dest: &DestinationKey,
+        label: &str,
+        mx: Option<&str>,
+        outcomes: Vec<(JobRcpt, Classified, bool)>,
+        pause_until: Option<SystemTime>,
+    ) {
+        let now = SystemTime::now();
+        let d = &self.settings.delivery;
+        let mut items = Vec::with_capacity(outcomes.len());
+        let mut kinds = Vec::with_capacity(outcomes.len());
+        let mut to_suppress: Vec<(String, String)> = Vec::new();
+        for (r, c, suppressed) in &outcomes {
+            let attempt = r.attempts + 1;
+            let reply = c.reason();
+            let retry_at = || {
+                let t = now + backoff(d.min_backoff, d.max_backoff, attempt);
+                match pause_until {
+                    Some(p) if p > t => p + jitter(Duration::from_secs(5)),
+                    _ => t,
+                }
+            };
+            let (outcome, kind) = if *suppressed {
+                (
+                    Outcome::Suppressed {
+                        reason: reply.clone(),
+                    },
+                    EventKind::Suppressed,
+                )
+            } else {
+                match c.class {
+                    Class::Delivered => (
+                        Outcome::Delivered {
+                            reply: reply.clone(),
+                        },
+                        EventKind::Delivered,
+                    ),
+                    Class::InvalidRecipient => {
+                        to_suppress.push((r.address.as_str().to_owned(), reply.clone()));
+                        (
+                            Outcome::Bounced {
+                                reply: reply.clone(),
+                            },
+                            EventKind::Bounced,
+                        )
+                    }
+                    Class::Permanent => (
+                        Outcome::Bounced {
+                            reply: reply.clone(),
+                        },
+                        EventKind::Bounced,
+                    ),
+                    Class::Transient | Class::Unreachable | Class::Reputation => (
+                        Outcome::Deferred {
+                            reply: reply.clone(),
+                            next_attempt: retry_at(),
+                        },
+                        EventKind::Deferred,
+                    ),
+                    Class::Unknown => match d.unknown_after_dot {
+                        UnknownPolicy::Retry => (
+                            Outcome::Deferred {
+                                reply: reply.clone(),
+                                next_attempt: retry_at(),
+                            },
+                            EventKind::Unknown,
+                        ),
+                        UnknownPolicy::Final => (
+                            Outcome::Unknown {
+                                reply: reply.clone(),
+                            },
+                            EventKind::Unknown,
+                        ),
+                    },
+                }
+            };
+            items.push((r.id, outcome));
+            kinds.push(kind);
+        }
+        // Suppress before recording the bounce: a crash in between must not let the address
+        // be tried again.
+        if !to_suppress.is_empty() {
+            let q = self.queue.clone();
+            let _ = tokio::task::spawn_blocking(move || {
+                for (addr, reason) in to_suppress {
+                    if let Err(e) = q.suppress_add(&addr, &reason) {
+                        tracing::error!(address = %addr, error = %e, "cannot add to the suppression list");
+                    }
+                }
+            })
+            .await;
+        }
+        let next: Vec<Option<SystemTime>> = items
+            .iter()
+            .map(|(_, o)| match o {
+                Outcome::Deferred { next_attempt, .. } => Some(*next_attempt),
+                _ => None,
+            })
+            .collect();
+        let done = self.complete(items).await;
+        for (i, (r, c, _)) in outcomes.iter().enumerate() {
+            let mut kind = kinds[i];
+            if let Some(Some(Completed {
+                state: RecipientState::Expired,
+            })) = done.get(i)
+            {
+                kind = EventKind::Expired;
+            }
+            let class = match kind {
+                EventKind::Expired => "expired",
+                EventKind::Suppressed => "suppressed",
+                _ => c.class.as_str(),
+            };
+            let counter = match kind {
+                EventKind::Delivered => {
+                    self.counters.delivered.fetch_add(1, Ordering::Relaxed);
+                    if let Ok(age) = now.duration_since(r.created) {
+                        metrics::histogram!(m::DELIVERY_LATENCY_SECONDS).record(age.as_secs_f64());
+                    }
+                    m::MESSAGES_DELIVERED
+                }
+                EventKind::Bounced => {
+                    self.counters.bounced.fetch_add(1, Ordering::Relaxed);
+                    m::MESSAGES_BOUNCED
+                }
+                EventKind::Deferred => {
+                    self.counters.deferred.fetch_add(1, Ordering::Relaxed);
+                    m::MESSAGES_DEFERRED
+                }
+                EventKind::Suppressed => {
+                    self.counters.suppressed.fetch_add(1, Ordering::Relaxed);
+                    m::MESSAGES_SUPPRESSED
+                }
+                EventKind::Expired => {
+                    self.counters.expired.fetch_add(1, Ordering::Relaxed);
+                    m::MESSAGES_EXPIRED
+                }
+                EventKind::Unknown => {
+                    self.counters.unknown.fetch_add(1, Ordering::Relaxed);
+                    m::MESSAGES_UNKNOWN
+                }
+            };
+            metrics::counter!(counter, "destination" => label.to_owned(), "class" => class)
+                .increment(1);
+            self.events.emit(Event {
+                event: kind,
+                message_id: r.id.message.to_string(),
+                recipient: r.address.as_str().to_owned(),
+                destination: dest.0.clone(),
+                mx: mx.map(str::to_owned),
+                code: c.code,
+                enhanced: c.enhanced.map(|e| e.to_string()),
+                text: c.text.clone(),
+                class: class.to_owned(),
+                phase: Some(c.phase.as_str().to_owned()),
+                attempt: r.attempts + 1,
+                at: rfc3339(now),
+                next_attempt: match kind {
+                    EventKind::Deferred | EventKind::Unknown => next[i].map(rfc3339),
+                    _ => None,
+                },
+            });
+        }
+    }
+}
+
+impl Dest {
+    /// Queues a job, or defers it at once if the destination is paused; starts a worker if
+    /// the pool has room.
+    async fn push(dest: &Arc<Dest>, inner: &Arc<Inner>, job: Job) {
+        let paused = {
+            let mut s = match dest.state.lock() {
+                Ok(s) => s,
+                Err(p) => p.into_inner(),
+            };
+            match s.paused_until.filter(|t| *t > Instant::now()) {
+                Some(until) => Some((until, s.pause_reason)),
+                None => {
+                    s.ready.push_back(job);
+                    if s.active < s.limit && !inner.stop_token().is_cancelled() {
+                        s.active += 1;
+                        metrics::gauge!(m::CONNECTIONS_OPEN, "destination" => dest.label.clone())
+                            .increment(1.0);
+                        let (d, i) = (dest.clone(), inner.clone());
+                        inner.workers.spawn(async move { worker(i, d).await });
+                    } else {
+                        dest.notify.notify_one();
+                    }
+                    return;
+                }
+            }
+        };
+        if let Some((until, reason)) = paused {
+            dest.defer_paused(inner, vec![job], until, reason).await;
+        }
+    }
+
+    /// Defers jobs of a paused destination to the end of the pause (not a bounce).
+    async fn defer_paused(&self, inner: &Inner, jobs: Vec<Job>, until: Instant, reason: &str) {
+        let until_wall = SystemTime::now() + until.saturating_duration_since(Instant::now());
+        let c = local(Class::Reputation, &format!("destination paused ({reason})"));
+        let outcomes: Vec<_> = jobs
+            .into_iter()
+            .flat_map(|j| j.rcpts)
+            .map(|r| (r, c.clone(), false))
+            .collect();
+        inner
+            .record_with_pause(&self.key, &self.label, None, outcomes, Some(until_wall))
+            .await;
+    }
+
+    /// A reputation/rate signal: halve the connection limit, pause (growing), and defer what
+    /// is waiting. Returns when the pause ends.
+    async fn on_reputation(&self, inner: &Inner) -> Instant {
+        let d = &inner.settings.delivery;
+        let (until, jobs) = {
+            let mut s = match self.state.lock() {
+                Ok(s) => s,
+                Err(p) => p.into_inner(),
+            };
+            s.limit = (s.limit / 2).max(1);
+            s.successes = 0;
+            // Several connections may report the same event; extend, don't stack.
+            let now = Instant::now();
+            if s.paused_until.is_none_or(|t| t <= now) {
+                s.pause_level = s.pause_level.saturating_add(1);
+                s.pauses += 1;
+                metrics::counter!(m::DESTINATION_PAUSES, "destination" => self.label.clone(), "reason" => "reputation")
+                    .increment(1);
+            }
+            let pause = d
+                .pause_min
+                .saturating_mul(2u32.saturating_pow(s.pause_level.saturating_sub(1).min(16)))
+                .min(d.pause_max);
+            let until = now + pause;
+            s.paused_until = Some(s.paused_until.map_or(until, |t| t.max(until)));
+            s.pause_reason = "reputation";
+            metrics::gauge!(m::CONCURRENCY_LIMIT, "destination" => self.label.clone())
+                .set(s.limit as f64);
+            tracing::warn!(destination = %self.key.0, limit = s.limit, pause = %humantime::format_duration(pause), "reputation/rate deferral: backing off destination");
+            (
+                s.paused_until.unwrap_or(until),
+                s.ready.drain(..).collect::<Vec<_>>(),
+            )
+        };
+        self.notify.notify_waiters();
+        if !jobs.is_empty() {
+            self.defer_paused(inner, jobs, until, "reputation").await;
+        }
+        until
+    }
+
+    /// After a transaction: grow the limit on sustained success and run the harvesting guard.
+    async fn on_transaction(&self, inner: &Inner, ok: bool, tried: u32, unknown_users: u32) {
+        let d = &inner.settings.delivery;
+        let pause = {
+            let mut s = match self.state.lock() {
+                Ok(s) => s,
+                Err(p) => p.into_inner(),
+            };
+            if ok {
+                s.successes += 1;
+                // "Sustained": as many successes as the current limit, twice over.
+                if s.successes >= s.limit * 2 {
+                    s.successes = 0;
+                    s.pause_level = 0;
+                    if s.limit < self.limits.max_connections {
+                        s.limit += 1;
+                        metrics::gauge!(m::CONCURRENCY_LIMIT, "destination" => self.label.clone())
+                            .set(s.limit as f64);
+                    }
+                }
+            }
+            let now = Instant::now();
+            if tried > 0 {
+                s.harvest.push_back((now, tried, unknown_users));
+            }
+            while s
+                .harvest
+                .front()
+                .is_some_and(|(t, _, _)| now.duration_since(*t) > d.harvest_window)
+            {
+                s.harvest.pop_front();
+            }
+            let (t, u) = s
+                .harvest
+                .iter()
+                .fold((0u32, 0u32), |(t, u), (_, a, b)| (t + a, u + b));
+            if t >= d.harvest_min_sample && f64::from(u) / f64::from(t) >= d.harvest_threshold {
+                s.harvest.clear();
+                let until = now + d.harvest_pause;
+                s.paused_until = Some(s.paused_until.map_or(until, |p| p.max(until)));
+                s.pause_reason = "harvest";
+                s.pauses += 1;
+                metrics::counter!(m::DESTINATION_PAUSES, "destination" => self.label.clone(), "reason" => "harvest").increment(1);
+                tracing::warn!(
+                    destination = %self.key.0, tried = t, unknown = u,
+                    pause = %humantime::format_duration(d.harvest_pause),
+                    "harvesting guard: too many unknown-user rejections; destination paused"
+                );
+                Some((until, s.ready.drain(..).collect::<Vec<_>>()))
+            } else {
+                None
+            }
+        };
+        if let Some((until, jobs)) = pause {
+            self.notify.notify_waiters();
+            self.defer_paused(inner, jobs, until, "harvest").await;
+        }
+    }
+
+    fn is_paused(&self) -> bool {
+        self.state
+            .lock()
+            .map(|s| s.paused_until.is_some_and(|t| t > Instant::now()))
+            .unwrap_or(false)
+    }
+}
+
+/// One connection worker of a destination.
+async fn worker(inner: Arc<Inner>, dest: Arc<Dest>) {
+    let idle = inner.settings.smtp.timeouts.idle;
+    let mut session: Option<(Session, String)> = None;
+    loop {
+        let Some(job) = next_job(&inner, &dest, idle).await else {
+            break;
+        };
+        // Rate limit: space message starts evenly.
+        if let Some(rate) = dest.limits.rate {
+            let at = {
+                let mut s = match dest.state.lock() {
+                    Ok(s) => s,
+                    Err(p) => p.into_inner(),
+                };
+                let at = s.next_send.max(Instant::now());
+                s.next_send = at + rate.per / rate.count;
+                at
+            };
+            tokio::time::sleep_until(at.into()).await;
+        }
+        // Suppression, right before sending.
+        let (job, suppressed) = split_suppressed(&inner, job).await;
+        if !suppressed.is_empty() {
+            let c = local(Class::Permanent, "address is on the suppression list");
+            let outcomes = suppressed
+                .into_iter()
+                .map(|r| (r, c.clone(), true))
+                .collect();
+            inner
+                .record_with_pause(&dest.key, &dest.label, None, outcomes, None)
+                .await;
+        }
+        let Some(job) = job else { continue };
+        if session.as_ref().is_none_or(|(s, _)| !s.is_usable()) {
+            if let Some((s, _)) = session.take() {
+                s.close().await;
+            }
+            match connect(&inner, &dest).await {
+                Ok(s) => session = Some(s),
+                Err(e) => {
+                    let c = inner.classifier.classify(&RcptResult::Failed(e));
+                    let until = if c.class == Class::Reputation || c.class == Class::Unreachable {
+                        Some(dest.on_reputation(&inner).await)
+                    } else {
+                        None
+                    };
+                    let until_wall = until
+                        .map(|u| SystemTime::now() + u.saturating_duration_since(Instant::now()));
+                    let outcomes = job
+                        .rcpts
+                        .into_iter()
+                        .map(|r| (r, c.clone(), false))
+                        .collect();
+                    inner
+                        .record_with_pause(&dest.key, &dest.label, None, outcomes, until_wall)
+                        .await;
+                    break;
+                }
+            }
+        }
+        let Some((s, mx)) = session.as_mut() else {
+            break;
+        };
+        let started = Instant::now();
+        let addrs: Vec<Address> = job.rcpts.iter().map(|r| r.address.clone()).collect();
+        let tx = s.send(job.sender.as_ref(), &addrs, &job.data).await;
+        tracing::debug!(message = %job.message, destination = %dest.key.0, mx = %mx, recipients = addrs.len(), ended = ?tx.ended, "transaction");
+        metrics::histogram!(m::SMTP_PHASE_SECONDS).record(started.elapsed().as_secs_f64());
+        let mut reputation = false;
+        let mut unknown_users = 0u32;
+        let mut delivered = false;
+        let outcomes: Vec<(JobRcpt, Classified, bool)> = job
+            .rcpts
+            .into_iter()
+            .zip(&tx.recipients)
+            .map(|(r, res)| {
+                let c = inner.classifier.classify(res);
+                reputation |= c.class == Class::Reputation || c.reputation_signal;
+                unknown_users += u32::from(c.class == Class::InvalidRecipient);
+                delivered |= c.class == Class::Delivered;
+                (r, c, false)
+            })
+            .collect();
+        let tried = outcomes.len() as u32;
+        let until = if reputation {
+            Some(dest.on_reputation(&inner).await)
+        } else {
+            None
+        };
+        let until_wall =
+            until.map(|u| SystemTime::now() + u.saturating_duration_since(Instant::now()));
+        let mx_name = mx.clone();
+        inner
+            .record_with_pause(&dest.key, &dest.label, Some(&mx_name), outcomes, until_wall)
+            .await;
+        dest.on_transaction(&inner, delivered && !reputation, tried, unknown_users)
+            .await;
+        let done = tx.ended.is_some()
+            || s.transactions() >= dest.limits.messages_per_connection
+            || reputation
+            || dest.is_paused();
+        if done {
+            if let Some((s, _)) = session.take() {
+                s.close().await;
+            }
+            if reputation || dest.is_paused() {
+                break;
+            }
+        }
+    }
+    if let Some((s, _)) = session.take() {
+        s.close().await;
+    }
+    if let Ok(mut s) = dest.state.lock() {
+        s.active = s.active.saturating_sub(1);
+    }
+    metrics::gauge!(m::CONNECTIONS_OPEN, "destination" => dest.label.clone()).decrement(1.0);
+}
+
+/// The next job for a worker: waits up to `idle` for one; `None` when the worker should end.
+async fn next_job(inner: &Inner, dest: &Dest, idle: Duration) -> Option<Job> {
+    let stop = inner.stop_token();
+    let deadline = tokio::time::Instant::now() + idle;
+    loop {
+        let notified = dest.notify.notified();
+        {
+            let mut s = match dest.state.lock() {
+                Ok(s) => s,
+                Err(p) => p.into_inner(),
+            };
+            if stop.is_cancelled() || s.paused_until.is_some_and(|t| t > Instant::now()) {
+                return None;
+            }
+            if let Some(job) = s.ready.pop_front() {
+                return Some(job);
+            }
+        }
+        tokio::select! {
+            _ = notified => {}
+            _ = stop.cancelled() => return None,
+            _ = tokio::time::sleep_until(deadline) => return None,
+        }
+    }
+}
+
+/// Connects to the destination's MX hosts in order (at most [`MAX_ADDRESSES`] addresses).
+async fn connect(inner: &Inner, dest: &Dest) -> Result<(Session, String), SessionError> {
+    let route = match dest.route.lock() {
+        Ok(r) => r.clone(),
+        Err(p) => p.into_inner().clone(),
+    };
+    let mut last = None;
+    let mut tried = 0;
+    for host in &route.hosts {
+        for addr in &host.addrs {
+            if tried == MAX_ADDRESSES {
+                break;
+            }
+            tried += 1;
+            inner.counters.connections.fetch_add(1, Ordering::Relaxed);
+            match Session::connect(*addr, &host.name, inner.client.clone()).await {
+                Ok(s) => {
+                    metrics::counter!(m::CONNECTIONS_TOTAL, "destination" => dest.label.clone(), "result" => "ok").increment(1);
+                    return Ok((s, host.name.clone()));
+                }
+                Err(e) => {
+                    metrics::counter!(m::CONNECTIONS_TOTAL, "destination" => dest.label.clone(), "result" => "failed").increment(1);
+                    tracing::info!(destination = %dest.key.0, mx = %host.name, %addr, error = %e, "connection failed; trying the next MX");
+                    last = Some(e);
+                }
+            }
+        }
+    }
+    Err(last.unwrap_or(SessionError::Connect {
+        peer: std::net::SocketAddr::from(([0, 0, 0, 0], 0)),
+        detail: "no MX host has an address".into(),
+    }))
+}
+
+/// Splits off recipients that are on the suppression list.
+async fn split_suppressed(inner: &Inner, mut job: Job) -> (Option<Job>, Vec<JobRcpt>) {
+    let mut suppressed = Vec::new();
+    let mut keep = Vec::with_capacity(job.rcpts.len());
+    for r in job.rcpts.drain(..) {
+        match inner.queue.suppressed(r.address.as_str()) {
+            Ok(Some(_)) => suppressed.push(r),
+            Ok(None) => keep.push(r),
+            Err(e) => {
+                // Fail safe: an unreadable list must not let a suppressed address through.
+                tracing::error!(error = %e, "cannot read the suppression list; holding the recipient");
+                suppressed.push(r);
+            }
+        }
+    }
+    job.rcpts = keep;
+    ((!job.rcpts.is_empty()).then_some(job), suppressed)
+}
+
+fn job_rcpt(l: &Lease) -> Option<JobRcpt> {
+    Some(JobRcpt {
+        id: l.recipient.id,
+        address: Address::parse(&l.recipient.address).ok()?,
+        attempts: l.recipient.attempts,
+        created: l.recipient.created,
+    })
+}
+
+/// A local outcome (no SMTP reply).
+fn local(class: Class, text: &str) -> Classified {
+    Classified {
+        class,
+        phase: crate::smtp::Phase::Connect,
+        code: None,
+        enhanced: None,
+        text: text.to_owned(),
+        reputation_signal: false,
+        rule: "local",
+    }
+}
+
+/// Exponential back-off for attempt `attempt` (1-based) with ±20 % jitter, within
+/// [min, max].
+pub fn backoff(min: Duration, max: Duration, attempt: u32) -> Duration {
+    let exp = min.saturating_mul(2u32.saturating_pow(attempt.saturating_sub(1).min(30)));
+    let base = exp.min(max);
+    let factor = rand::thread_rng().gen_range(0.8..=1.2);
+    base.mul_f64(factor).clamp(min, max)
+}
+
+fn jitter(max: Duration) -> Duration {
+    max.mul_f64(rand::thread_rng().gen_range(0.0..=1.0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_and_stays_in_bounds() {
+        let (min, max) = (Duration::from_secs(60), Duration::from_secs(3600));
+        for attempt in 1..40 {
+            let b = backoff(min, max, attempt);
+            assert!(b >= min && b <= max, "{attempt}: {b:?}");
+        }
+        // Attempt 3 is around 4 min (±20 %), attempt 10 is at the cap.
+        let b3 = backoff(min, max, 3);
+        assert!(
+            b3 >= Duration::from_secs(192) && b3 <= Duration::from_secs(288),
+            "{b3:?}"
+        );
+        assert!(backoff(min, max, 10) >= Duration::from_secs(2880));
+    }
+}

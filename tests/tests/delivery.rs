@@ -1,0 +1,538 @@
+//! End-to-end delivery: the real queue, the real engine and SMTP client, scripted SMTP servers
+//! on loopback. Every claim is checked from what the servers received.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bulksend_config::{Settings, TlsPolicy};
+use bulksend_engine::delivery::{Engine, RunSummary};
+use bulksend_engine::events::{EventKind, MemoryEvents};
+use bulksend_engine::route::{Answer, BoxFuture, Dns, DnsError, Router};
+use bulksend_queue::{NewMessage, Queue, QueueOptions, RecipientState};
+use bulksend_tests::{reply, Action, Script, ScriptedServer};
+use tokio_util::sync::CancellationToken;
+
+/// No DNS at all: these tests use static routes only.
+struct NoDns;
+impl Dns for NoDns {
+    fn mx(&self, _: &str) -> BoxFuture<'_, Result<Answer<Vec<(u16, String)>>, DnsError>> {
+        Box::pin(async { Err(DnsError::NxDomain) })
+    }
+    fn ips(&self, _: &str) -> BoxFuture<'_, Result<Answer<Vec<std::net::IpAddr>>, DnsError>> {
+        Box::pin(async { Err(DnsError::NxDomain) })
+    }
+}
+
+fn base_settings(dir: &std::path::Path, routes: &[(&str, std::net::SocketAddr)]) -> Settings {
+    let mut s = Settings::default();
+    s.queue.path = dir.join("queue");
+    s.routes = routes
+        .iter()
+        .map(|(d, a)| (d.to_string(), a.to_string()))
+        .collect::<BTreeMap<_, _>>();
+    s.smtp.helo_name = "bulksend.test".into();
+    s.smtp.tls = TlsPolicy::Disabled;
+    let t = &mut s.smtp.timeouts;
+    t.connect = Duration::from_secs(5);
+    t.greeting = Duration::from_secs(10);
+    t.idle = Duration::from_millis(300);
+    t.quit = Duration::from_secs(2);
+    let d = &mut s.delivery;
+    d.max_connections_per_destination = 4;
+    d.min_backoff = Duration::from_millis(300);
+    d.max_backoff = Duration::from_secs(1);
+    d.pause_min = Duration::from_secs(1);
+    d.pause_max = Duration::from_secs(2);
+    d.shutdown_grace = Duration::from_secs(10);
+    s
+}
+
+struct Rig {
+    _dir: tempfile::TempDir,
+    queue: Arc<Queue>,
+    engine: Engine,
+    events: Arc<MemoryEvents>,
+}
+
+fn rig(dir: tempfile::TempDir, settings: Settings) -> Rig {
+    let opts = QueueOptions {
+        max_queue_lifetime: settings.delivery.max_queue_lifetime,
+        ..QueueOptions::default()
+    };
+    let queue = Arc::new(Queue::open(&settings.queue.path, opts).unwrap());
+    let router = Arc::new(Router::new(
+        &settings.routes,
+        settings.dns.smtp_port,
+        Arc::new(NoDns),
+    ));
+    let events = Arc::new(MemoryEvents::default());
+    let engine = Engine::new(Arc::new(settings), queue.clone(), router, events.clone()).unwrap();
+    Rig {
+        _dir: dir,
+        queue,
+        engine,
+        events,
+    }
+}
+
+fn msg(from: &str, to: &[String], i: usize) -> NewMessage {
+    NewMessage {
+        idempotency_key: None,
+        sender: from.to_owned(),
+        recipients: to.to_vec(),
+        body: format!("Subject: test {i}\r\nX-Seq: {i}\r\n\r\nHello {i}\r\n.leading dot\r\n")
+            .into_bytes(),
+    }
+}
+
+/// Runs the engine (not draining) until `done` holds or `limit` passes, then shuts it down.
+async fn run_until(engine: &Engine, limit: Duration, done: impl Fn() -> bool) -> RunSummary {
+    let token = CancellationToken::new();
+    let e = engine.clone();
+    let t = token.clone();
+    let run = tokio::spawn(async move { e.run(t, false).await });
+    let start = Instant::now();
+    while !done() && start.elapsed() < limit {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    token.cancel();
+    run.await.unwrap()
+}
+
+fn state_count(q: &Queue, state: RecipientState) -> u64 {
+    q.stats().by_state.get(&state).copied().unwrap_or(0)
+}
+
+#[tokio::test]
+async fn delivers_through_the_queue_sharing_transactions() {
+    let server = ScriptedServer::start(Script::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let s = base_settings(dir.path(), &[("dest.test", server.addr)]);
+    let r = rig(dir, s);
+    let to: Vec<String> = (0..3).map(|i| format!("u{i}@dest.test")).collect();
+    for i in 0..50 {
+        r.queue.enqueue(msg("bounce@esp.test", &to, i)).unwrap();
+    }
+    let summary = r.engine.run(CancellationToken::new(), true).await;
+    assert_eq!(summary.delivered, 150, "{summary:?}");
+
+    let conns = server.wait_closed(server.connections().len()).await;
+    let messages: usize = conns.iter().map(|c| c.messages.len()).sum();
+    assert_eq!(
+        messages, 50,
+        "each message once, its three recipients in one transaction"
+    );
+    let rcpts: usize = conns.iter().map(|c| c.count("RCPT")).sum();
+    assert_eq!(rcpts, 150);
+    for c in &conns {
+        assert!(c.quit, "every connection ends with QUIT: {:?}", c.commands);
+        // Every transaction's recipients arrived in one pipelined batch with MAIL and DATA.
+        for b in c.batches.iter().filter(|b| b[0].starts_with("MAIL")) {
+            assert_eq!(b.len(), 5, "{b:?}");
+        }
+    }
+    assert!(
+        conns.len() <= 4,
+        "at most the connection limit: {}",
+        conns.len()
+    );
+    assert!(server.max_concurrent() <= 4);
+    assert_eq!(state_count(&r.queue, RecipientState::Delivered), 150);
+    let ev = r.events.snapshot();
+    assert_eq!(
+        ev.iter()
+            .filter(|e| e.event == EventKind::Delivered)
+            .count(),
+        150
+    );
+    assert!(ev
+        .iter()
+        .all(|e| e.code == Some(250) && e.destination.contains("127.0.0.1")));
+}
+
+#[tokio::test]
+async fn transient_4xx_is_retried_after_backoff_and_delivered() {
+    let refusals = Arc::new(AtomicUsize::new(0));
+    let r2 = refusals.clone();
+    // The first three RCPTs get 451; after that the server has "recovered".
+    let server = ScriptedServer::start(Script::default().with_handler(move |c| {
+        (c.verb == "RCPT" && r2.fetch_add(1, Ordering::SeqCst) < 3)
+            .then(|| reply("451 4.3.0 Temporary lookup failure"))
+    }))
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let s = base_settings(dir.path(), &[("dest.test", server.addr)]);
+    let r = rig(dir, s);
+    for i in 0..3 {
+        r.queue
+            .enqueue(msg("b@esp.test", &[format!("u{i}@dest.test")], i))
+            .unwrap();
+    }
+    let q = r.queue.clone();
+    let summary = run_until(&r.engine, Duration::from_secs(30), || {
+        state_count(&q, RecipientState::Delivered) == 3
+    })
+    .await;
+    assert_eq!(
+        state_count(&r.queue, RecipientState::Delivered),
+        3,
+        "{summary:?}"
+    );
+    let rcpt_cmds: Vec<String> = server
+        .commands()
+        .into_iter()
+        .filter(|c| c.starts_with("RCPT"))
+        .collect();
+    assert_eq!(
+        rcpt_cmds.len(),
+        6,
+        "each recipient tried twice: {rcpt_cmds:?}"
+    );
+    let ev = r.events.snapshot();
+    for i in 0..3 {
+        let mine: Vec<_> = ev
+            .iter()
+            .filter(|e| e.recipient == format!("u{i}@dest.test"))
+            .collect();
+        assert_eq!(mine.len(), 2);
+        assert_eq!(
+            (mine[0].event, mine[0].code, mine[0].attempt),
+            (EventKind::Deferred, Some(451), 1)
+        );
+        assert!(mine[0].next_attempt.is_some());
+        assert_eq!((mine[1].event, mine[1].attempt), (EventKind::Delivered, 2));
+    }
+    // Not a reputation signal: the destination was never paused.
+    assert!(r.engine.destinations().iter().all(|d| d.pauses == 0));
+}
+
+#[tokio::test]
+async fn unknown_user_is_bounced_once_suppressed_and_never_tried_again() {
+    let server = ScriptedServer::start(Script::default().with_handler(|c| {
+        (c.verb == "RCPT" && c.line.contains("ghost@"))
+            .then(|| reply("550 5.1.1 <ghost@dest.test>: Recipient address rejected: User unknown"))
+    }))
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = base_settings(dir.path(), &[("dest.test", server.addr)]);
+    // One connection: transactions are strictly sequential, so the suppression recorded after
+    // the first must stop the second (checked right before sending).
+    s.delivery.max_connections_per_destination = 1;
+    let r = rig(dir, s);
+    for i in 0..3 {
+        r.queue
+            .enqueue(msg(
+                "b@esp.test",
+                &["ghost@dest.test".into(), format!("ok{i}@dest.test")],
+                i,
+            ))
+            .unwrap();
+    }
+    let summary = r.engine.run(CancellationToken::new(), true).await;
+    assert_eq!(
+        (summary.delivered, summary.bounced, summary.suppressed),
+        (3, 1, 2),
+        "{summary:?}"
+    );
+    let ghost_rcpts = server
+        .commands()
+        .iter()
+        .filter(|c| c.contains("ghost@"))
+        .count();
+    assert_eq!(
+        ghost_rcpts, 1,
+        "the unknown address was offered exactly once"
+    );
+    let sup = r
+        .queue
+        .suppressed("ghost@dest.test")
+        .unwrap()
+        .expect("suppressed");
+    assert!(sup.reason.contains("5.1.1"), "{sup:?}");
+
+    // A later enqueue is suppressed at once, and a run does not offer it.
+    let e = r
+        .queue
+        .enqueue(msg("b@esp.test", &["GHOST@dest.test".into()], 9))
+        .unwrap();
+    assert_eq!(e.suppressed.len(), 1);
+    let summary = r.engine.run(CancellationToken::new(), true).await;
+    assert_eq!(summary.delivered, 0);
+    assert_eq!(
+        server
+            .commands()
+            .iter()
+            .filter(|c| c.to_lowercase().contains("ghost@"))
+            .count(),
+        1
+    );
+    let ev = r.events.snapshot();
+    let bounce = ev.iter().find(|e| e.event == EventKind::Bounced).unwrap();
+    assert_eq!(
+        (
+            bounce.code,
+            bounce.enhanced.as_deref(),
+            bounce.class.as_str()
+        ),
+        (Some(550), Some("5.1.1"), "invalid_recipient")
+    );
+}
+
+#[tokio::test]
+async fn reputation_421_pauses_one_destination_while_another_runs_at_full_speed() {
+    let healthy = Arc::new(AtomicBool::new(false));
+    let h = healthy.clone();
+    let bad = ScriptedServer::start(Script::default().with_handler(move |c| {
+        (!h.load(Ordering::SeqCst) && c.verb == "MAIL")
+            .then(|| reply("421 4.7.0 Too many connections from your IP, closing"))
+    }))
+    .await;
+    // The good server is slow enough per message that the engine needs parallel connections.
+    let good = ScriptedServer::start(Script::default().with_handler(|c| {
+        (c.line == "<DOT>").then(|| {
+            std::thread::sleep(Duration::from_millis(30));
+            reply("250 2.0.0 Ok")
+        })
+    }))
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let s = base_settings(
+        dir.path(),
+        &[("bad.test", bad.addr), ("good.test", good.addr)],
+    );
+    let r = rig(dir, s);
+    for i in 0..40 {
+        r.queue
+            .enqueue(msg("b@esp.test", &[format!("u{i}@bad.test")], i))
+            .unwrap();
+        r.queue
+            .enqueue(msg("b@esp.test", &[format!("u{i}@good.test")], i))
+            .unwrap();
+    }
+    let summary = r.engine.run(CancellationToken::new(), true).await;
+    assert_eq!(summary.delivered, 40, "{summary:?}");
+    assert_eq!(
+        good.messages().len(),
+        40,
+        "the healthy destination got everything"
+    );
+    assert_eq!(
+        good.max_concurrent(),
+        4,
+        "and used its full connection limit"
+    );
+    assert!(bad.messages().is_empty());
+    // The 421 paused the bad destination and halved its limit; nothing was bounced.
+    let st = r.engine.destinations();
+    let b = st
+        .iter()
+        .find(|d| d.key.0.contains(&bad.addr.port().to_string()))
+        .unwrap();
+    assert!(b.pauses >= 1 && b.limit <= 2, "{b:?}");
+    assert_eq!(summary.bounced, 0);
+    assert_eq!(state_count(&r.queue, RecipientState::Scheduled), 40);
+    // It saw far fewer connections than messages: the engine stopped instead of hammering.
+    // At most the full limit (4) before the first 421, then the halved limits (2, 1, ...)
+    // once per pause that ended while the run lasted.
+    assert!(
+        bad.connections().len() <= 8,
+        "{} connections",
+        bad.connections().len()
+    );
+    assert!(
+        bad.connections().iter().all(|c| !c.quit),
+        "no QUIT after 421"
+    );
+
+    // The server recovers; after the pause the destination resumes by itself.
+    healthy.store(true, Ordering::SeqCst);
+    let q = r.queue.clone();
+    run_until(&r.engine, Duration::from_secs(30), || {
+        state_count(&q, RecipientState::Delivered) == 80
+    })
+    .await;
+    assert_eq!(bad.messages().len(), 40);
+}
+
+#[tokio::test]
+async fn harvesting_guard_pauses_a_destination() {
+    let server = ScriptedServer::start(Script::default().with_handler(|c| {
+        (c.verb == "RCPT" && c.line.contains("bad")).then(|| reply("550 5.1.1 User unknown"))
+    }))
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = base_settings(dir.path(), &[("dest.test", server.addr)]);
+    s.delivery.max_connections_per_destination = 1;
+    s.delivery.harvest_min_sample = 20;
+    s.delivery.harvest_threshold = 0.3;
+    s.delivery.harvest_pause = Duration::from_secs(3600);
+    let r = rig(dir, s);
+    // Half of an ESP's list is bad: 100 messages, one recipient each.
+    for i in 0..100 {
+        let to = if i % 2 == 0 {
+            format!("bad{i}@dest.test")
+        } else {
+            format!("ok{i}@dest.test")
+        };
+        r.queue.enqueue(msg("b@esp.test", &[to], i)).unwrap();
+    }
+    r.engine.run(CancellationToken::new(), true).await;
+    let offered = server
+        .commands()
+        .iter()
+        .filter(|c| c.starts_with("RCPT"))
+        .count();
+    assert!(
+        offered >= 20 && offered < 40,
+        "paused soon after the sample filled: {offered} offered"
+    );
+    let d = &r.engine.destinations()[0];
+    assert!(d.paused_until.is_some() && d.pauses == 1, "{d:?}");
+    // The rest wait (scheduled after the pause), not bounced.
+    assert!(state_count(&r.queue, RecipientState::Scheduled) >= 60);
+}
+
+#[tokio::test]
+async fn expiry_bounces_with_the_last_transient_reason() {
+    let server = ScriptedServer::start(
+        Script::default()
+            .with_handler(|c| (c.verb == "RCPT").then(|| reply("452 4.2.2 Mailbox full"))),
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = base_settings(dir.path(), &[("dest.test", server.addr)]);
+    s.delivery.max_queue_lifetime = Duration::from_secs(2);
+    let r = rig(dir, s);
+    r.queue
+        .enqueue(msg("b@esp.test", &["full@dest.test".into()], 0))
+        .unwrap();
+    let q = r.queue.clone();
+    run_until(&r.engine, Duration::from_secs(30), || {
+        state_count(&q, RecipientState::Expired) == 1
+    })
+    .await;
+    assert_eq!(state_count(&r.queue, RecipientState::Expired), 1);
+    let ev = r.events.snapshot();
+    let exp = ev
+        .iter()
+        .find(|e| e.event == EventKind::Expired)
+        .expect("expired event");
+    assert!(exp.text.contains("Mailbox full"), "{exp:?}");
+    assert!(
+        server
+            .commands()
+            .iter()
+            .filter(|c| c.starts_with("RCPT"))
+            .count()
+            >= 2
+    );
+}
+
+#[tokio::test]
+async fn shutdown_mid_delivery_loses_nothing_and_quits_every_connection() {
+    // Slow replies after the dot keep transactions in flight when shutdown comes.
+    let server = ScriptedServer::start(Script::default().with_handler(|c| {
+        (c.line == "<DOT>").then(|| {
+            std::thread::sleep(Duration::from_millis(50));
+            reply("250 2.0.0 Ok")
+        })
+    }))
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let s = base_settings(dir.path(), &[("dest.test", server.addr)]);
+    let path = s.queue.path.clone();
+    let r = rig(dir, s);
+    for i in 0..200 {
+        r.queue
+            .enqueue(msg("b@esp.test", &[format!("u{i}@dest.test")], i))
+            .unwrap();
+    }
+    let token = CancellationToken::new();
+    let (e, t) = (r.engine.clone(), token.clone());
+    let run = tokio::spawn(async move { e.run(t, false).await });
+    while server.messages().len() < 20 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    token.cancel();
+    let summary = run.await.unwrap();
+    assert!(
+        summary.delivered < 200,
+        "shutdown came mid-run: {summary:?}"
+    );
+    let conns = server.wait_closed(server.connections().len()).await;
+    for c in &conns {
+        assert!(
+            c.quit,
+            "connection ended without QUIT: {:?}",
+            c.commands.last()
+        );
+    }
+    // What the server accepted is recorded as delivered; everything else is scheduled again.
+    let received = server.messages().len() as u64;
+    assert_eq!(state_count(&r.queue, RecipientState::Delivered), received);
+    assert_eq!(
+        state_count(&r.queue, RecipientState::Scheduled),
+        200 - received
+    );
+    assert_eq!(state_count(&r.queue, RecipientState::Leased), 0);
+    // And it is all still there after reopening.
+    let Rig { queue, engine, .. } = r;
+    drop(engine);
+    drop(queue);
+    let q = Queue::open(&path, QueueOptions::default()).unwrap();
+    assert_eq!(
+        state_count(&q, RecipientState::Delivered) + state_count(&q, RecipientState::Scheduled),
+        200
+    );
+}
+
+#[tokio::test]
+async fn unreachable_destination_is_deferred_not_bounced() {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead = l.local_addr().unwrap();
+    drop(l);
+    let dir = tempfile::tempdir().unwrap();
+    let s = base_settings(dir.path(), &[("dead.test", dead)]);
+    let r = rig(dir, s);
+    r.queue
+        .enqueue(msg("b@esp.test", &["x@dead.test".into()], 0))
+        .unwrap();
+    let summary = r.engine.run(CancellationToken::new(), true).await;
+    assert_eq!((summary.deferred, summary.bounced), (1, 0), "{summary:?}");
+    let ev = r.events.snapshot();
+    assert_eq!(ev[0].class, "unreachable");
+    assert_eq!(state_count(&r.queue, RecipientState::Scheduled), 1);
+}
+
+#[tokio::test]
+async fn stalled_server_after_dot_is_unknown_and_retried() {
+    let stalls = Arc::new(AtomicUsize::new(0));
+    let s2 = stalls.clone();
+    let server = ScriptedServer::start(Script::default().with_handler(move |c| {
+        (c.line == "<DOT>" && s2.fetch_add(1, Ordering::SeqCst) == 0).then_some(Action::Stall)
+    }))
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = base_settings(dir.path(), &[("dest.test", server.addr)]);
+    s.smtp.timeouts.data_done = Duration::from_millis(500);
+    let r = rig(dir, s);
+    r.queue
+        .enqueue(msg("b@esp.test", &["x@dest.test".into()], 0))
+        .unwrap();
+    let q = r.queue.clone();
+    run_until(&r.engine, Duration::from_secs(20), || {
+        state_count(&q, RecipientState::Delivered) == 1
+    })
+    .await;
+    let ev = r.events.snapshot();
+    assert_eq!(ev[0].event, EventKind::Unknown, "{ev:?}");
+    assert_eq!(ev.last().unwrap().event, EventKind::Delivered);
+    assert_eq!(
+        server.messages().len(),
+        2,
+        "retried (policy retry): a possible duplicate, never a loss"
+    );
+}
