@@ -536,3 +536,88 @@ async fn stalled_server_after_dot_is_unknown_and_retried() {
         "retried (policy retry): a possible duplicate, never a loss"
     );
 }
+
+/// MX routing on real DNS (hickory-resolver against a DNS server on loopback), with receivers
+/// on different 127.0.0.x addresses sharing one port.
+#[tokio::test]
+async fn mx_preference_fallback_implicit_and_null_mx() {
+    use bulksend_engine::route::HickoryDns;
+    use bulksend_tests::dns::TestDns;
+
+    // The primary MX (preference 10) is down: nothing listens on 127.0.0.2:port.
+    let backup = ScriptedServer::start_on("127.0.0.3:0".parse().unwrap(), Script::default()).await;
+    let port = backup.addr.port();
+    let best = ScriptedServer::start_on(
+        format!("127.0.0.4:{port}").parse().unwrap(),
+        Script::default(),
+    )
+    .await;
+    let implicit = ScriptedServer::start_on(
+        format!("127.0.0.5:{port}").parse().unwrap(),
+        Script::default(),
+    )
+    .await;
+
+    let dns = TestDns::start().await;
+    // fallback.test: 10 → down, 20 → backup.
+    dns.add_mx("fallback.test", 10, "mx1.fallback.test", 300);
+    dns.add_a("mx1.fallback.test", "127.0.0.2", 300);
+    dns.add_mx("fallback.test", 20, "mx2.fallback.test", 300);
+    dns.add_a("mx2.fallback.test", "127.0.0.3", 300);
+    // pref.test: the lower preference wins while it works.
+    dns.add_mx("pref.test", 50, "mx-low.pref.test", 300);
+    dns.add_a("mx-low.pref.test", "127.0.0.3", 300);
+    dns.add_mx("pref.test", 5, "mx-best.pref.test", 300);
+    dns.add_a("mx-best.pref.test", "127.0.0.4", 300);
+    // implicit.test: no MX, an A record.
+    dns.add_a("implicit.test", "127.0.0.5", 300);
+    // null.test: null MX (RFC 7505).
+    dns.add_mx("null.test", 0, ".", 300);
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = base_settings(dir.path(), &[]);
+    s.dns.smtp_port = Some(port);
+    s.dns.nameservers = vec![dns.addr];
+    s.smtp.timeouts.connect = Duration::from_secs(2);
+    let opts = QueueOptions::default();
+    let queue = Arc::new(Queue::open(&s.queue.path, opts).unwrap());
+    let resolver = HickoryDns::new(&s.dns.nameservers, Duration::from_secs(2)).unwrap();
+    let router = Arc::new(Router::new(&s.routes, s.dns.smtp_port, Arc::new(resolver)));
+    let events = Arc::new(MemoryEvents::default());
+    let engine = Engine::new(Arc::new(s), queue.clone(), router, events.clone()).unwrap();
+
+    for (i, d) in ["fallback.test", "pref.test", "implicit.test", "null.test"]
+        .iter()
+        .enumerate()
+    {
+        queue
+            .enqueue(msg("b@esp.test", &[format!("user@{d}")], i))
+            .unwrap();
+    }
+    let summary = engine.run(CancellationToken::new(), true).await;
+    assert_eq!((summary.delivered, summary.bounced), (3, 1), "{summary:?}");
+    // fallback.test went to the backup after the primary refused the connection;
+    // pref.test went to its best MX only.
+    let backup_rcpts: Vec<String> = backup
+        .commands()
+        .into_iter()
+        .filter(|c| c.starts_with("RCPT"))
+        .collect();
+    assert_eq!(backup_rcpts, vec!["RCPT TO:<user@fallback.test>"]);
+    let best_rcpts: Vec<String> = best
+        .commands()
+        .into_iter()
+        .filter(|c| c.starts_with("RCPT"))
+        .collect();
+    assert_eq!(best_rcpts, vec!["RCPT TO:<user@pref.test>"]);
+    assert_eq!(implicit.messages().len(), 1);
+    let ev = events.snapshot();
+    let null = ev.iter().find(|e| e.recipient == "user@null.test").unwrap();
+    assert_eq!(null.event, EventKind::Bounced);
+    assert!(null.text.contains("null MX"), "{null:?}");
+    let fb = ev
+        .iter()
+        .find(|e| e.recipient == "user@fallback.test")
+        .unwrap();
+    assert_eq!(fb.mx.as_deref(), Some("mx2.fallback.test"));
+}
