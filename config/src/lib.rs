@@ -316,12 +316,18 @@ impl Default for EventsSettings {
 #[serde(deny_unknown_fields, default)]
 pub struct ApiSettings {
     pub listen: SocketAddr,
+    /// Bearer token required on /api/*. Required when `listen` is not a loopback address.
+    pub token: Option<String>,
+    /// Largest request body accepted (a batch of messages), in bytes.
+    pub max_request_bytes: usize,
 }
 
 impl Default for ApiSettings {
     fn default() -> Self {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 8025)),
+            token: None,
+            max_request_bytes: 32 * 1024 * 1024,
         }
     }
 }
@@ -503,6 +509,14 @@ impl Settings {
                     rule.class
                 ));
             }
+        }
+        if !self.api.listen.ip().is_loopback()
+            && self.api.token.as_deref().is_none_or(str::is_empty)
+        {
+            return Err(format!(
+                "api.token: required when api.listen ({}) is not a loopback address",
+                self.api.listen
+            ));
         }
         for (domain, target) in &self.routes {
             if !valid_route_target(target) {
