@@ -30,6 +30,8 @@ const AUTO_PURGE_EVERY: Duration = Duration::from_secs(60);
 /// Recovery applies its fixes in batches of this many writes.
 const RECOVERY_CHUNK: usize = 10_000;
 const REQUEST_QUEUE: usize = 4096;
+/// Most requests handled in one sled batch.
+const MAX_GROUP: usize = 1024;
 const EXPIRED_REPLY: &str = "expired in queue";
 /// Written next to sled's files once the store is initialised: tells "new, empty directory"
 /// apart from "sled could not read the data that was here".
@@ -644,6 +646,27 @@ impl Drop for Queue {
     }
 }
 
+fn forward(done: &Sender<Done>, d: Done) {
+    if let Err(e) = done.send(d) {
+        // The syncer is gone; answer directly.
+        let _ = e.0.reply.send(Err(QueueError::Closed {
+            reason: "syncer thread stopped".into(),
+        }));
+    }
+}
+
+/// Commits a group's `Tx` and passes its replies on to the syncer.
+fn commit_group(tx: Tx<'_>, group: Vec<Done>, done: &Sender<Done>) {
+    let res = tx.commit();
+    for mut d in group {
+        if let (Err(e), Ok(_)) = (&res, &d.result) {
+            d.result = Err(QueueError::Sled(e.clone()));
+            d.durable = false;
+        }
+        forward(done, d);
+    }
+}
+
 fn unexpected() -> QueueError {
     QueueError::Closed {
         reason: "internal error: unexpected reply from the writer".into(),
@@ -668,20 +691,51 @@ fn decode_record_kv(path: &Path, k: &[u8], v: &[u8]) -> Res<RecipientRecord> {
 /// plus an overlay so later reads in the same request see earlier writes.
 struct Tx<'a> {
     shared: &'a Shared,
-    batch: sled::Batch,
-    overlay: HashMap<Vec<u8>, Option<IVec>>,
+    /// Writes in order; turned into one sled `Batch` (last write per key wins) at commit.
+    ops: Vec<(IVec, Option<IVec>)>,
+    overlay: HashMap<IVec, Option<IVec>>,
+    /// Previous overlay values, for rolling back a failed request.
+    undo: Vec<(IVec, Option<Option<IVec>>)>,
     changes: Vec<Change>,
-    writes: usize,
+}
+
+/// Where a request started inside the group's `Tx`.
+struct Savepoint {
+    ops: usize,
+    undo: usize,
+    changes: usize,
 }
 
 impl<'a> Tx<'a> {
     fn new(shared: &'a Shared) -> Self {
         Tx {
             shared,
-            batch: sled::Batch::default(),
+            ops: Vec::new(),
             overlay: HashMap::new(),
+            undo: Vec::new(),
             changes: Vec::new(),
-            writes: 0,
+        }
+    }
+
+    fn savepoint(&self) -> Savepoint {
+        Savepoint {
+            ops: self.ops.len(),
+            undo: self.undo.len(),
+            changes: self.changes.len(),
+        }
+    }
+
+    /// Forgets every write made since `sp` (a request that failed half-way).
+    fn rollback(&mut self, sp: Savepoint) {
+        self.ops.truncate(sp.ops);
+        self.changes.truncate(sp.changes);
+        while self.undo.len() > sp.undo {
+            if let Some((k, prev)) = self.undo.pop() {
+                match prev {
+                    Some(v) => self.overlay.insert(k, v),
+                    None => self.overlay.remove(&k),
+                };
+            }
         }
     }
 
@@ -692,23 +746,23 @@ impl<'a> Tx<'a> {
         }
     }
 
-    fn insert(&mut self, key: &[u8], value: IVec) {
-        self.batch.insert(key, value.clone());
-        self.overlay.insert(key.to_vec(), Some(value));
-        self.writes += 1;
+    fn set(&mut self, key: &[u8], value: Option<IVec>) {
+        let k = IVec::from(key);
+        self.ops.push((k.clone(), value.clone()));
+        let prev = self.overlay.insert(k.clone(), value);
+        self.undo.push((k, prev));
     }
 
-    /// Insert that later reads of this request never need (bodies, index entries).
+    fn insert(&mut self, key: &[u8], value: IVec) {
+        self.set(key, Some(value));
+    }
+
     fn insert_blind(&mut self, key: &[u8], value: &[u8]) {
-        self.batch.insert(key, value);
-        self.overlay.remove(key);
-        self.writes += 1;
+        self.set(key, Some(IVec::from(value)));
     }
 
     fn remove(&mut self, key: &[u8]) {
-        self.batch.remove(key);
-        self.overlay.insert(key.to_vec(), None);
-        self.writes += 1;
+        self.set(key, None);
     }
 
     fn corrupt(&self, key: &[u8], detail: String) -> QueueError {
@@ -791,11 +845,19 @@ impl<'a> Tx<'a> {
         Ok(())
     }
 
-    fn commit(self) -> Res<()> {
-        if self.writes == 0 {
+    /// Applies everything as one sled batch: atomic, also across a crash.
+    fn commit(self) -> Result<(), sled::Error> {
+        if self.ops.is_empty() {
             return Ok(());
         }
-        self.shared.db.apply_batch(self.batch)?;
+        let mut batch = sled::Batch::default();
+        for (k, v) in self.ops {
+            match v {
+                Some(v) => batch.insert(k, v),
+                None => batch.remove(k),
+            }
+        }
+        self.shared.db.apply_batch(batch)?;
         let mut c = lock(&self.shared.counters);
         for ch in &self.changes {
             if let Some(s) = ch.old {
@@ -816,33 +878,74 @@ struct Writer {
 }
 
 impl Writer {
+    /// Takes every request that has arrived, handles them all in one `Tx` and commits it as
+    /// one sled batch (sled 0.34.7 writes out its log buffer twice per batch, so one batch
+    /// per request would cost about one I/O each), then hands the replies to the syncer.
     fn run(mut self, requests: Receiver<Request>, done: Sender<Done>) {
+        let shared = Arc::clone(&self.shared);
         loop {
             let wait = self.next_purge.saturating_duration_since(Instant::now());
-            match requests.recv_timeout(wait) {
-                Ok(req) => {
-                    let closed = lock(&self.shared.closed).clone();
-                    let (result, durable) = match closed {
-                        Some(reason) => (Err(QueueError::Closed { reason }), false),
-                        None => self.handle(req.op),
-                    };
-                    let d = Done {
+            let first = match requests.recv_timeout(wait) {
+                Ok(req) => Some(req),
+                Err(RecvTimeoutError::Timeout) => None,
+                Err(RecvTimeoutError::Disconnected) => return,
+            };
+            if let Some(first) = first {
+                let mut tx = Tx::new(&shared);
+                let mut group: Vec<Done> = Vec::new();
+                for req in std::iter::once(first).chain(requests.try_iter().take(MAX_GROUP)) {
+                    if let Some(reason) = lock(&shared.closed).clone() {
+                        group.push(Done {
+                            reply: req.reply,
+                            result: Err(QueueError::Closed { reason }),
+                            durable: false,
+                        });
+                        continue;
+                    }
+                    if let Op::Purge(cutoff) = req.op {
+                        // Purging commits in chunks of its own: commit what came before.
+                        commit_group(
+                            std::mem::replace(&mut tx, Tx::new(&shared)),
+                            std::mem::take(&mut group),
+                            &done,
+                        );
+                        let result = self.purge_all(cutoff).map(Reply::Count);
+                        forward(
+                            &done,
+                            Done {
+                                reply: req.reply,
+                                result,
+                                durable: true,
+                            },
+                        );
+                        continue;
+                    }
+                    let sp = tx.savepoint();
+                    let (result, durable) = self.handle(&mut tx, req.op);
+                    if result.is_err() {
+                        tx.rollback(sp);
+                    }
+                    group.push(Done {
                         reply: req.reply,
                         result,
                         durable,
-                    };
-                    if let Err(e) = done.send(d) {
-                        // The syncer is gone; answer directly.
-                        let _ = e.0.reply.send(Err(QueueError::Closed {
-                            reason: "syncer thread stopped".into(),
-                        }));
-                    }
+                    });
                 }
-                Err(RecvTimeoutError::Timeout) => {}
-                Err(RecvTimeoutError::Disconnected) => return,
+                commit_group(tx, group, &done);
             }
             if Instant::now() >= self.next_purge {
                 self.auto_purge();
+            }
+        }
+    }
+
+    fn purge_all(&mut self, cutoff: u64) -> Res<usize> {
+        let mut total = 0;
+        loop {
+            let n = self.purge_chunk(cutoff)?;
+            total += n;
+            if n < PURGE_CHUNK {
+                return Ok(total);
             }
         }
     }
@@ -869,42 +972,31 @@ impl Writer {
         }
     }
 
-    fn handle(&mut self, op: Op) -> (Res<Reply>, bool) {
+    fn handle(&mut self, tx: &mut Tx<'_>, op: Op) -> (Res<Reply>, bool) {
         match op {
-            Op::Enqueue(msgs) => (self.enqueue(msgs).map(Reply::Enqueued), true),
+            Op::Enqueue(msgs) => (self.enqueue(tx, msgs).map(Reply::Enqueued), true),
             Op::Take {
                 destination,
                 now_ms,
                 limit,
             } => (
-                self.take(destination.as_deref(), now_ms, limit)
+                self.take(tx, destination.as_deref(), now_ms, limit)
                     .map(Reply::Leases),
                 false,
             ),
             Op::Complete(items, now_ms) => {
-                (self.complete(items, now_ms).map(Reply::Completed), true)
+                (self.complete(tx, items, now_ms).map(Reply::Completed), true)
             }
-            Op::Expire(now_ms) => (self.expire(now_ms).map(Reply::Records), true),
-            Op::Retry(id, now_ms) => (self.retry(id, now_ms).map(Reply::Count), true),
-            Op::Delete(id) => (self.delete(id).map(Reply::Bool), true),
-            Op::Purge(cutoff) => {
-                let mut total = 0;
-                loop {
-                    match self.purge_chunk(cutoff) {
-                        Ok(n) => {
-                            total += n;
-                            if n < PURGE_CHUNK {
-                                break (Ok(Reply::Count(total)), true);
-                            }
-                        }
-                        Err(e) => break (Err(e), true),
-                    }
-                }
-            }
-            Op::SuppressAdd(a, reason, at) => {
-                (self.suppress_add(&a, &reason, at).map(Reply::Bool), true)
-            }
-            Op::SuppressRemove(a) => (self.suppress_remove(&a).map(Reply::Bool), true),
+            Op::Expire(now_ms) => (self.expire(tx, now_ms).map(Reply::Records), true),
+            Op::Retry(id, now_ms) => (self.retry(tx, id, now_ms).map(Reply::Count), true),
+            Op::Delete(id) => (self.delete(tx, id).map(Reply::Bool), true),
+            // Handled in `run` (commits on its own).
+            Op::Purge(_) => (Err(unexpected()), false),
+            Op::SuppressAdd(a, reason, at) => (
+                self.suppress_add(tx, &a, &reason, at).map(Reply::Bool),
+                true,
+            ),
+            Op::SuppressRemove(a) => (self.suppress_remove(tx, &a).map(Reply::Bool), true),
             Op::Flush => (Ok(Reply::Unit), true),
         }
     }
@@ -915,9 +1007,7 @@ impl Writer {
         MessageId(self.last_id)
     }
 
-    fn enqueue(&mut self, msgs: Vec<Checked>) -> Res<Vec<Res<Enqueued>>> {
-        let shared = Arc::clone(&self.shared);
-        let mut tx = Tx::new(&shared);
+    fn enqueue(&mut self, tx: &mut Tx<'_>, msgs: Vec<Checked>) -> Res<Vec<Res<Enqueued>>> {
         let now = SystemTime::now();
         let now_ms = to_millis(now);
         let created = from_millis(now_ms);
@@ -1005,7 +1095,6 @@ impl Writer {
                 suppressed,
             }));
         }
-        tx.commit()?;
         Ok(out)
     }
 
@@ -1013,10 +1102,15 @@ impl Writer {
         created_ms.saturating_add(lifetime_ms(&self.shared.opts)) <= now_ms
     }
 
-    fn take(&mut self, destination: Option<&str>, now_ms: u64, limit: usize) -> Res<Vec<Lease>> {
+    fn take(
+        &mut self,
+        tx: &mut Tx<'_>,
+        destination: Option<&str>,
+        now_ms: u64,
+        limit: usize,
+    ) -> Res<Vec<Lease>> {
         let shared = Arc::clone(&self.shared);
         let db = &shared.db;
-        let mut tx = Tx::new(&shared);
         let (iter, skip) = match destination {
             None => (db.range(vec![codec::P_SCHED]..codec::sched_end(now_ms)), 1),
             Some(d) => {
@@ -1074,7 +1168,6 @@ impl Writer {
                 break;
             }
         }
-        tx.commit()?;
         // Keep the due order, but put each (message, destination) group together so the
         // engine can send one transaction for several recipients.
         let mut rank: HashMap<(MessageId, String), usize> = HashMap::new();
@@ -1094,11 +1187,11 @@ impl Writer {
 
     fn complete(
         &mut self,
+        tx: &mut Tx<'_>,
         items: Vec<(RecipientId, Outcome)>,
         now_ms: u64,
     ) -> Res<Vec<Res<Completed>>> {
         let shared = Arc::clone(&self.shared);
-        let mut tx = Tx::new(&shared);
         let now = from_millis(now_ms);
         let lifetime = lifetime_ms(&shared.opts);
         let mut out = Vec::with_capacity(items.len());
@@ -1159,14 +1252,12 @@ impl Writer {
             tx.put_record(Some(RecipientState::Leased), &rec);
             out.push(Ok(Completed { state }));
         }
-        tx.commit()?;
         Ok(out)
     }
 
-    fn expire(&mut self, now_ms: u64) -> Res<Vec<RecipientRecord>> {
+    fn expire(&mut self, tx: &mut Tx<'_>, now_ms: u64) -> Res<Vec<RecipientRecord>> {
         let shared = Arc::clone(&self.shared);
         let db = &shared.db;
-        let mut tx = Tx::new(&shared);
         let now = from_millis(now_ms);
         let mut out = Vec::new();
         for item in db.range(vec![codec::P_SCHED]..codec::sched_end(now_ms)) {
@@ -1205,17 +1296,26 @@ impl Writer {
             tx.put_record(Some(RecipientState::Scheduled), &rec);
             out.push(rec);
         }
-        tx.commit()?;
         Ok(out)
     }
 
-    fn retry(&mut self, id: MessageId, now_ms: u64) -> Res<usize> {
-        let shared = Arc::clone(&self.shared);
-        let mut tx = Tx::new(&shared);
+    /// The records of a message as this group sees them (overlay included).
+    fn records_of(tx: &Tx<'_>, id: MessageId, meta: &Meta) -> Res<Vec<RecipientRecord>> {
+        let mut out = Vec::new();
+        for index in 0..meta.recipients {
+            if let Some(r) = tx.record(RecipientId { message: id, index })? {
+                out.push(r);
+            }
+        }
+        Ok(out)
+    }
+
+    fn retry(&mut self, tx: &mut Tx<'_>, id: MessageId, now_ms: u64) -> Res<usize> {
+        let Some(meta) = tx.meta(id)? else {
+            return Ok(0);
+        };
         let mut n = 0;
-        for item in shared.db.scan_prefix(codec::rcpt_prefix(id)) {
-            let (k, v) = item?;
-            let mut rec = decode_record_kv(&shared.path, &k, &v)?;
+        for mut rec in Self::records_of(tx, id, &meta)? {
             if rec.state != RecipientState::Scheduled {
                 continue;
             }
@@ -1228,19 +1328,14 @@ impl Writer {
             tx.schedule(&rec);
             tx.put_record(Some(RecipientState::Scheduled), &rec);
         }
-        tx.commit()?;
         Ok(n)
     }
 
-    fn delete(&mut self, id: MessageId) -> Res<bool> {
-        let shared = Arc::clone(&self.shared);
-        let mut tx = Tx::new(&shared);
+    fn delete(&mut self, tx: &mut Tx<'_>, id: MessageId) -> Res<bool> {
         let Some(meta) = tx.meta(id)? else {
             return Ok(false);
         };
-        for item in shared.db.scan_prefix(codec::rcpt_prefix(id)) {
-            let (k, v) = item?;
-            let rec = decode_record_kv(&shared.path, &k, &v)?;
+        for rec in Self::records_of(tx, id, &meta)? {
             if rec.state == RecipientState::Scheduled {
                 tx.unschedule(&rec);
             } else if rec.state.is_final() {
@@ -1253,7 +1348,6 @@ impl Writer {
             tx.remove(&codec::idem_key(k));
         }
         tx.remove(&codec::meta_key(id));
-        tx.commit()?;
         Ok(true)
     }
 
@@ -1298,27 +1392,27 @@ impl Writer {
         Ok(n)
     }
 
-    fn suppress_add(&mut self, address: &str, reason: &str, at_ms: u64) -> Res<bool> {
-        let shared = Arc::clone(&self.shared);
-        let mut tx = Tx::new(&shared);
+    fn suppress_add(
+        &mut self,
+        tx: &mut Tx<'_>,
+        address: &str,
+        reason: &str,
+        at_ms: u64,
+    ) -> Res<bool> {
         let k = codec::supp_key(address);
         if tx.get(&k)?.is_some() {
             return Ok(false);
         }
         tx.insert_blind(&k, &codec::encode_suppression(at_ms, reason));
-        tx.commit()?;
         Ok(true)
     }
 
-    fn suppress_remove(&mut self, address: &str) -> Res<bool> {
-        let shared = Arc::clone(&self.shared);
-        let mut tx = Tx::new(&shared);
+    fn suppress_remove(&mut self, tx: &mut Tx<'_>, address: &str) -> Res<bool> {
         let k = codec::supp_key(address);
         if tx.get(&k)?.is_none() {
             return Ok(false);
         }
         tx.remove(&k);
-        tx.commit()?;
         Ok(true)
     }
 }
@@ -1385,7 +1479,12 @@ impl Syncer {
             group.extend(done.try_iter());
             let needs_sync = group.iter().any(|d| d.durable && d.result.is_ok());
             if needs_sync {
-                if let Err(e) = self.sync() {
+                let t0 = Instant::now();
+                let r = self.sync();
+                if std::env::var("QDEBUG").is_ok() {
+                    eprintln!("sync group={} took={:?}", group.len(), t0.elapsed());
+                }
+                if let Err(e) = r {
                     let reason = format!("flush/fsync failed: {e}");
                     tracing::error!(path = %self.shared.path.display(), "{reason}; refusing further writes");
                     *lock(&self.shared.closed) = Some(reason.clone());
