@@ -1479,12 +1479,7 @@ impl Syncer {
             group.extend(done.try_iter());
             let needs_sync = group.iter().any(|d| d.durable && d.result.is_ok());
             if needs_sync {
-                let t0 = Instant::now();
-                let r = self.sync();
-                if std::env::var("QDEBUG").is_ok() {
-                    eprintln!("sync group={} took={:?}", group.len(), t0.elapsed());
-                }
-                if let Err(e) = r {
+                if let Err(e) = self.sync() {
                     let reason = format!("flush/fsync failed: {e}");
                     tracing::error!(path = %self.shared.path.display(), "{reason}; refusing further writes");
                     *lock(&self.shared.closed) = Some(reason.clone());

@@ -1,0 +1,309 @@
+//! Queue benchmark: durable enqueue throughput by producer count, take-and-complete
+//! throughput, disk and memory after filling with N messages and after draining + purging.
+//!
+//! ```text
+//! CARGO_TARGET_DIR=target-queue cargo bench -p bulksend-benches --bench queue -- \
+//!     [--n 200000] [--secs 5] [--producers 1,8,64] [--rounds 1] [--cache-mib 64] [--dir PATH]
+//! ```
+//! `--n` may also come from `BULKSEND_BENCH_N`.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use bulksend_benches::{dir_size, mib, rss};
+use bulksend_queue::{NewMessage, Outcome, Queue, QueueOptions};
+
+struct Args {
+    n: u64,
+    secs: u64,
+    producers: Vec<usize>,
+    rounds: u32,
+    cache_mib: u64,
+    dir: Option<PathBuf>,
+    skip_throughput: bool,
+}
+
+fn parse_args() -> Args {
+    let mut a = Args {
+        n: std::env::var("BULKSEND_BENCH_N")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(200_000),
+        secs: 5,
+        producers: vec![1, 8, 64],
+        rounds: 1,
+        cache_mib: 64,
+        dir: None,
+        skip_throughput: false,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(arg) = it.next() {
+        let mut val = || it.next().unwrap_or_default();
+        match arg.as_str() {
+            "--n" => a.n = val().parse().unwrap_or(a.n),
+            "--secs" => a.secs = val().parse().unwrap_or(a.secs),
+            "--rounds" => a.rounds = val().parse().unwrap_or(a.rounds),
+            "--cache-mib" => a.cache_mib = val().parse().unwrap_or(a.cache_mib),
+            "--dir" => a.dir = Some(PathBuf::from(val())),
+            "--producers" => {
+                a.producers = val().split(',').filter_map(|s| s.parse().ok()).collect();
+            }
+            "--skip-throughput" => a.skip_throughput = true,
+            "--bench" => {} // passed by cargo bench
+            other => eprintln!("ignoring argument {other:?}"),
+        }
+    }
+    a
+}
+
+fn body() -> Vec<u8> {
+    let mut b = b"From: news@sender.test\r\nTo: you\r\nSubject: benchmark\r\n\r\n".to_vec();
+    b.resize(2048, b'x');
+    b
+}
+
+fn message(p: usize, i: u64, body: &[u8]) -> NewMessage {
+    NewMessage {
+        idempotency_key: Some(format!("p{p}-{i}")),
+        sender: "news@sender.test".into(),
+        recipients: vec![format!("user{i}@d{}.test", i % 100)],
+        body: body.to_vec(),
+    }
+}
+
+fn opts(cache_mib: u64, durable: bool) -> QueueOptions {
+    QueueOptions {
+        cache_capacity_bytes: cache_mib << 20,
+        durable,
+        ..QueueOptions::default()
+    }
+}
+
+/// `producers` threads enqueue one message at a time until `limit` messages or `secs`.
+fn enqueue_run(q: &Arc<Queue>, producers: usize, limit: u64, secs: u64, offset: u64) -> (u64, f64) {
+    let count = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let start = Instant::now();
+    let deadline = start
+        .checked_add(Duration::from_secs(secs))
+        .unwrap_or(start + Duration::from_secs(10 * 365 * 86_400));
+    let threads: Vec<_> = (0..producers)
+        .map(|p| {
+            let (q, count, stop) = (Arc::clone(q), Arc::clone(&count), Arc::clone(&stop));
+            std::thread::spawn(move || {
+                let body = body();
+                while !stop.load(Ordering::Relaxed) {
+                    let i = count.fetch_add(1, Ordering::Relaxed);
+                    if i >= limit {
+                        count.fetch_sub(1, Ordering::Relaxed);
+                        break;
+                    }
+                    if let Err(e) = q.enqueue(message(p, offset + i, &body)) {
+                        eprintln!("enqueue failed: {e}");
+                        stop.store(true, Ordering::Relaxed);
+                    }
+                    if Instant::now() >= deadline {
+                        stop.store(true, Ordering::Relaxed);
+                    }
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        let _ = t.join();
+    }
+    let n = count.load(Ordering::Relaxed);
+    (n, n as f64 / start.elapsed().as_secs_f64())
+}
+
+fn row(name: &str, value: String) {
+    println!("| {name:<58} | {value:>26} |");
+}
+
+fn throughput(a: &Args, base: &Path) {
+    println!(
+        "\n### Enqueue throughput (2 KiB bodies, 1 recipient, idempotency key; {} s per run)\n",
+        a.secs
+    );
+    println!("| {:<58} | {:>26} |", "run", "msg/s");
+    println!("|{}|{}|", "-".repeat(60), "-".repeat(28));
+    let mut runs: Vec<(usize, bool)> = a.producers.iter().map(|&p| (p, true)).collect();
+    if let Some(&max) = a.producers.iter().max() {
+        runs.push((max, false));
+        runs.push((1, false));
+    }
+    for (p, durable) in runs {
+        let dir = base.join(format!("tp-{p}-{durable}"));
+        let q = Arc::new(
+            Queue::open(&dir, opts(a.cache_mib, durable)).unwrap_or_else(|e| panic!("{e}")),
+        );
+        let (n, rate) = enqueue_run(&q, p, u64::MAX, a.secs, 0);
+        let what = if durable {
+            "durable (flush + fdatasync)"
+        } else {
+            "durable: false (flush only)"
+        };
+        row(
+            &format!("enqueue, {p} producers, {what}"),
+            format!("{rate:.0} ({n} msgs)"),
+        );
+        drop(q);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    // enqueue_batch: 8 producers x batches of 100.
+    let dir = base.join("tp-batch");
+    let q = Arc::new(Queue::open(&dir, opts(a.cache_mib, true)).unwrap_or_else(|e| panic!("{e}")));
+    let count = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    let deadline = start + Duration::from_secs(a.secs);
+    let threads: Vec<_> = (0..8)
+        .map(|p| {
+            let (q, count) = (Arc::clone(&q), Arc::clone(&count));
+            std::thread::spawn(move || {
+                let body = body();
+                let mut i = 0u64;
+                while Instant::now() < deadline {
+                    let batch: Vec<_> = (0..100).map(|j| message(p, i * 100 + j, &body)).collect();
+                    if q.enqueue_batch(batch).is_err() {
+                        break;
+                    }
+                    count.fetch_add(100, Ordering::Relaxed);
+                    i += 1;
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        let _ = t.join();
+    }
+    let n = count.load(Ordering::Relaxed);
+    row(
+        "enqueue_batch(100), 8 producers, durable",
+        format!("{:.0} ({n} msgs)", n as f64 / start.elapsed().as_secs_f64()),
+    );
+    drop(q);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn lifecycle(a: &Args, base: &Path) {
+    let dir = base.join("lifecycle");
+    let producers = a.producers.iter().copied().max().unwrap_or(64);
+    println!(
+        "\n### Fill / drain (N = {}, {} round(s), {} producers, cache_capacity {} MiB)\n",
+        a.n, a.rounds, producers, a.cache_mib
+    );
+    println!("| {:<58} | {:>26} |", "step", "value");
+    println!("|{}|{}|", "-".repeat(60), "-".repeat(28));
+    let (r, h) = rss();
+    row(
+        "RSS before open (VmRSS / VmHWM)",
+        format!("{} / {}", mib(r), mib(h)),
+    );
+    let q = Arc::new(Queue::open(&dir, opts(a.cache_mib, true)).unwrap_or_else(|e| panic!("{e}")));
+    for round in 0..a.rounds {
+        let offset = u64::from(round) * a.n;
+        let (n, rate) = enqueue_run(&q, producers, a.n, u64::MAX, offset);
+        row(
+            &format!("round {round}: fill {n} msgs, durable enqueue"),
+            format!("{rate:.0} msg/s"),
+        );
+        let s = q.stats();
+        row(
+            &format!("round {round}: disk after fill (sled / dir)"),
+            format!("{} / {}", mib(s.disk_bytes), mib(dir_size(&dir))),
+        );
+        let (r, h) = rss();
+        row(
+            &format!("round {round}: RSS after fill (VmRSS / VmHWM)"),
+            format!("{} / {}", mib(r), mib(h)),
+        );
+
+        // Drain: one thread takes 1000 at a time and completes them as delivered.
+        let start = Instant::now();
+        let mut done = 0u64;
+        loop {
+            let leases = q
+                .take_due(SystemTime::now(), 1000)
+                .unwrap_or_else(|e| panic!("{e}"));
+            if leases.is_empty() {
+                break;
+            }
+            let items: Vec<_> = leases
+                .iter()
+                .map(|l| {
+                    (
+                        l.recipient.id,
+                        Outcome::Delivered {
+                            reply: "250 2.0.0 ok".into(),
+                        },
+                    )
+                })
+                .collect();
+            done += items.len() as u64;
+            for r in q.complete_batch(items).unwrap_or_else(|e| panic!("{e}")) {
+                r.unwrap_or_else(|e| panic!("{e}"));
+            }
+        }
+        row(
+            &format!("round {round}: take_due(1000) + complete_batch, 1 thread"),
+            format!("{:.0} rcpt/s", done as f64 / start.elapsed().as_secs_f64()),
+        );
+        let s = q.stats();
+        row(
+            &format!("round {round}: disk after drain (sled / dir)"),
+            format!("{} / {}", mib(s.disk_bytes), mib(dir_size(&dir))),
+        );
+        let start = Instant::now();
+        let purged = q
+            .purge_final(SystemTime::now() + Duration::from_secs(1))
+            .unwrap_or_else(|e| panic!("{e}"));
+        row(
+            &format!("round {round}: purge_final ({purged} records)"),
+            format!("{:.0} rec/s", purged as f64 / start.elapsed().as_secs_f64()),
+        );
+        q.flush().unwrap_or_else(|e| panic!("{e}"));
+        let s = q.stats();
+        row(
+            &format!("round {round}: disk after purge (sled / dir)"),
+            format!("{} / {}", mib(s.disk_bytes), mib(dir_size(&dir))),
+        );
+        let (r, h) = rss();
+        row(
+            &format!("round {round}: RSS after drain + purge (VmRSS / VmHWM)"),
+            format!("{} / {}", mib(r), mib(h)),
+        );
+    }
+    drop(q);
+    let start = Instant::now();
+    let q = Queue::open(&dir, opts(a.cache_mib, true)).unwrap_or_else(|e| panic!("{e}"));
+    row(
+        "reopen of the drained queue",
+        format!("{:.2} s", start.elapsed().as_secs_f64()),
+    );
+    row(
+        "disk after reopen (sled / dir)",
+        format!("{} / {}", mib(q.stats().disk_bytes), mib(dir_size(&dir))),
+    );
+    drop(q);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn main() {
+    let a = parse_args();
+    let tmp;
+    let base = match &a.dir {
+        Some(d) => d.clone(),
+        None => {
+            tmp = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
+            tmp.path().to_path_buf()
+        }
+    };
+    println!("queue benchmark in {}", base.display());
+    // Fill/drain first, so its RSS figures are not inflated by the throughput runs.
+    lifecycle(&a, &base);
+    if !a.skip_throughput {
+        throughput(&a, &base);
+    }
+}
