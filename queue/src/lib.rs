@@ -19,7 +19,7 @@
 //!
 //! Everything lives in sled's default tree, one key prefix per logical table, so that one
 //! sled `Batch` — atomic also across a crash, but limited to one tree — covers every write of
-//! a request (a message's metadata, body, records, schedule entries and idempotency key land
+//! a group of requests (a message's metadata, body, records, schedule entries and idempotency key land
 //! together or not at all). Integers in keys are big-endian so byte order is numeric order.
 //!
 //! | key | value |
@@ -39,12 +39,15 @@
 //!
 //! # Durability and group commit
 //!
-//! All mutations go through one *writer* thread fed by a bounded crossbeam channel. For each
-//! request it reads what it needs, builds one sled `Batch` and applies it, then hands the
-//! reply to a *syncer* thread. The syncer takes every reply that has accumulated, calls
-//! `db.flush()` once, then — because sled 0.34.7's flush only uses `sync_file_range`, which
-//! neither flushes the device cache nor the file's metadata — `fdatasync`s sled's `db` file
-//! (and any file in `blobs/`, which sled writes without syncing), and only then answers all of
+//! All mutations go through one *writer* thread fed by a bounded crossbeam channel. It takes
+//! every request that has arrived, handles them in order against one pending write set (each
+//! request with a savepoint, so a request that fails is rolled back alone) and applies the
+//! whole group as **one** sled `Batch` — one per group, not per request, because sled 0.34.7
+//! writes out its log buffer before and after every batch. It then hands the replies to a
+//! *syncer* thread. The syncer takes every reply that has accumulated, calls `db.flush()`
+//! once, then — because sled 0.34.7's flush only uses `sync_file_range`, which flushes neither
+//! the device cache nor the file's metadata — `fdatasync`s sled's `db` file (and any file in
+//! `blobs/`, which sled writes without syncing), and only then answers all of
 //! them. While the syncer syncs, the writer applies the next requests, so the cost of one
 //! flush is shared by every concurrent caller: throughput grows with concurrency.
 //! [`Queue::enqueue`], [`Queue::complete`], suppression changes, retry, delete and expiry
@@ -58,7 +61,7 @@
 //! If a flush or fsync fails the queue refuses all further writes ([`QueueError::Closed`]):
 //! after a failed fsync the state of the unsynced writes is unknown.
 //!
-//! Because every request is one atomic batch, a crash cannot leave half a message behind;
+//! Because every group is one atomic batch, a crash cannot leave half a message behind;
 //! recovery still removes records without a message and messages without records or body,
 //! should any appear.
 //!

@@ -1,4 +1,4 @@
-//! The queue: request types, the writer thread (all mutations, one sled `Batch` per request)
+//! The queue: request types, the writer thread (all mutations, one sled `Batch` per group of requests)
 //! and the syncer thread (group flush + fdatasync, then the acknowledgements).
 
 use std::collections::{HashMap, HashSet};
