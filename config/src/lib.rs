@@ -663,3 +663,38 @@ max_queue_lifetime = "3d"
         );
     }
 }
+
+#[cfg(test)]
+mod example_file {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    /// deploy/bulksend.toml documents every setting; it must load, and with its commented
+    /// examples removed it must equal the defaults (so the documented defaults are true).
+    #[test]
+    fn deploy_example_is_valid_and_states_the_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/bulksend.toml");
+        let s = Settings::load_with_env(Some(&path), Vec::new()).unwrap();
+        assert_eq!(s, Settings::default());
+        // Every top-level section and every timeout key appears in the file.
+        let text = std::fs::read_to_string(&path).unwrap();
+        let defaults = toml::Value::try_from(Settings::default()).unwrap();
+        for (section, value) in defaults.as_table().unwrap() {
+            assert!(
+                text.contains(&format!("[{section}]"))
+                    || text.contains(&format!("[{section}."))
+                    || text.contains(&format!("[[{section}.")),
+                "section {section} undocumented"
+            );
+            if let Some(t) = value.as_table() {
+                for key in t.keys() {
+                    assert!(
+                        text.contains(&format!("{key} ="))
+                            || text.contains(&format!("[{section}.{key}]")),
+                        "{section}.{key} undocumented"
+                    );
+                }
+            }
+        }
+    }
+}
