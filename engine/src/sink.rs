@@ -144,8 +144,10 @@ async fn serve(
                 }
                 Some(b"RCPT") => {
                     let unknown = opts.reject_unknown
-                        && line.len() > 12
-                        && line[9..].to_ascii_lowercase().starts_with(b"<unknown");
+                        && line
+                            .iter()
+                            .position(|&b| b == b'<')
+                            .is_some_and(|i| line[i + 1..].to_ascii_lowercase().starts_with(b"unknown"));
                     if unknown {
                         stats.rejected_recipients.fetch_add(1, Ordering::Relaxed);
                         out.extend_from_slice(b"550 5.1.1 Recipient address rejected: User unknown\r\n");

@@ -1,0 +1,111 @@
+//! What every command needs: settings, logging, the queue, and (for `serve`/`demo`) the engine.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use bulksend_config::{LogFormat, Settings};
+use bulksend_engine::delivery::Engine;
+use bulksend_engine::events::{EventSink, FileEvents};
+use bulksend_engine::route::{HickoryDns, Router};
+use bulksend_queue::{Queue, QueueOptions};
+
+/// Loads and validates the settings (file optional, then `BULKSEND_*`).
+pub(crate) fn settings(file: Option<&Path>) -> anyhow::Result<Arc<Settings>> {
+    Ok(Arc::new(Settings::load(file)?))
+}
+
+/// Installs the tracing subscriber: `RUST_LOG` wins over `log.level`.
+pub(crate) fn init_logging(settings: &Settings) {
+    use tracing_subscriber::EnvFilter;
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&settings.log.level));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match settings.log.format {
+        LogFormat::Human => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+}
+
+pub(crate) fn queue_options(settings: &Settings) -> QueueOptions {
+    QueueOptions {
+        cache_capacity_bytes: settings.queue.cache_capacity_mb * 1024 * 1024,
+        max_queue_lifetime: settings.delivery.max_queue_lifetime,
+        ..QueueOptions::default()
+    }
+}
+
+/// Opens the queue, with a hint when another process holds it.
+pub(crate) fn open_queue(settings: &Settings) -> anyhow::Result<Arc<Queue>> {
+    let path = &settings.queue.path;
+    std::fs::create_dir_all(path)
+        .with_context(|| format!("cannot create queue directory {}", path.display()))?;
+    Queue::open(path, queue_options(settings))
+        .map(Arc::new)
+        .map_err(|e| {
+            let text = e.to_string();
+            if text.contains("lock") || text.contains("WouldBlock") || text.contains("temporarily unavailable") {
+                anyhow::anyhow!(
+                    "{text}\nhint: the queue at {} is in use; is `bulksend serve` running? Then use --server URL",
+                    path.display()
+                )
+            } else {
+                anyhow::Error::new(e)
+            }
+        })
+}
+
+/// Builds the delivery engine on `queue`, with events written to `events`.
+pub(crate) fn engine(
+    settings: &Arc<Settings>,
+    queue: Arc<Queue>,
+    events: Arc<dyn EventSink>,
+) -> anyhow::Result<Engine> {
+    let dns = HickoryDns::new(&settings.dns.nameservers, Duration::from_secs(5))
+        .map_err(|e| anyhow::anyhow!("DNS resolver: {e}"))?;
+    let router = Arc::new(Router::new(
+        &settings.routes,
+        settings.dns.smtp_port,
+        Arc::new(dns),
+    ));
+    Ok(Engine::new(settings.clone(), queue, router, events)?)
+}
+
+pub(crate) fn file_events(settings: &Settings) -> anyhow::Result<Arc<dyn EventSink>> {
+    let path = &settings.events.path;
+    let ev = FileEvents::open(path)
+        .with_context(|| format!("cannot open events file {}", path.display()))?;
+    Ok(Arc::new(ev))
+}
+
+/// Installs the Prometheus recorder with an HTTP listener on `metrics.listen`.
+pub(crate) fn install_metrics(settings: &Settings) -> anyhow::Result<()> {
+    use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
+    const BUCKETS: &[f64] = &[
+        0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 3600.0,
+        86400.0,
+    ];
+    PrometheusBuilder::new()
+        .with_http_listener(settings.metrics.listen)
+        .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), BUCKETS)?
+        .install()
+        .with_context(|| format!("cannot serve metrics on {}", settings.metrics.listen))?;
+    bulksend_engine::metrics::describe();
+    Ok(())
+}
+
+/// Publishes queue depth by state every few seconds (cheap: the queue keeps counters).
+pub(crate) fn spawn_queue_gauges(queue: Arc<Queue>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            let stats = queue.stats();
+            for (state, n) in &stats.by_state {
+                metrics::gauge!(bulksend_engine::metrics::QUEUE_RECIPIENTS, "state" => state.as_str()).set(*n as f64);
+            }
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        }
+    })
+}
