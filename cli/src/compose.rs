@@ -86,7 +86,11 @@ impl JsonMessage {
         }
         let body = match &self.raw {
             Some(raw) => {
-                if self.subject.is_some() || self.text.is_some() || self.html.is_some() || !self.headers.is_empty() {
+                if self.subject.is_some()
+                    || self.text.is_some()
+                    || self.html.is_some()
+                    || !self.headers.is_empty()
+                {
                     return Err(bad("raw", "raw excludes subject, text, html and headers"));
                 }
                 check_raw(raw.as_bytes())?;
@@ -110,7 +114,9 @@ impl JsonMessage {
 
     fn compose(&self, from: &Address, to: &[Address]) -> Result<Vec<u8>, FieldError> {
         let mbox = |a: &Address, field: &str| -> Result<Mailbox, FieldError> {
-            a.as_str().parse::<Mailbox>().map_err(|e| bad(field, e.to_string()))
+            a.as_str()
+                .parse::<Mailbox>()
+                .map_err(|e| bad(field, e.to_string()))
         };
         let mut b = lettre::Message::builder().from(mbox(from, "from")?);
         for (i, t) in to.iter().enumerate() {
@@ -136,9 +142,19 @@ impl JsonMessage {
         }
         b = b.date_now().message_id(None);
         let msg = match (&self.text, &self.html) {
-            (Some(t), Some(h)) => b.multipart(MultiPart::alternative_plain_html(t.clone(), h.clone())),
-            (Some(t), None) => b.singlepart(SinglePart::builder().header(ContentType::TEXT_PLAIN).body(t.clone())),
-            (None, Some(h)) => b.singlepart(SinglePart::builder().header(ContentType::TEXT_HTML).body(h.clone())),
+            (Some(t), Some(h)) => {
+                b.multipart(MultiPart::alternative_plain_html(t.clone(), h.clone()))
+            }
+            (Some(t), None) => b.singlepart(
+                SinglePart::builder()
+                    .header(ContentType::TEXT_PLAIN)
+                    .body(t.clone()),
+            ),
+            (None, Some(h)) => b.singlepart(
+                SinglePart::builder()
+                    .header(ContentType::TEXT_HTML)
+                    .body(h.clone()),
+            ),
             (None, None) => return Err(bad("text", "one of text, html or raw is required")),
         }
         .map_err(|e| bad("message", e.to_string()))?;
@@ -186,7 +202,13 @@ mod tests {
         assert_eq!(m.idempotency_key.as_deref(), Some("k1"));
         assert_eq!(m.recipients, vec!["a@x.test", "b@y.test"]);
         let text = String::from_utf8(m.body).unwrap();
-        for needle in ["Date: ", "Message-ID: <", "X-Campaign: c42", "multipart/alternative", "Subject: =?utf-8?"] {
+        for needle in [
+            "Date: ",
+            "Message-ID: <",
+            "X-Campaign: c42",
+            "multipart/alternative",
+            "Subject: =?utf-8?",
+        ] {
             assert!(text.contains(needle), "{needle} missing in\n{text}");
         }
     }
@@ -196,15 +218,39 @@ mod tests {
         let cases = [
             (r#"{"from":"nope","to":["a@x.test"],"text":"x"}"#, "from"),
             (r#"{"from":"f@x.test","to":[],"text":"x"}"#, "to"),
-            (r#"{"from":"f@x.test","to":["a@x.test","bad\r\nRCPT"],"text":"x"}"#, "to[1]"),
-            (r#"{"from":"f@x.test","to":["a@x.test"],"subject":"a\r\nBcc: x@y","text":"x"}"#, "subject"),
-            (r#"{"from":"f@x.test","to":["a@x.test"],"text":"x","headers":{"X-A":"1\r\nBcc: v@w"}}"#, "headers.X-A"),
-            (r#"{"from":"f@x.test","to":["a@x.test"],"text":"x","headers":{"From":"x@y"}}"#, "headers.From"),
-            (r#"{"from":"f@x.test","to":["a@x.test"],"text":"x","headers":{"Bad Name":"v"}}"#, "headers.Bad Name"),
+            (
+                r#"{"from":"f@x.test","to":["a@x.test","bad\r\nRCPT"],"text":"x"}"#,
+                "to[1]",
+            ),
+            (
+                r#"{"from":"f@x.test","to":["a@x.test"],"subject":"a\r\nBcc: x@y","text":"x"}"#,
+                "subject",
+            ),
+            (
+                r#"{"from":"f@x.test","to":["a@x.test"],"text":"x","headers":{"X-A":"1\r\nBcc: v@w"}}"#,
+                "headers.X-A",
+            ),
+            (
+                r#"{"from":"f@x.test","to":["a@x.test"],"text":"x","headers":{"From":"x@y"}}"#,
+                "headers.From",
+            ),
+            (
+                r#"{"from":"f@x.test","to":["a@x.test"],"text":"x","headers":{"Bad Name":"v"}}"#,
+                "headers.Bad Name",
+            ),
             (r#"{"from":"f@x.test","to":["a@x.test"]}"#, "text"),
-            (r#"{"from":"f@x.test","to":["a@x.test"],"raw":"no header here"}"#, "raw"),
-            (r#"{"from":"f@x.test","to":["a@x.test"],"raw":"Subject: x\n\nbody","text":"x"}"#, "raw"),
-            (r#"{"from":"f@x.test","to":["a@x.test"],"text":"x","id":""}"#, "id"),
+            (
+                r#"{"from":"f@x.test","to":["a@x.test"],"raw":"no header here"}"#,
+                "raw",
+            ),
+            (
+                r#"{"from":"f@x.test","to":["a@x.test"],"raw":"Subject: x\n\nbody","text":"x"}"#,
+                "raw",
+            ),
+            (
+                r#"{"from":"f@x.test","to":["a@x.test"],"text":"x","id":""}"#,
+                "id",
+            ),
         ];
         for (json, field) in cases {
             let err = parse(json).build(1 << 20).unwrap_err();
@@ -217,14 +263,18 @@ mod tests {
             ..JsonMessage::default()
         };
         assert!(big.build(1000).unwrap_err().message.contains("limit"));
-        assert!(serde_json::from_str::<JsonMessage>(r#"{"from":"f@x.test","to":[],"bogus":1}"#).is_err());
+        assert!(
+            serde_json::from_str::<JsonMessage>(r#"{"from":"f@x.test","to":[],"bogus":1}"#)
+                .is_err()
+        );
     }
 
     #[test]
     fn raw_is_kept() {
-        let m = parse(r#"{"from":"f@x.test","to":["a@x.test"],"raw":"Subject: x\r\n\r\nbody\r\n"}"#)
-            .build(1 << 20)
-            .unwrap();
+        let m =
+            parse(r#"{"from":"f@x.test","to":["a@x.test"],"raw":"Subject: x\r\n\r\nbody\r\n"}"#)
+                .build(1 << 20)
+                .unwrap();
         assert_eq!(m.body, b"Subject: x\r\n\r\nbody\r\n");
     }
 }
