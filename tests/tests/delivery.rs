@@ -386,7 +386,7 @@ async fn harvesting_guard_pauses_a_destination() {
         .filter(|c| c.starts_with("RCPT"))
         .count();
     assert!(
-        offered >= 20 && offered < 40,
+        (20..40).contains(&offered),
         "paused soon after the sample filled: {offered} offered"
     );
     let d = &r.engine.destinations()[0];

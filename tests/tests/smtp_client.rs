@@ -14,6 +14,9 @@ use bulksend_tests::{reply, Action, Script, ScriptedServer, TestPki};
 
 const LONG: Duration = Duration::from_secs(30);
 
+/// A scripted server's answer to one event.
+type Handler = fn(&bulksend_tests::Ctx<'_>) -> Option<Action>;
+
 fn timeouts() -> Timeouts {
     Timeouts {
         connect: LONG,
@@ -122,8 +125,7 @@ async fn lockstep_without_pipelining() {
 #[tokio::test]
 async fn quit_on_success_4xx_5xx_and_all_rejected() {
     // (name, handler, pipelining?)
-    type H = fn(&bulksend_tests::Ctx<'_>) -> Option<Action>;
-    let cases: Vec<(&str, H)> = vec![
+    let cases: Vec<(&str, Handler)> = vec![
         ("success", |_| None),
         ("mail 5xx", |c| {
             (c.verb == "MAIL").then(|| reply("550 5.7.1 Sender rejected"))
@@ -283,7 +285,7 @@ async fn connection_reuse_and_rset_only_when_needed() {
 #[tokio::test]
 async fn stall_trips_the_timeout_of_that_phase() {
     let short = Duration::from_millis(300);
-    let cases: Vec<(Phase, fn(&bulksend_tests::Ctx<'_>) -> Option<Action>)> = vec![
+    let cases: Vec<(Phase, Handler)> = vec![
         (Phase::Greeting, |c| {
             (c.line == "<GREETING>").then_some(Action::Stall)
         }),
@@ -531,7 +533,7 @@ async fn server_421_ends_the_session_at_once() {
 
 #[tokio::test]
 async fn garbage_replies_are_protocol_errors() {
-    let cases: Vec<(Phase, fn(&bulksend_tests::Ctx<'_>) -> Option<Action>)> = vec![
+    let cases: Vec<(Phase, Handler)> = vec![
         (Phase::Greeting, |c| {
             (c.line == "<GREETING>").then(|| Action::Raw(b"SSH-2.0-OpenSSH_9.6\r\n".to_vec()))
         }),
