@@ -6,6 +6,7 @@
 #![allow(clippy::unwrap_used, unreachable_pub)]
 
 pub mod dns;
+pub mod postfix;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
