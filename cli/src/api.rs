@@ -24,7 +24,7 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
@@ -42,6 +42,7 @@ use bulksend_queue::{
 };
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use crate::client::Receipt;
@@ -64,8 +65,19 @@ pub struct ApiState {
     pub ready: Arc<AtomicBool>,
 }
 
+/// `/api/*` requests handled at once. Each may buffer up to `max_request_bytes`, so this
+/// bounds the memory requests can take; more wait (unread) for a permit.
+pub const MAX_CONCURRENT_REQUESTS: usize = 32;
+
+/// After shutdown, requests in progress get this long to finish; then their connections are
+/// dropped. A queue write already started still completes (it runs on its own thread), so
+/// an enqueue is never half-done: at worst its reply is lost, and a retry with the same
+/// `id` returns the stored message.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+
 /// The API's routes, with authentication and the body size limit.
 pub fn router(state: Arc<ApiState>) -> Router {
+    let permits = Arc::new(Semaphore::new(MAX_CONCURRENT_REQUESTS));
     let api = Router::new()
         .route("/api/v1/messages", post(post_messages))
         .route("/api/v1/messages/{id}", get(get_message))
@@ -77,6 +89,18 @@ pub fn router(state: Arc<ApiState>) -> Router {
             "/api/v1/suppressions/{address}",
             get(get_suppression).delete(remove_suppression),
         )
+        .route_layer(middleware::from_fn(move |req: Request, next: Next| {
+            let permits = permits.clone();
+            async move {
+                // Held while the body is read and the queue works on it; the requests that
+                // wait are not read, so TCP pushes back on their senders.
+                let Ok(_permit) = permits.acquire_owned().await else {
+                    return ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "shutting down")
+                        .into_response();
+                };
+                next.run(req).await
+            }
+        }))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
         .route("/healthz", get(healthz))
@@ -89,15 +113,27 @@ pub fn router(state: Arc<ApiState>) -> Router {
 }
 
 /// Serves the API on `listener` until `shutdown` is cancelled, then stops accepting and waits
-/// for requests in progress (an enqueue being made durable is never cut off).
+/// for requests in progress, at most [`SHUTDOWN_GRACE`].
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: Arc<ApiState>,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(shutdown.cancelled_owned())
-        .await
+    let server = axum::serve(listener, router(state))
+        .with_graceful_shutdown(shutdown.clone().cancelled_owned());
+    tokio::select! {
+        r = server => r,
+        () = async {
+            shutdown.cancelled().await;
+            tokio::time::sleep(SHUTDOWN_GRACE).await;
+        } => {
+            tracing::warn!(
+                grace = ?SHUTDOWN_GRACE,
+                "API requests still open after the shutdown grace period; dropping them"
+            );
+            Ok(())
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------
