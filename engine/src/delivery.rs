@@ -293,17 +293,9 @@ impl Engine {
         let inner = &self.inner;
         inner.stop_token().cancel();
         // Ready jobs that no worker has started go back to scheduled, unchanged.
-        let dests: Vec<Arc<Dest>> = inner
-            .dests
-            .lock()
-            .map(|d| d.values().cloned().collect())
-            .unwrap_or_default();
+        let dests: Vec<Arc<Dest>> = lock(&inner.dests).values().cloned().collect();
         for d in &dests {
-            let jobs: Vec<Job> = d
-                .state
-                .lock()
-                .map(|mut s| s.ready.drain(..).collect())
-                .unwrap_or_default();
+            let jobs: Vec<Job> = lock(&d.state).ready.drain(..).collect();
             let items: Vec<(RecipientId, Outcome)> = jobs
                 .iter()
                 .flat_map(|j| j.rcpts.iter().map(|r| (r.id, Outcome::Released)))
@@ -328,17 +320,12 @@ impl Engine {
 
     /// Every destination's state.
     pub fn destinations(&self) -> Vec<DestStatus> {
-        let dests: Vec<Arc<Dest>> = self
-            .inner
-            .dests
-            .lock()
-            .map(|d| d.values().cloned().collect())
-            .unwrap_or_default();
+        let dests: Vec<Arc<Dest>> = lock(&self.inner.dests).values().cloned().collect();
         let mut out: Vec<DestStatus> = dests
             .iter()
-            .filter_map(|d| {
-                let s = d.state.lock().ok()?;
-                Some(DestStatus {
+            .map(|d| {
+                let s = lock(&d.state);
+                DestStatus {
                     key: d.key.clone(),
                     active: s.active,
                     limit: s.limit,
@@ -346,7 +333,7 @@ impl Engine {
                     ready: s.ready.len(),
                     paused_until: s.paused_until.filter(|t| *t > Instant::now()),
                     pauses: s.pauses,
-                })
+                }
             })
             .collect();
         out.sort_by(|a, b| a.key.cmp(&b.key));
@@ -507,15 +494,11 @@ impl Inner {
 
     /// The destination for `route`, created on first use.
     fn dest(self: &Arc<Self>, route: &Arc<Route>, domain: &str) -> Arc<Dest> {
-        let mut dests = match self.dests.lock() {
-            Ok(d) => d,
-            Err(poisoned) => poisoned.into_inner(),
-        };
+        let mut dests = lock(&self.dests);
         if let Some(d) = dests.get(&route.destination) {
-            if let Ok(mut r) = d.route.lock() {
-                if !Arc::ptr_eq(&r, route) {
-                    *r = route.clone();
-                }
+            let mut r = lock(&d.route);
+            if !Arc::ptr_eq(&r, route) {
+                *r = route.clone();
             }
             return d.clone();
         }
@@ -822,10 +805,7 @@ impl Dest {
     /// the pool has room.
     async fn push(dest: &Arc<Dest>, inner: &Arc<Inner>, job: Job) {
         let paused = {
-            let mut s = match dest.state.lock() {
-                Ok(s) => s,
-                Err(p) => p.into_inner(),
-            };
+            let mut s = lock(&dest.state);
             match s.paused_until.filter(|t| *t > Instant::now()) {
                 Some(until) => Some((until, s.pause_reason)),
                 None => {
@@ -862,15 +842,12 @@ impl Dest {
             .await;
     }
 
-    /// A reputation/rate signal: halve the connection limit, pause (growing), and defer what
-    /// is waiting. Returns when the pause ends.
-    async fn on_reputation(&self, inner: &Inner) -> Instant {
+    /// A reputation/rate signal, or no MX host reachable (`reason`): halve the connection
+    /// limit, pause (growing), and defer what is waiting. Returns when the pause ends.
+    async fn back_off(&self, inner: &Inner, reason: &'static str) -> Instant {
         let d = &inner.settings.delivery;
         let (until, jobs) = {
-            let mut s = match self.state.lock() {
-                Ok(s) => s,
-                Err(p) => p.into_inner(),
-            };
+            let mut s = lock(&self.state);
             s.limit = (s.limit / 2).max(1);
             s.successes = 0;
             // Several connections may report the same event; extend, don't stack.
@@ -878,7 +855,7 @@ impl Dest {
             if s.paused_until.is_none_or(|t| t <= now) {
                 s.pause_level = s.pause_level.saturating_add(1);
                 s.pauses += 1;
-                metrics::counter!(m::DESTINATION_PAUSES, "destination" => self.label.clone(), "reason" => "reputation")
+                metrics::counter!(m::DESTINATION_PAUSES, "destination" => self.label.clone(), "reason" => reason)
                     .increment(1);
             }
             let pause = d
@@ -887,10 +864,10 @@ impl Dest {
                 .min(d.pause_max);
             let until = now + pause;
             s.paused_until = Some(s.paused_until.map_or(until, |t| t.max(until)));
-            s.pause_reason = "reputation";
+            s.pause_reason = reason;
             metrics::gauge!(m::CONCURRENCY_LIMIT, "destination" => self.label.clone())
                 .set(s.limit as f64);
-            tracing::warn!(destination = %self.key.0, limit = s.limit, pause = %humantime::format_duration(pause), "reputation/rate deferral: backing off destination");
+            tracing::warn!(destination = %self.key.0, reason, limit = s.limit, pause = %humantime::format_duration(pause), "backing off destination");
             (
                 s.paused_until.unwrap_or(until),
                 s.ready.drain(..).collect::<Vec<_>>(),
@@ -898,7 +875,7 @@ impl Dest {
         };
         self.notify.notify_waiters();
         if !jobs.is_empty() {
-            self.defer_paused(inner, jobs, until, "reputation").await;
+            self.defer_paused(inner, jobs, until, reason).await;
         }
         until
     }
@@ -907,10 +884,7 @@ impl Dest {
     async fn on_transaction(&self, inner: &Inner, ok: bool, tried: u32, unknown_users: u32) {
         let d = &inner.settings.delivery;
         let pause = {
-            let mut s = match self.state.lock() {
-                Ok(s) => s,
-                Err(p) => p.into_inner(),
-            };
+            let mut s = lock(&self.state);
             if ok {
                 s.successes += 1;
                 // "Sustained": as many successes as the current limit, twice over.
@@ -963,10 +937,9 @@ impl Dest {
     }
 
     fn is_paused(&self) -> bool {
-        self.state
-            .lock()
-            .map(|s| s.paused_until.is_some_and(|t| t > Instant::now()))
-            .unwrap_or(false)
+        lock(&self.state)
+            .paused_until
+            .is_some_and(|t| t > Instant::now())
     }
 }
 
@@ -981,10 +954,7 @@ async fn worker(inner: Arc<Inner>, dest: Arc<Dest>) {
         // Rate limit: space message starts evenly.
         if let Some(rate) = dest.limits.rate {
             let at = {
-                let mut s = match dest.state.lock() {
-                    Ok(s) => s,
-                    Err(p) => p.into_inner(),
-                };
+                let mut s = lock(&dest.state);
                 let at = s.next_send.max(Instant::now());
                 s.next_send = at + rate.per / rate.count;
                 at
@@ -1012,10 +982,10 @@ async fn worker(inner: Arc<Inner>, dest: Arc<Dest>) {
                 Ok(s) => session = Some(s),
                 Err(e) => {
                     let c = inner.classifier.classify(&RcptResult::Failed(e));
-                    let until = if c.class == Class::Reputation || c.class == Class::Unreachable {
-                        Some(dest.on_reputation(&inner).await)
-                    } else {
-                        None
+                    let until = match c.class {
+                        Class::Reputation => Some(dest.back_off(&inner, "reputation").await),
+                        Class::Unreachable => Some(dest.back_off(&inner, "unreachable").await),
+                        _ => None,
                     };
                     let until_wall = until
                         .map(|u| SystemTime::now() + u.saturating_duration_since(Instant::now()));
@@ -1056,7 +1026,7 @@ async fn worker(inner: Arc<Inner>, dest: Arc<Dest>) {
             .collect();
         let tried = outcomes.len() as u32;
         let until = if reputation {
-            Some(dest.on_reputation(&inner).await)
+            Some(dest.back_off(&inner, "reputation").await)
         } else {
             None
         };
@@ -1084,7 +1054,8 @@ async fn worker(inner: Arc<Inner>, dest: Arc<Dest>) {
     if let Some((s, _)) = session.take() {
         s.close().await;
     }
-    if let Ok(mut s) = dest.state.lock() {
+    {
+        let mut s = lock(&dest.state);
         s.active = s.active.saturating_sub(1);
     }
     metrics::gauge!(m::CONNECTIONS_OPEN, "destination" => dest.label.clone()).decrement(1.0);
@@ -1097,10 +1068,7 @@ async fn next_job(inner: &Inner, dest: &Dest, idle: Duration) -> Option<Job> {
     loop {
         let notified = dest.notify.notified();
         {
-            let mut s = match dest.state.lock() {
-                Ok(s) => s,
-                Err(p) => p.into_inner(),
-            };
+            let mut s = lock(&dest.state);
             if stop.is_cancelled() || s.paused_until.is_some_and(|t| t > Instant::now()) {
                 return None;
             }
@@ -1118,10 +1086,7 @@ async fn next_job(inner: &Inner, dest: &Dest, idle: Duration) -> Option<Job> {
 
 /// Connects to the destination's MX hosts in order (at most [`MAX_ADDRESSES`] addresses).
 async fn connect(inner: &Inner, dest: &Dest) -> Result<(Session, String), SessionError> {
-    let route = match dest.route.lock() {
-        Ok(r) => r.clone(),
-        Err(p) => p.into_inner().clone(),
-    };
+    let route = lock(&dest.route).clone();
     let mut last = None;
     let mut tried = 0;
     for host in &route.hosts {
