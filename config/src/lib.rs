@@ -219,6 +219,10 @@ pub enum UnknownPolicy {
 #[serde(deny_unknown_fields, default)]
 pub struct DeliverySettings {
     pub max_connections_per_destination: usize,
+    /// Most recipients leased from the queue and not yet recorded, over all destinations
+    /// (bounds memory). One destination's ready queue may hold at most a quarter of it, so a
+    /// slow destination cannot starve the others.
+    pub max_in_flight: usize,
     /// Default rate limit per destination: "100/s", "3000/min", "50000/h"; none if unset.
     pub rate_limit: Option<String>,
     #[serde(with = "humantime_serde")]
@@ -252,6 +256,7 @@ impl Default for DeliverySettings {
     fn default() -> Self {
         Self {
             max_connections_per_destination: 20,
+            max_in_flight: 5000,
             rate_limit: None,
             min_backoff: Duration::from_secs(5 * 60),
             max_backoff: Duration::from_secs(4 * 3600),
@@ -475,6 +480,9 @@ impl Settings {
             }
         }
         let d = &self.delivery;
+        if d.max_in_flight < 4 {
+            return Err("delivery.max_in_flight: must be at least 4".into());
+        }
         if d.max_connections_per_destination == 0 {
             return Err("delivery.max_connections_per_destination: must be at least 1".into());
         }

@@ -44,13 +44,12 @@ use crate::smtp::{
     prepare, Address, ClientSettings, MessageData, RcptResult, Session, SessionError,
 };
 
-/// Most recipients leased and not yet recorded at once. Bounds memory (bodies in flight) and
-/// the work a crash hands back to recovery.
-pub const MAX_IN_FLIGHT: usize = 5_000;
 /// Most recipients leased per queue read.
 const TAKE_BATCH: usize = 1_000;
 /// Most MX addresses tried for one connection (as Postfix's smtp_mx_address_limit).
 const MAX_ADDRESSES: usize = 5;
+/// How long a recipient waits when its destination's ready queue is full (plus jitter).
+const POSTPONE: Duration = Duration::from_secs(5);
 /// How often scheduled recipients past their lifetime are swept.
 const EXPIRE_EVERY: Duration = Duration::from_secs(30);
 
@@ -177,6 +176,8 @@ struct Limits {
 /// A destination: the worker pool for one MX host set.
 struct Dest {
     key: DestinationKey,
+    /// Most recipients waiting in the ready queue: a quarter of `delivery.max_in_flight`.
+    ready_cap: usize,
     label: String,
     limits: Limits,
     route: Mutex<Arc<Route>>,
@@ -187,6 +188,8 @@ struct Dest {
 
 struct DestState {
     ready: VecDeque<Job>,
+    /// Recipients in `ready`, held under `Dest::ready_cap`.
+    ready_rcpts: usize,
     active: usize,
     limit: usize,
     paused_until: Option<Instant>,
@@ -252,7 +255,8 @@ impl Engine {
                 inner.expire_sweep().await;
                 last_expire = Some(Instant::now());
             }
-            let room = MAX_IN_FLIGHT.saturating_sub(inner.in_flight.load(Ordering::Acquire));
+            let max = inner.settings.delivery.max_in_flight;
+            let room = max.saturating_sub(inner.in_flight.load(Ordering::Acquire));
             let mut took = 0;
             if room > 0 {
                 let q = inner.queue.clone();
@@ -264,7 +268,12 @@ impl Engine {
                         took = leases.len();
                         if took > 0 {
                             inner.in_flight.fetch_add(took, Ordering::AcqRel);
-                            Inner::dispatch(inner, leases).await;
+                            let postponed = Inner::dispatch(inner, leases).await;
+                            if postponed > 0 {
+                                // Full destinations: give their workers time before the
+                                // next read, instead of leasing and postponing in a loop.
+                                tokio::time::sleep(Duration::from_millis(250)).await;
+                            }
                         }
                     }
                     Ok(Err(e)) => {
@@ -295,7 +304,7 @@ impl Engine {
         // Ready jobs that no worker has started go back to scheduled, unchanged.
         let dests: Vec<Arc<Dest>> = lock(&inner.dests).values().cloned().collect();
         for d in &dests {
-            let jobs: Vec<Job> = lock(&d.state).ready.drain(..).collect();
+            let jobs: Vec<Job> = lock(&d.state).take_all();
             let items: Vec<(RecipientId, Outcome)> = jobs
                 .iter()
                 .flat_map(|j| j.rcpts.iter().map(|r| (r.id, Outcome::Released)))
@@ -356,7 +365,8 @@ impl Inner {
     }
 
     /// Routes leased recipients and hands them to their destinations as transactions.
-    async fn dispatch(self: &Arc<Self>, leases: Vec<Lease>) {
+    /// Returns how many were postponed because their destination's ready queue was full.
+    async fn dispatch(self: &Arc<Self>, leases: Vec<Lease>) -> usize {
         // Group by message, keeping the queue's order.
         let mut order: Vec<MessageId> = Vec::new();
         let mut by_msg: HashMap<MessageId, Vec<Lease>> = HashMap::new();
@@ -390,6 +400,7 @@ impl Inner {
         .unwrap_or_default();
 
         let mut failed: Vec<(JobRcpt, Classified, bool)> = Vec::new();
+        let mut postpone: Vec<RecipientId> = Vec::new();
         for id in order {
             let Some(leases) = by_msg.remove(&id) else {
                 continue;
@@ -474,7 +485,9 @@ impl Inner {
                         data: data.clone(),
                         rcpts: chunk,
                     };
-                    Dest::push(&dest, self, job).await;
+                    if let Some(job) = Dest::push(&dest, self, job).await {
+                        postpone.extend(job.rcpts.iter().map(|r| r.id));
+                    }
                 }
             }
         }
@@ -482,6 +495,26 @@ impl Inner {
             let key = DestinationKey("-".into());
             self.record(&key, None, failed).await;
         }
+        let n = postpone.len();
+        if n > 0 {
+            tracing::debug!(recipients = n, "destination ready queues full; postponing");
+            let items = postpone
+                .into_iter()
+                .map(|id| {
+                    let next_attempt = SystemTime::now() + POSTPONE + jitter(POSTPONE);
+                    let reason = "waiting for a connection to its destination".to_owned();
+                    (
+                        id,
+                        Outcome::Postponed {
+                            reason,
+                            next_attempt,
+                        },
+                    )
+                })
+                .collect();
+            self.complete(items).await;
+        }
+        n
     }
 
     /// A queued address that no longer parses (the queue's validation is looser): bounce it.
@@ -534,10 +567,12 @@ impl Inner {
             .set(limits.max_connections as f64);
         let dest = Arc::new(Dest {
             key: route.destination.clone(),
+            ready_cap: (s.delivery.max_in_flight / 4).max(1),
             label,
             route: Mutex::new(route.clone()),
             state: Mutex::new(DestState {
                 ready: VecDeque::new(),
+                ready_rcpts: 0,
                 active: 0,
                 limit: limits.max_connections,
                 paused_until: None,
@@ -800,15 +835,34 @@ impl Inner {
     }
 }
 
+impl DestState {
+    fn pop(&mut self) -> Option<Job> {
+        let job = self.ready.pop_front()?;
+        self.ready_rcpts = self.ready_rcpts.saturating_sub(job.rcpts.len());
+        Some(job)
+    }
+
+    fn take_all(&mut self) -> Vec<Job> {
+        self.ready_rcpts = 0;
+        self.ready.drain(..).collect()
+    }
+}
+
 impl Dest {
     /// Queues a job, or defers it at once if the destination is paused; starts a worker if
     /// the pool has room.
-    async fn push(dest: &Arc<Dest>, inner: &Arc<Inner>, job: Job) {
+    /// Returns the job back when the ready queue is full (the caller postpones it).
+    async fn push(dest: &Arc<Dest>, inner: &Arc<Inner>, job: Job) -> Option<Job> {
         let paused = {
             let mut s = lock(&dest.state);
             match s.paused_until.filter(|t| *t > Instant::now()) {
                 Some(until) => Some((until, s.pause_reason)),
                 None => {
+                    // A job bigger than the cap is still taken into an empty queue.
+                    if s.ready_rcpts > 0 && s.ready_rcpts + job.rcpts.len() > dest.ready_cap {
+                        return Some(job);
+                    }
+                    s.ready_rcpts += job.rcpts.len();
                     s.ready.push_back(job);
                     if s.active < s.limit && !inner.stop_token().is_cancelled() {
                         s.active += 1;
@@ -819,13 +873,14 @@ impl Dest {
                     } else {
                         dest.notify.notify_one();
                     }
-                    return;
+                    return None;
                 }
             }
         };
         if let Some((until, reason)) = paused {
             dest.defer_paused(inner, vec![job], until, reason).await;
         }
+        None
     }
 
     /// Defers jobs of a paused destination to the end of the pause (not a bounce).
@@ -868,10 +923,7 @@ impl Dest {
             metrics::gauge!(m::CONCURRENCY_LIMIT, "destination" => self.label.clone())
                 .set(s.limit as f64);
             tracing::warn!(destination = %self.key.0, reason, limit = s.limit, pause = %humantime::format_duration(pause), "backing off destination");
-            (
-                s.paused_until.unwrap_or(until),
-                s.ready.drain(..).collect::<Vec<_>>(),
-            )
+            (s.paused_until.unwrap_or(until), s.take_all())
         };
         self.notify.notify_waiters();
         if !jobs.is_empty() {
@@ -925,7 +977,7 @@ impl Dest {
                     pause = %humantime::format_duration(d.harvest_pause),
                     "harvesting guard: too many unknown-user rejections; destination paused"
                 );
-                Some((until, s.ready.drain(..).collect::<Vec<_>>()))
+                Some((until, s.take_all()))
             } else {
                 None
             }
@@ -1072,7 +1124,7 @@ async fn next_job(inner: &Inner, dest: &Dest, idle: Duration) -> Option<Job> {
             if stop.is_cancelled() || s.paused_until.is_some_and(|t| t > Instant::now()) {
                 return None;
             }
-            if let Some(job) = s.ready.pop_front() {
+            if let Some(job) = s.pop() {
                 return Some(job);
             }
         }

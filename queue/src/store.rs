@@ -1239,6 +1239,21 @@ impl Writer {
                     }
                 }
                 Outcome::Released => (RecipientState::Scheduled, false),
+                Outcome::Postponed {
+                    reason,
+                    next_attempt,
+                } => {
+                    if rec.last_reply.is_none() {
+                        rec.last_reply = Some(reason);
+                    }
+                    let deadline = to_millis(rec.created).saturating_add(lifetime);
+                    if to_millis(next_attempt) > deadline {
+                        (RecipientState::Expired, false)
+                    } else {
+                        rec.next_attempt = from_millis(to_millis(next_attempt));
+                        (RecipientState::Scheduled, false)
+                    }
+                }
             };
             if attempted {
                 rec.attempts = rec.attempts.saturating_add(1);

@@ -276,6 +276,13 @@ pub enum Outcome {
     },
     /// Not attempted (e.g. shutdown): back to `Scheduled` unchanged, attempts not incremented.
     Released,
+    /// Not attempted, due again at `next_attempt` (e.g. its destination's ready queue is
+    /// full): attempts not incremented, the last reply kept (`reason` is recorded only when
+    /// there is none). Past the lifetime it expires like `Deferred`.
+    Postponed {
+        reason: String,
+        next_attempt: SystemTime,
+    },
 }
 
 /// What `complete` actually recorded.

@@ -679,3 +679,72 @@ fn second_open_of_same_path_fails_cleanly() {
         "{err}"
     );
 }
+
+#[test]
+fn postponed_is_not_an_attempt_and_keeps_the_last_reply() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = open(&dir);
+    let e = q.enqueue(msg(&["a@x.test", "b@x.test"])).unwrap();
+    let leases = q.take_due(SystemTime::now(), 10).unwrap();
+    assert_eq!(leases.len(), 2);
+    let (a, b) = (leases[0].recipient.id, leases[1].recipient.id);
+    // a: deferred once (an attempt), then postponed: attempts stay 1, the reply stays.
+    q.complete(
+        a,
+        Outcome::Deferred {
+            reply: "451 later".into(),
+            next_attempt: SystemTime::now(),
+        },
+    )
+    .unwrap();
+    let again = q.take_due(later(1), 10).unwrap();
+    assert_eq!(again.len(), 1);
+    let done = q
+        .complete(
+            a,
+            Outcome::Postponed {
+                reason: "ready queue full".into(),
+                next_attempt: later(60),
+            },
+        )
+        .unwrap();
+    assert_eq!(done.state, RecipientState::Scheduled);
+    // b: postponed at once: no attempt, the reason recorded since there was no reply.
+    q.complete(
+        b,
+        Outcome::Postponed {
+            reason: "ready queue full".into(),
+            next_attempt: later(60),
+        },
+    )
+    .unwrap();
+    let info = q.message(e.id).unwrap().unwrap();
+    let ra = info.recipients.iter().find(|r| r.id == a).unwrap();
+    let rb = info.recipients.iter().find(|r| r.id == b).unwrap();
+    assert_eq!(
+        (ra.attempts, ra.last_reply.as_deref()),
+        (1, Some("451 later"))
+    );
+    assert_eq!(
+        (rb.attempts, rb.last_reply.as_deref()),
+        (0, Some("ready queue full"))
+    );
+    assert!(
+        q.take_due(later(30), 10).unwrap().is_empty(),
+        "not due before next_attempt"
+    );
+    let l = q.take_due(later(61), 10).unwrap();
+    assert_eq!(l.len(), 2);
+    // Postponed past the lifetime: expired (without counting an attempt).
+    let past = SystemTime::now() + opts().max_queue_lifetime + Duration::from_secs(3600);
+    let done = q
+        .complete(
+            l[0].recipient.id,
+            Outcome::Postponed {
+                reason: "x".into(),
+                next_attempt: past,
+            },
+        )
+        .unwrap();
+    assert_eq!(done.state, RecipientState::Expired);
+}

@@ -621,3 +621,67 @@ async fn mx_preference_fallback_implicit_and_null_mx() {
         .unwrap();
     assert_eq!(fb.mx.as_deref(), Some("mx2.fallback.test"));
 }
+
+/// Head-of-line isolation: a slow destination queued ahead of a fast one cannot take the whole
+/// in-flight budget; its overflow is postponed and the fast destination goes ahead.
+#[tokio::test]
+async fn slow_destination_does_not_hold_up_others() {
+    let slow = ScriptedServer::start(Script::default().with_handler(|c| {
+        (c.line == "<DOT>").then(|| {
+            std::thread::sleep(Duration::from_millis(300));
+            reply("250 2.0.0 Ok")
+        })
+    }))
+    .await;
+    let fast = ScriptedServer::start(Script::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = base_settings(
+        dir.path(),
+        &[("slow.test", slow.addr), ("fast.test", fast.addr)],
+    );
+    s.delivery.max_in_flight = 40;
+    s.destinations.insert(
+        "slow.test".into(),
+        bulksend_config::DestinationOverrides {
+            max_connections: Some(1),
+            ..Default::default()
+        },
+    );
+    let r = rig(dir, s);
+    // Oldest first: every slow recipient is due before any fast one.
+    for i in 0..100 {
+        r.queue
+            .enqueue(msg("b@esp.test", &[format!("u{i}@slow.test")], i))
+            .unwrap();
+    }
+    for i in 0..30 {
+        r.queue
+            .enqueue(msg("b@esp.test", &[format!("u{i}@fast.test")], i))
+            .unwrap();
+    }
+    let f = &fast;
+    run_until(&r.engine, Duration::from_secs(20), || {
+        f.messages().len() == 30
+    })
+    .await;
+    assert_eq!(
+        fast.messages().len(),
+        30,
+        "the fast destination was held up"
+    );
+    // With one connection at 300 ms a message, the slow one had done only a fraction.
+    let slow_done = slow.messages().len();
+    assert!(
+        slow_done < 70,
+        "slow delivered {slow_done}: the test did not exercise the overflow"
+    );
+    // Nothing was lost or counted as an attempt by the postponement.
+    let stats = r.queue.stats();
+    let total: u64 = stats.by_state.values().sum();
+    assert_eq!(total, 130);
+    let listed = r.queue.list(Some(RecipientState::Scheduled), 1000).unwrap();
+    assert!(
+        listed.iter().all(|rec| rec.attempts == 0),
+        "postponed recipients have no attempt"
+    );
+}
