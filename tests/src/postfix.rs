@@ -199,15 +199,17 @@ impl PostfixInstance {
             ("smtpd_delay_reject".into(), "no".into()),
             (
                 "smtpd_client_restrictions".into(),
-                if o.hold {
-                    "check_client_access static:HOLD".into()
-                } else {
-                    format!("check_client_access cidr:{r}/etc/clients")
-                },
+                format!("check_client_access cidr:{r}/etc/clients"),
             ),
             (
                 "smtpd_recipient_restrictions".into(),
-                "permit_mynetworks, reject_unauth_destination".into(),
+                // HOLD needs a queue file, so it acts at RCPT, not at connect.
+                if o.hold {
+                    "check_client_access static:HOLD, permit_mynetworks, reject_unauth_destination"
+                        .into()
+                } else {
+                    "permit_mynetworks, reject_unauth_destination".into()
+                },
             ),
         ];
         if let Some(relay) = o.relayhost {
