@@ -79,6 +79,13 @@ fn bulksend(env: &Env) -> Command {
     c
 }
 
+/// Runs `bulksend --config … ARGS` to completion.
+fn bs(e: &Env, args: &[&str]) -> Out {
+    let mut c = bulksend(e);
+    c.args(args);
+    run(c)
+}
+
 struct Out {
     code: i32,
     stdout: String,
@@ -101,11 +108,7 @@ fn json(s: &str) -> serde_json::Value {
 #[test]
 fn config_check_prints_effective_config_and_names_bad_keys() {
     let e = env(None, "");
-    let o = run({
-        let mut c = bulksend(&e);
-        c.args(["config", "check"]);
-        c
-    });
+    let o = bs(&e, &["config", "check"]);
     assert_eq!(o.code, 0, "{}", o.stderr);
     assert!(
         o.stdout.contains("[smtp.timeouts]") && o.stdout.contains("data_done = \"10m\""),
@@ -114,11 +117,7 @@ fn config_check_prints_effective_config_and_names_bad_keys() {
     );
 
     let e = env(None, "[log]\nlevle = \"debug\"\n");
-    let o = run({
-        let mut c = bulksend(&e);
-        c.args(["config", "check"]);
-        c
-    });
+    let o = bs(&e, &["config", "check"]);
     assert_eq!(o.code, 1);
     assert!(o.stderr.contains("levle"), "{}", o.stderr);
 
@@ -187,56 +186,28 @@ fn enqueue_from_flags_then_queue_commands() {
     });
     assert_eq!(json(&o.stdout)["duplicates"], 1);
 
-    let o = run({
-        let mut c = bulksend(&e);
-        c.args(["queue", "stats", "--json"]);
-        c
-    });
+    let o = bs(&e, &["queue", "stats", "--json"]);
     assert_eq!(o.code, 0, "{}", o.stderr);
     assert_eq!(json(&o.stdout)["by_state"]["scheduled"], 2);
 
-    let o = run({
-        let mut c = bulksend(&e);
-        c.args(["queue", "show", &id, "--json"]);
-        c
-    });
+    let o = bs(&e, &["queue", "show", &id, "--json"]);
     let v = json(&o.stdout);
     assert_eq!(v["recipients"].as_array().unwrap().len(), 2);
     assert_eq!(v["idempotency_key"], "campaign-1-42");
 
-    let o = run({
-        let mut c = bulksend(&e);
-        c.args(["queue", "list", "--state", "scheduled"]);
-        c
-    });
+    let o = bs(&e, &["queue", "list", "--state", "scheduled"]);
     assert_eq!(o.stdout.lines().count(), 2, "{}", o.stdout);
 
-    let o = run({
-        let mut c = bulksend(&e);
-        c.args(["queue", "retry", &id]);
-        c
-    });
+    let o = bs(&e, &["queue", "retry", &id]);
     assert_eq!(o.code, 0, "{}", o.stderr);
 
-    let o = run({
-        let mut c = bulksend(&e);
-        c.args(["queue", "show", "not-an-id"]);
-        c
-    });
+    let o = bs(&e, &["queue", "show", "not-an-id"]);
     assert_eq!(o.code, 1);
     assert!(o.stderr.contains("not a message id"), "{}", o.stderr);
 
-    let o = run({
-        let mut c = bulksend(&e);
-        c.args(["queue", "delete", &id]);
-        c
-    });
+    let o = bs(&e, &["queue", "delete", &id]);
     assert_eq!(o.code, 0, "{}", o.stderr);
-    let o = run({
-        let mut c = bulksend(&e);
-        c.args(["queue", "stats", "--json"]);
-        c
-    });
+    let o = bs(&e, &["queue", "stats", "--json"]);
     assert!(
         json(&o.stdout)["by_state"]
             .get("scheduled")
@@ -311,9 +282,9 @@ fn enqueue_jsonl_reports_bad_lines_and_keeps_good_ones() {
 #[test]
 fn enqueue_bad_input_and_unreachable_server() {
     let e = env(None, "");
-    let o = run({
-        let mut c = bulksend(&e);
-        c.args([
+    let o = bs(
+        &e,
+        &[
             "enqueue",
             "--from",
             "n@esp.test",
@@ -321,9 +292,8 @@ fn enqueue_bad_input_and_unreachable_server() {
             "x@y.test\r\nRCPT TO:<evil@z.test>",
             "--body",
             "b",
-        ]);
-        c
-    });
+        ],
+    );
     assert_eq!(o.code, 1);
     assert!(o.stderr.contains("to[0]"), "{}", o.stderr);
 
@@ -365,11 +335,7 @@ fn enqueue_bad_input_and_unreachable_server() {
 #[test]
 fn suppress_commands() {
     let e = env(None, "");
-    let cmd = |args: &[&str]| {
-        let mut c = bulksend(&e);
-        c.args(args);
-        run(c)
-    };
+    let cmd = |args: &[&str]| bs(&e, args);
     assert_eq!(
         cmd(&["suppress", "add", "Bad@X.test", "--reason", "complaint"]).code,
         0
@@ -446,11 +412,7 @@ fn serve_drain_delivers_everything_and_exits() {
     let server = rt.block_on(ScriptedServer::start(Script::default()));
     let e = env(Some(server.addr), "");
     enqueue_n(&e, 30);
-    let o = run({
-        let mut c = bulksend(&e);
-        c.args(["serve", "--drain"]);
-        c
-    });
+    let o = bs(&e, &["serve", "--drain"]);
     assert_eq!(o.code, 0, "{}", o.stderr);
     let s = json(&o.stdout);
     assert_eq!(s["summary"]["delivered"], 30, "{s}");
@@ -507,11 +469,7 @@ fn sigterm_mid_delivery_loses_nothing_and_quits_every_connection() {
         );
     }
     // Nothing lost: what the server got is delivered, the rest scheduled.
-    let o = run({
-        let mut c = bulksend(&e);
-        c.args(["queue", "stats", "--json"]);
-        c
-    });
+    let o = bs(&e, &["queue", "stats", "--json"]);
     let s = json(&o.stdout);
     let get = |k: &str| s["by_state"].get(k).and_then(|v| v.as_u64()).unwrap_or(0);
     assert_eq!(get("delivered"), received as u64, "{s}");

@@ -118,6 +118,20 @@ pub trait Dns: Send + Sync + 'static {
     fn ips(&self, host: &str) -> BoxFuture<'_, IpAnswer>;
 }
 
+/// A [`Dns`] that knows no names (every lookup is NXDOMAIN): for setups that use static
+/// routes or a smarthost only, such as tests and benchmarks.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct NoDns;
+
+impl Dns for NoDns {
+    fn mx(&self, _: &str) -> BoxFuture<'_, MxAnswer> {
+        Box::pin(async { Err(DnsError::NxDomain) })
+    }
+    fn ips(&self, _: &str) -> BoxFuture<'_, IpAnswer> {
+        Box::pin(async { Err(DnsError::NxDomain) })
+    }
+}
+
 /// [`Dns`] over hickory-resolver.
 pub struct HickoryDns {
     resolver: TokioResolver,

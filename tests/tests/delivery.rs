@@ -10,21 +10,10 @@ use std::time::{Duration, Instant};
 use bulksend_config::{Settings, TlsPolicy};
 use bulksend_engine::delivery::{Engine, RunSummary};
 use bulksend_engine::events::{EventKind, MemoryEvents};
-use bulksend_engine::route::{Answer, BoxFuture, Dns, DnsError, Router};
+use bulksend_engine::route::{NoDns, Router};
 use bulksend_queue::{NewMessage, Queue, QueueOptions, RecipientState};
 use bulksend_tests::{reply, Action, Script, ScriptedServer};
 use tokio_util::sync::CancellationToken;
-
-/// No DNS at all: these tests use static routes only.
-struct NoDns;
-impl Dns for NoDns {
-    fn mx(&self, _: &str) -> BoxFuture<'_, Result<Answer<Vec<(u16, String)>>, DnsError>> {
-        Box::pin(async { Err(DnsError::NxDomain) })
-    }
-    fn ips(&self, _: &str) -> BoxFuture<'_, Result<Answer<Vec<std::net::IpAddr>>, DnsError>> {
-        Box::pin(async { Err(DnsError::NxDomain) })
-    }
-}
 
 fn base_settings(dir: &std::path::Path, routes: &[(&str, std::net::SocketAddr)]) -> Settings {
     let mut s = Settings::default();
