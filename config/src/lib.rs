@@ -307,13 +307,73 @@ impl RateLimit {
 pub struct EventsSettings {
     /// One JSON object per recipient outcome.
     pub path: PathBuf,
+    /// Rotate `path` to `path.1` (shifting older files up) before a line would take it past
+    /// this size. 0 = never rotate.
+    pub max_file_bytes: u64,
+    /// Rotated files kept (`path.1` … `path.N`); older ones are overwritten.
+    pub keep_files: usize,
+    /// Also POST events, as JSON arrays, to this http:// or https:// URL (at-least-once, in
+    /// order). Unset = no webhook.
+    pub webhook_url: Option<String>,
+    /// Most events in one POST.
+    pub webhook_batch: usize,
+    /// Longest an event waits for a batch to fill before a partial batch is sent.
+    #[serde(with = "humantime_serde")]
+    pub webhook_interval: Duration,
+    /// Sent as `Authorization: Bearer …`. Prefer BULKSEND_EVENTS__WEBHOOK_TOKEN.
+    pub webhook_token: Option<String>,
+    /// Retries of a failed POST back off from 1 s, doubling up to this.
+    #[serde(with = "humantime_serde")]
+    pub webhook_max_backoff: Duration,
+    /// Events held while the receiver is down; beyond this the oldest are dropped (and
+    /// counted in `bulksend_events_dropped_total`) so memory stays bounded.
+    pub webhook_buffer: usize,
 }
 
 impl Default for EventsSettings {
     fn default() -> Self {
         Self {
             path: PathBuf::from("data/events.jsonl"),
+            max_file_bytes: 100 * 1024 * 1024,
+            keep_files: 10,
+            webhook_url: None,
+            webhook_batch: 500,
+            webhook_interval: Duration::from_secs(1),
+            webhook_token: None,
+            webhook_max_backoff: Duration::from_secs(300),
+            webhook_buffer: 100_000,
         }
+    }
+}
+
+impl EventsSettings {
+    fn validate(&self) -> Result<(), String> {
+        if self.max_file_bytes > 0 && self.keep_files == 0 {
+            return Err(
+                "events.keep_files: must be at least 1 when events.max_file_bytes is set".into(),
+            );
+        }
+        if let Some(url) = &self.webhook_url {
+            let rest = url
+                .strip_prefix("http://")
+                .or_else(|| url.strip_prefix("https://"));
+            let host = rest.map(|r| r.split(['/', '?', '#']).next().unwrap_or(""));
+            if host.is_none_or(|h| h.is_empty() || h.contains(char::is_whitespace)) {
+                return Err(format!(
+                    "events.webhook_url: {url:?} is not an http:// or https:// URL"
+                ));
+            }
+        }
+        if self.webhook_batch == 0 {
+            return Err("events.webhook_batch: must be at least 1".into());
+        }
+        if self.webhook_buffer == 0 {
+            return Err("events.webhook_buffer: must be at least 1".into());
+        }
+        if self.webhook_max_backoff.is_zero() {
+            return Err("events.webhook_max_backoff: must be greater than zero".into());
+        }
+        Ok(())
     }
 }
 
@@ -531,6 +591,7 @@ impl Settings {
                 return Err(format!("routes.{domain:?}: {target:?} is not host:port"));
             }
         }
+        self.events.validate()?;
         Ok(())
     }
 }
@@ -659,6 +720,34 @@ max_queue_lifetime = "3d"
         let f = file("[routes]\n\"a.test\" = \"nohost\"\n");
         let err = Settings::load_with_env(Some(f.path()), env(&[])).unwrap_err();
         assert!(err.to_string().contains("a.test"), "{err}");
+    }
+
+    #[test]
+    fn events_webhook_keys() {
+        let f = file(
+            "[events]\nwebhook_url = \"https://hooks.example.net/bulksend\"\nwebhook_batch = 50\nwebhook_interval = \"250ms\"\nmax_file_bytes = 0\n",
+        );
+        let s = Settings::load_with_env(Some(f.path()), env(&[])).unwrap();
+        assert_eq!(
+            s.events.webhook_url.as_deref(),
+            Some("https://hooks.example.net/bulksend")
+        );
+        assert_eq!(s.events.webhook_batch, 50);
+        assert_eq!(s.events.webhook_interval, Duration::from_millis(250));
+        assert_eq!(s.events.max_file_bytes, 0);
+        assert_eq!(s.events.webhook_buffer, 100_000);
+
+        for bad in ["ftp://x.test/", "hooks.example.net", "http://", "http:// x/"] {
+            let f = file(&format!("[events]\nwebhook_url = {bad:?}\n"));
+            let err = Settings::load_with_env(Some(f.path()), env(&[])).unwrap_err();
+            assert!(err.to_string().contains("events.webhook_url"), "{bad}: {err}");
+        }
+        let err = Settings::load_with_env(None, env(&[("BULKSEND_EVENTS__WEBHOOK_BATCH", "0")]))
+            .unwrap_err();
+        assert!(err.to_string().contains("events.webhook_batch"), "{err}");
+        let err = Settings::load_with_env(None, env(&[("BULKSEND_EVENTS__KEEP_FILES", "0")]))
+            .unwrap_err();
+        assert!(err.to_string().contains("events.keep_files"), "{err}");
     }
 
     #[test]
