@@ -364,6 +364,22 @@ impl Inner {
         lock(&self.stop).clone()
     }
 
+    /// Counts one recipient outcome in this run's summary and in the metrics.
+    fn tally(&self, kind: EventKind, destination_label: &str, class: &'static str) {
+        let c = &self.counters;
+        let (counter, metric) = match kind {
+            EventKind::Delivered => (&c.delivered, m::MESSAGES_DELIVERED),
+            EventKind::Bounced => (&c.bounced, m::MESSAGES_BOUNCED),
+            EventKind::Deferred => (&c.deferred, m::MESSAGES_DEFERRED),
+            EventKind::Suppressed => (&c.suppressed, m::MESSAGES_SUPPRESSED),
+            EventKind::Expired => (&c.expired, m::MESSAGES_EXPIRED),
+            EventKind::Unknown => (&c.unknown, m::MESSAGES_UNKNOWN),
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!(metric, "destination" => destination_label.to_owned(), "class" => class)
+            .increment(1);
+    }
+
     /// Routes leased recipients and hands them to their destinations as transactions.
     /// Returns how many were postponed because their destination's ready queue was full.
     async fn dispatch(self: &Arc<Self>, leases: Vec<Lease>) -> usize {
@@ -517,12 +533,30 @@ impl Inner {
         n
     }
 
-    /// A queued address that no longer parses (the queue's validation is looser): bounce it.
+    /// A queued address that no longer parses (the queue's validation is looser): bounce it,
+    /// with an event like any other outcome.
     async fn bad_address(&self, l: &Lease) {
         let reason = format!("invalid recipient address {:?}", l.recipient.address);
-        self.complete(vec![(l.recipient.id, Outcome::Bounced { reply: reason })])
-            .await;
-        self.counters.bounced.fetch_add(1, Ordering::Relaxed);
+        let outcome = Outcome::Bounced {
+            reply: reason.clone(),
+        };
+        self.complete(vec![(l.recipient.id, outcome)]).await;
+        self.tally(EventKind::Bounced, "-", "permanent");
+        self.events.emit(Event {
+            event: EventKind::Bounced,
+            message_id: l.recipient.id.message.to_string(),
+            recipient: l.recipient.address.clone(),
+            destination: l.recipient.destination.clone(),
+            mx: None,
+            code: None,
+            enhanced: None,
+            text: reason,
+            class: "permanent".into(),
+            phase: None,
+            attempt: l.recipient.attempts + 1,
+            at: rfc3339(SystemTime::now()),
+            next_attempt: None,
+        });
     }
 
     /// The destination for `route`, created on first use.
@@ -602,8 +636,7 @@ impl Inner {
                 Err(_) => return,
             };
         for r in expired {
-            self.counters.expired.fetch_add(1, Ordering::Relaxed);
-            metrics::counter!(m::MESSAGES_EXPIRED).increment(1);
+            self.tally(EventKind::Expired, "-", "expired");
             self.events.emit(Event {
                 event: EventKind::Expired,
                 message_id: r.id.message.to_string(),
@@ -782,37 +815,12 @@ impl Inner {
                 EventKind::Suppressed => "suppressed",
                 _ => c.class.as_str(),
             };
-            let counter = match kind {
-                EventKind::Delivered => {
-                    self.counters.delivered.fetch_add(1, Ordering::Relaxed);
-                    if let Ok(age) = now.duration_since(r.created) {
-                        metrics::histogram!(m::DELIVERY_LATENCY_SECONDS).record(age.as_secs_f64());
-                    }
-                    m::MESSAGES_DELIVERED
+            self.tally(kind, label, class);
+            if kind == EventKind::Delivered {
+                if let Ok(age) = now.duration_since(r.created) {
+                    metrics::histogram!(m::DELIVERY_LATENCY_SECONDS).record(age.as_secs_f64());
                 }
-                EventKind::Bounced => {
-                    self.counters.bounced.fetch_add(1, Ordering::Relaxed);
-                    m::MESSAGES_BOUNCED
-                }
-                EventKind::Deferred => {
-                    self.counters.deferred.fetch_add(1, Ordering::Relaxed);
-                    m::MESSAGES_DEFERRED
-                }
-                EventKind::Suppressed => {
-                    self.counters.suppressed.fetch_add(1, Ordering::Relaxed);
-                    m::MESSAGES_SUPPRESSED
-                }
-                EventKind::Expired => {
-                    self.counters.expired.fetch_add(1, Ordering::Relaxed);
-                    m::MESSAGES_EXPIRED
-                }
-                EventKind::Unknown => {
-                    self.counters.unknown.fetch_add(1, Ordering::Relaxed);
-                    m::MESSAGES_UNKNOWN
-                }
-            };
-            metrics::counter!(counter, "destination" => label.to_owned(), "class" => class)
-                .increment(1);
+            }
             self.events.emit(Event {
                 event: kind,
                 message_id: r.id.message.to_string(),
