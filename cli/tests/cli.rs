@@ -532,6 +532,15 @@ fn metrics_during_a_run_match_what_the_server_received() {
         text.contains("bulksend_smtp_transaction_seconds_bucket"),
         "histograms are exported with buckets"
     );
+    assert!(
+        text.contains("bulksend_smtp_phase_seconds_bucket{phase=\"rcpt\""),
+        "per-phase latency"
+    );
+    assert!(text.contains("bulksend_destinations_paused"));
+    assert!(
+        text.contains("bulksend_queue_recipients{state="),
+        "queue depth gauge"
+    );
 }
 
 #[test]

@@ -247,9 +247,19 @@ impl Engine {
         *lock(&inner.stop) = CancellationToken::new();
         inner.workers.reopen();
         let mut last_expire: Option<Instant> = None;
+        let mut last_gauges: Option<Instant> = None;
         loop {
             if shutdown.is_cancelled() {
                 break;
+            }
+            if last_gauges.is_none_or(|t| t.elapsed() >= Duration::from_secs(2)) {
+                let paused = self
+                    .destinations()
+                    .iter()
+                    .filter(|d| d.paused_until.is_some())
+                    .count();
+                metrics::gauge!(m::DESTINATIONS_PAUSED).set(paused as f64);
+                last_gauges = Some(Instant::now());
             }
             if last_expire.is_none_or(|t| t.elapsed() >= EXPIRE_EVERY) {
                 inner.expire_sweep().await;
@@ -1068,7 +1078,7 @@ async fn worker(inner: Arc<Inner>, dest: Arc<Dest>) {
         let addrs: Vec<Address> = job.rcpts.iter().map(|r| r.address.clone()).collect();
         let tx = s.send(job.sender.as_ref(), &addrs, &job.data).await;
         tracing::debug!(message = %job.message, destination = %dest.key.0, mx = %mx, recipients = addrs.len(), ended = ?tx.ended, "transaction");
-        metrics::histogram!(m::SMTP_PHASE_SECONDS).record(started.elapsed().as_secs_f64());
+        metrics::histogram!(m::SMTP_TRANSACTION_SECONDS).record(started.elapsed().as_secs_f64());
         let mut reputation = false;
         let mut unknown_users = 0u32;
         let mut delivered = false;

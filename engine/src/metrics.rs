@@ -24,8 +24,11 @@ pub const CONCURRENCY_LIMIT: &str = "bulksend_destination_concurrency_limit";
 pub const DESTINATIONS_PAUSED: &str = "bulksend_destinations_paused";
 /// Labels: destination, reason ("reputation", "harvest", "unreachable").
 pub const DESTINATION_PAUSES: &str = "bulksend_destination_pauses_total";
-/// Labels: phase.
-pub const SMTP_PHASE_SECONDS: &str = "bulksend_smtp_transaction_seconds";
+/// One transaction, envelope to the reply after the dot.
+pub const SMTP_TRANSACTION_SECONDS: &str = "bulksend_smtp_transaction_seconds";
+/// Labels: phase (connect, greeting, ehlo, mail, rcpt, data_init, data_done, ...): from the
+/// command (or connection) to its reply.
+pub const SMTP_PHASE_SECONDS: &str = "bulksend_smtp_phase_seconds";
 pub const DELIVERY_LATENCY_SECONDS: &str = "bulksend_delivery_latency_seconds";
 pub const CONNECTIONS_TOTAL: &str = "bulksend_connections_total";
 pub const EVENTS_DROPPED: &str = "bulksend_events_dropped_total";

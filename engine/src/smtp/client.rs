@@ -286,9 +286,14 @@ impl Session {
         tls: TlsPolicy,
     ) -> Result<Session, SessionError> {
         let t = &settings.timeouts;
-        let deadline = Instant::now() + t.connect;
+        let started = Instant::now();
+        let deadline = started + t.connect;
         let tcp = match timeout_at(deadline, TcpStream::connect(peer)).await {
-            Ok(Ok(tcp)) => tcp,
+            Ok(Ok(tcp)) => {
+                metrics::histogram!(crate::metrics::SMTP_PHASE_SECONDS, "phase" => "connect")
+                    .record(started.elapsed().as_secs_f64());
+                tcp
+            }
             Ok(Err(e)) => {
                 return Err(SessionError::Connect {
                     peer,
@@ -754,6 +759,12 @@ impl Session {
             match parse_reply(&self.buf) {
                 Ok(Parsed::Reply(reply, used)) => {
                     self.buf.advance(used);
+                    // The deadline was set when the wait began: recover that moment.
+                    let waited = phase
+                        .timeout(&self.settings.timeouts)
+                        .saturating_sub(deadline.saturating_duration_since(Instant::now()));
+                    metrics::histogram!(crate::metrics::SMTP_PHASE_SECONDS, "phase" => phase.as_str())
+                        .record(waited.as_secs_f64());
                     tracing::trace!(peer = %self.peer, %phase, %reply, "reply");
                     return Ok(reply);
                 }
