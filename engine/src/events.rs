@@ -645,6 +645,208 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
 
+    fn event(i: usize) -> Event {
+        Event {
+            event: EventKind::Delivered,
+            message_id: format!("{i:016x}"),
+            recipient: format!("u{i}@x.test"),
+            destination: "mx.x.test".into(),
+            mx: None,
+            code: Some(250),
+            enhanced: None,
+            text: "ok".repeat(i % 7),
+            class: "delivered".into(),
+            phase: None,
+            attempt: 1,
+            at: rfc3339(SystemTime::UNIX_EPOCH),
+            next_attempt: None,
+        }
+    }
+
+    /// The files oldest first: `path.N` … `path.1`, `path`.
+    fn files_oldest_first(path: &Path) -> Vec<PathBuf> {
+        let mut files: Vec<PathBuf> = (1..1000)
+            .map(|n| numbered(path, n))
+            .take_while(|p| p.exists())
+            .collect();
+        files.reverse();
+        files.push(path.to_owned());
+        files
+    }
+
+    /// Recipients' numbers, file by file; panics on a line that is not whole JSON.
+    fn read_numbers(file: &Path) -> Vec<usize> {
+        let text = std::fs::read_to_string(file).unwrap();
+        assert!(text.is_empty() || text.ends_with('\n'), "{}", file.display());
+        text.lines()
+            .map(|l| {
+                let v: serde_json::Value = serde_json::from_str(l)
+                    .unwrap_or_else(|e| panic!("split line in {}: {e}: {l}", file.display()));
+                v["recipient"].as_str().unwrap()[1..]
+                    .split('@')
+                    .next()
+                    .unwrap()
+                    .parse()
+                    .unwrap()
+            })
+            .collect()
+    }
+
+    fn line_len(i: usize) -> u64 {
+        serde_json::to_vec(&event(i)).unwrap().len() as u64 + 1
+    }
+
+    #[test]
+    fn rotates_at_the_size_without_splitting_or_losing_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("events.jsonl");
+        let max = 2_000;
+        let sink = FileEvents::open_rotating(
+            &path,
+            Rotation {
+                max_file_bytes: max,
+                keep_files: 1_000,
+            },
+        )
+        .unwrap();
+        for i in 0..300 {
+            sink.emit(event(i));
+        }
+        sink.flush();
+        let files = files_oldest_first(&path);
+        assert!(files.len() > 10, "{files:?}");
+        let mut all = Vec::new();
+        for (k, f) in files.iter().enumerate() {
+            let size = std::fs::metadata(f).unwrap().len();
+            assert!(size <= max, "{} is {size} bytes", f.display());
+            let numbers = read_numbers(f);
+            assert!(!numbers.is_empty());
+            // Rotation happens at the size: the next line would not have fitted.
+            if k + 1 < files.len() {
+                let next = numbers[numbers.len() - 1] + 1;
+                assert!(size + line_len(next) > max, "{} rotated early", f.display());
+            }
+            all.extend(numbers);
+        }
+        assert_eq!(all, (0..300).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn keeps_only_keep_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("events.jsonl");
+        let sink = FileEvents::open_rotating(
+            &path,
+            Rotation {
+                max_file_bytes: 1_000,
+                keep_files: 3,
+            },
+        )
+        .unwrap();
+        for i in 0..200 {
+            sink.emit(event(i));
+        }
+        sink.flush();
+        assert!(numbered(&path, 3).exists());
+        assert!(!numbered(&path, 4).exists());
+        let all: Vec<usize> = files_oldest_first(&path)
+            .iter()
+            .flat_map(|f| read_numbers(f))
+            .collect();
+        // The newest events, contiguous and in order; only whole older files are gone.
+        assert!(all.len() > 10 && all.len() < 200, "{}", all.len());
+        let first = all[0];
+        assert_eq!(all, (first..200).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn a_line_bigger_than_the_limit_gets_a_file_of_its_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("events.jsonl");
+        let sink = FileEvents::open_rotating(
+            &path,
+            Rotation {
+                max_file_bytes: 10,
+                keep_files: 5,
+            },
+        )
+        .unwrap();
+        for i in 0..3 {
+            sink.emit(event(i));
+        }
+        sink.flush();
+        let files = files_oldest_first(&path);
+        assert_eq!(files.len(), 3);
+        for (i, f) in files.iter().enumerate() {
+            assert_eq!(read_numbers(f), vec![i]);
+        }
+    }
+
+    #[test]
+    fn appends_to_an_existing_file_and_counts_its_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("events.jsonl");
+        std::fs::write(&path, "x".repeat(990) + "\n").unwrap();
+        let sink = FileEvents::open_rotating(
+            &path,
+            Rotation {
+                max_file_bytes: 1_000,
+                keep_files: 2,
+            },
+        )
+        .unwrap();
+        sink.emit(event(0));
+        sink.flush();
+        assert_eq!(std::fs::read_to_string(numbered(&path, 1)).unwrap().len(), 991);
+        assert_eq!(read_numbers(&path), vec![0]);
+    }
+
+    #[test]
+    fn a_failed_rotation_keeps_appending() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("events.jsonl");
+        // `events.jsonl.1` is a non-empty directory: renaming the file onto it fails.
+        std::fs::create_dir(numbered(&path, 1)).unwrap();
+        std::fs::write(numbered(&path, 1).join("keep"), "x").unwrap();
+        let sink = FileEvents::open_rotating(
+            &path,
+            Rotation {
+                max_file_bytes: 500,
+                keep_files: 1,
+            },
+        )
+        .unwrap();
+        for i in 0..100 {
+            sink.emit(event(i));
+        }
+        sink.flush();
+        assert_eq!(read_numbers(&path), (0..100).collect::<Vec<_>>());
+        // Once the obstacle is gone, rotation resumes.
+        std::fs::remove_dir_all(numbered(&path, 1)).unwrap();
+        for i in 100..200 {
+            sink.emit(event(i));
+        }
+        sink.flush();
+        assert!(numbered(&path, 1).is_file());
+        let all: Vec<usize> = files_oldest_first(&path)
+            .iter()
+            .flat_map(|f| read_numbers(f))
+            .collect();
+        assert_eq!(all, (0..all.len()).map(|i| i + 200 - all.len()).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn backoff_doubles_to_the_cap_with_jitter() {
+        let (min, max) = (Duration::from_secs(1), Duration::from_secs(300));
+        let mid: Vec<u64> = (0..12)
+            .map(|a| backoff(a, min, max, 0.5).as_secs())
+            .collect();
+        assert_eq!(mid, [1, 2, 4, 8, 16, 32, 64, 128, 256, 300, 300, 300]);
+        assert_eq!(backoff(0, min, max, 0.0), Duration::from_millis(800));
+        assert_eq!(backoff(0, min, max, 1.0), Duration::from_millis(1200));
+        assert_eq!(backoff(u32::MAX, min, max, 0.5), max);
+    }
+
     #[test]
     fn writes_contract_fields_as_json_lines() {
         let dir = tempfile::tempdir().unwrap();
