@@ -33,22 +33,12 @@ use std::time::{Duration, Instant};
 use bulksend_config::{Settings, TlsPolicy};
 use bulksend_engine::delivery::Engine;
 use bulksend_engine::events::NoEvents;
-use bulksend_engine::route::{Answer, BoxFuture, Dns, DnsError, Router};
+use bulksend_engine::route::{NoDns, Router};
 use bulksend_queue::{NewMessage, Queue, QueueOptions};
 use bulksend_tests::postfix::{
     clock_ticks, free_port, installed, run_bounded, self_stat, PostfixInstance, PostfixOptions,
 };
 use tokio_util::sync::CancellationToken;
-
-struct NoDns;
-impl Dns for NoDns {
-    fn mx(&self, _: &str) -> BoxFuture<'_, Result<Answer<Vec<(u16, String)>>, DnsError>> {
-        Box::pin(async { Err(DnsError::NxDomain) })
-    }
-    fn ips(&self, _: &str) -> BoxFuture<'_, Result<Answer<Vec<std::net::IpAddr>>, DnsError>> {
-        Box::pin(async { Err(DnsError::NxDomain) })
-    }
-}
 
 struct Args {
     n: usize,

@@ -14,21 +14,11 @@ use std::time::{Duration, Instant};
 use bulksend_config::{Settings, TlsPolicy};
 use bulksend_engine::delivery::Engine;
 use bulksend_engine::events::{EventKind, MemoryEvents};
-use bulksend_engine::route::{Answer, BoxFuture, Dns, DnsError, Router};
+use bulksend_engine::route::{NoDns, Router};
 use bulksend_queue::{NewMessage, Queue, QueueOptions, RecipientState};
 use bulksend_tests::postfix::{progress, to_lf, PostfixInstance, PostfixOptions};
 use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
-
-struct NoDns;
-impl Dns for NoDns {
-    fn mx(&self, _: &str) -> BoxFuture<'_, Result<Answer<Vec<(u16, String)>>, DnsError>> {
-        Box::pin(async { Err(DnsError::NxDomain) })
-    }
-    fn ips(&self, _: &str) -> BoxFuture<'_, Result<Answer<Vec<std::net::IpAddr>>, DnsError>> {
-        Box::pin(async { Err(DnsError::NxDomain) })
-    }
-}
 
 const DOMAIN: &str = "sink.test";
 const USERS: usize = 50;
