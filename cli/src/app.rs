@@ -74,11 +74,21 @@ pub(crate) fn engine(
     Ok(Engine::new(settings.clone(), queue, router, events)?)
 }
 
+/// The sink `serve` emits to: the (rotating) events file, plus the webhook when
+/// `events.webhook_url` is set.
 pub(crate) fn file_events(settings: &Settings) -> anyhow::Result<Arc<dyn EventSink>> {
+    use bulksend_engine::events::{Fanout, Rotation, WebhookEvents, WebhookOptions};
     let path = &settings.events.path;
-    let ev = FileEvents::open(path)
+    let file = FileEvents::open_rotating(path, Rotation::from_settings(&settings.events))
         .with_context(|| format!("cannot open events file {}", path.display()))?;
-    Ok(Arc::new(ev))
+    let mut sinks: Vec<Arc<dyn EventSink>> = vec![Arc::new(file)];
+    if let Some(opts) = WebhookOptions::from_settings(&settings.events) {
+        let url = opts.url.clone();
+        let hook = WebhookEvents::start(opts)
+            .with_context(|| format!("cannot start the events webhook for {url}"))?;
+        sinks.push(Arc::new(hook));
+    }
+    Ok(Arc::new(Fanout(sinks)))
 }
 
 /// Installs the Prometheus recorder with an HTTP listener on `metrics.listen`.

@@ -737,10 +737,18 @@ max_queue_lifetime = "3d"
         assert_eq!(s.events.max_file_bytes, 0);
         assert_eq!(s.events.webhook_buffer, 100_000);
 
-        for bad in ["ftp://x.test/", "hooks.example.net", "http://", "http:// x/"] {
+        for bad in [
+            "ftp://x.test/",
+            "hooks.example.net",
+            "http://",
+            "http:// x/",
+        ] {
             let f = file(&format!("[events]\nwebhook_url = {bad:?}\n"));
             let err = Settings::load_with_env(Some(f.path()), env(&[])).unwrap_err();
-            assert!(err.to_string().contains("events.webhook_url"), "{bad}: {err}");
+            assert!(
+                err.to_string().contains("events.webhook_url"),
+                "{bad}: {err}"
+            );
         }
         let err = Settings::load_with_env(None, env(&[("BULKSEND_EVENTS__WEBHOOK_BATCH", "0")]))
             .unwrap_err();

@@ -677,7 +677,11 @@ mod tests {
     /// Recipients' numbers, file by file; panics on a line that is not whole JSON.
     fn read_numbers(file: &Path) -> Vec<usize> {
         let text = std::fs::read_to_string(file).unwrap();
-        assert!(text.is_empty() || text.ends_with('\n'), "{}", file.display());
+        assert!(
+            text.is_empty() || text.ends_with('\n'),
+            "{}",
+            file.display()
+        );
         text.lines()
             .map(|l| {
                 let v: serde_json::Value = serde_json::from_str(l)
@@ -797,7 +801,10 @@ mod tests {
         .unwrap();
         sink.emit(event(0));
         sink.flush();
-        assert_eq!(std::fs::read_to_string(numbered(&path, 1)).unwrap().len(), 991);
+        assert_eq!(
+            std::fs::read_to_string(numbered(&path, 1)).unwrap().len(),
+            991
+        );
         assert_eq!(read_numbers(&path), vec![0]);
     }
 
@@ -832,7 +839,12 @@ mod tests {
             .iter()
             .flat_map(|f| read_numbers(f))
             .collect();
-        assert_eq!(all, (0..all.len()).map(|i| i + 200 - all.len()).collect::<Vec<_>>());
+        assert_eq!(
+            all,
+            (0..all.len())
+                .map(|i| i + 200 - all.len())
+                .collect::<Vec<_>>()
+        );
     }
 
     #[test]
