@@ -48,8 +48,11 @@ use crate::smtp::{
 const TAKE_BATCH: usize = 1_000;
 /// Most MX addresses tried for one connection (as Postfix's smtp_mx_address_limit).
 const MAX_ADDRESSES: usize = 5;
-/// How long a recipient waits when its destination's ready queue is full (plus jitter).
-const POSTPONE: Duration = Duration::from_secs(5);
+/// How long a recipient evicted from a stuck destination's ready queue waits (plus jitter).
+const POSTPONE: Duration = Duration::from_secs(2);
+/// A destination whose oldest ready job has waited this long is not keeping up: if it also
+/// holds more than its share of the in-flight budget, the overflow is given back.
+const STUCK_AFTER: Duration = Duration::from_secs(5);
 /// How often scheduled recipients past their lifetime are swept.
 const EXPIRE_EVERY: Duration = Duration::from_secs(30);
 
@@ -146,6 +149,8 @@ struct Inner {
     workers: TaskTracker,
     wake: Notify,
     counters: Counters,
+    /// When the last recipients given back by [`Inner::rebalance`] are due again.
+    postponed_until: Mutex<Option<Instant>>,
 }
 
 /// One message to some recipients at one destination: one SMTP transaction.
@@ -154,6 +159,8 @@ struct Job {
     sender: Option<Address>,
     data: Arc<MessageData>,
     rcpts: Vec<JobRcpt>,
+    /// When it entered the ready queue (for the head-of-line check).
+    queued: Instant,
 }
 
 struct JobRcpt {
@@ -176,7 +183,8 @@ struct Limits {
 /// A destination: the worker pool for one MX host set.
 struct Dest {
     key: DestinationKey,
-    /// Most recipients waiting in the ready queue: a quarter of `delivery.max_in_flight`.
+    /// Its share of the in-flight budget when it is not keeping up: a quarter of
+    /// `delivery.max_in_flight` (see [`Inner::rebalance`]).
     ready_cap: usize,
     label: String,
     limits: Limits,
@@ -229,6 +237,7 @@ impl Engine {
                 workers: TaskTracker::new(),
                 wake: Notify::new(),
                 counters: Counters::default(),
+                postponed_until: Mutex::new(None),
             }),
         })
     }
@@ -278,12 +287,7 @@ impl Engine {
                         took = leases.len();
                         if took > 0 {
                             inner.in_flight.fetch_add(took, Ordering::AcqRel);
-                            let postponed = Inner::dispatch(inner, leases).await;
-                            if postponed > 0 {
-                                // Full destinations: give their workers time before the
-                                // next read, instead of leasing and postponing in a loop.
-                                tokio::time::sleep(Duration::from_millis(250)).await;
-                            }
+                            Inner::dispatch(inner, leases).await;
                         }
                     }
                     Ok(Err(e)) => {
@@ -292,10 +296,16 @@ impl Engine {
                     Err(e) => tracing::error!(error = %e, "queue task failed"),
                 }
             }
+            if room == 0 {
+                inner.rebalance().await;
+            }
             if took > 0 {
                 continue;
             }
-            if drain && inner.in_flight.load(Ordering::Acquire) == 0 {
+            // Drained: nothing due, nothing in flight, and nothing given back that is about to
+            // be due again.
+            let postponed = lock(&inner.postponed_until).is_some_and(|t| t > Instant::now());
+            if drain && inner.in_flight.load(Ordering::Acquire) == 0 && !postponed {
                 break;
             }
             tokio::select! {
@@ -391,8 +401,7 @@ impl Inner {
     }
 
     /// Routes leased recipients and hands them to their destinations as transactions.
-    /// Returns how many were postponed because their destination's ready queue was full.
-    async fn dispatch(self: &Arc<Self>, leases: Vec<Lease>) -> usize {
+    async fn dispatch(self: &Arc<Self>, leases: Vec<Lease>) {
         // Group by message, keeping the queue's order.
         let mut order: Vec<MessageId> = Vec::new();
         let mut by_msg: HashMap<MessageId, Vec<Lease>> = HashMap::new();
@@ -426,7 +435,6 @@ impl Inner {
         .unwrap_or_default();
 
         let mut failed: Vec<(JobRcpt, Classified, bool)> = Vec::new();
-        let mut postpone: Vec<RecipientId> = Vec::new();
         for id in order {
             let Some(leases) = by_msg.remove(&id) else {
                 continue;
@@ -510,10 +518,9 @@ impl Inner {
                         sender: sender.clone(),
                         data: data.clone(),
                         rcpts: chunk,
+                        queued: Instant::now(),
                     };
-                    if let Some(job) = Dest::push(&dest, self, job).await {
-                        postpone.extend(job.rcpts.iter().map(|r| r.id));
-                    }
+                    Dest::push(&dest, self, job).await;
                 }
             }
         }
@@ -521,26 +528,55 @@ impl Inner {
             let key = DestinationKey("-".into());
             self.record(&key, None, failed).await;
         }
-        let n = postpone.len();
-        if n > 0 {
-            tracing::debug!(recipients = n, "destination ready queues full; postponing");
-            let items = postpone
-                .into_iter()
-                .map(|id| {
-                    let next_attempt = SystemTime::now() + POSTPONE + jitter(POSTPONE);
-                    let reason = "waiting for a connection to its destination".to_owned();
-                    (
-                        id,
-                        Outcome::Postponed {
-                            reason,
-                            next_attempt,
-                        },
-                    )
-                })
-                .collect();
-            self.complete(items).await;
+    }
+
+    /// Head-of-line isolation: a destination that is not keeping up (its oldest ready job has
+    /// waited [`STUCK_AFTER`]) and holds more than its share of the in-flight budget gives the
+    /// newest overflow back to the queue, due again shortly (not counted as an attempt), so
+    /// the budget serves other destinations meanwhile. A fast destination never has old jobs,
+    /// so a single-destination bulk run is never churned.
+    async fn rebalance(&self) {
+        let dests: Vec<Arc<Dest>> = lock(&self.dests).values().cloned().collect();
+        let mut evicted: Vec<RecipientId> = Vec::new();
+        for d in dests {
+            let mut s = lock(&d.state);
+            let stuck = s
+                .ready
+                .front()
+                .is_some_and(|j| j.queued.elapsed() >= STUCK_AFTER);
+            while stuck && s.ready_rcpts > d.ready_cap {
+                let Some(job) = s.ready.pop_back() else { break };
+                s.ready_rcpts = s.ready_rcpts.saturating_sub(job.rcpts.len());
+                evicted.extend(job.rcpts.iter().map(|r| r.id));
+            }
         }
-        n
+        if evicted.is_empty() {
+            return;
+        }
+        tracing::debug!(
+            recipients = evicted.len(),
+            "destination not keeping up; giving back its overflow"
+        );
+        let due = SystemTime::now() + POSTPONE + jitter(POSTPONE);
+        {
+            let mut p = lock(&self.postponed_until);
+            let at = Instant::now() + due.duration_since(SystemTime::now()).unwrap_or_default();
+            *p = Some(p.map_or(at, |t| t.max(at)));
+        }
+        let items = evicted
+            .into_iter()
+            .map(|id| {
+                let reason = "waiting for a connection to its destination".to_owned();
+                (
+                    id,
+                    Outcome::Postponed {
+                        reason,
+                        next_attempt: due,
+                    },
+                )
+            })
+            .collect();
+        self.complete(items).await;
     }
 
     /// A queued address that no longer parses (the queue's validation is looser): bounce it,
@@ -869,17 +905,12 @@ impl DestState {
 impl Dest {
     /// Queues a job, or defers it at once if the destination is paused; starts a worker if
     /// the pool has room.
-    /// Returns the job back when the ready queue is full (the caller postpones it).
-    async fn push(dest: &Arc<Dest>, inner: &Arc<Inner>, job: Job) -> Option<Job> {
+    async fn push(dest: &Arc<Dest>, inner: &Arc<Inner>, job: Job) {
         let paused = {
             let mut s = lock(&dest.state);
             match s.paused_until.filter(|t| *t > Instant::now()) {
                 Some(until) => Some((until, s.pause_reason)),
                 None => {
-                    // A job bigger than the cap is still taken into an empty queue.
-                    if s.ready_rcpts > 0 && s.ready_rcpts + job.rcpts.len() > dest.ready_cap {
-                        return Some(job);
-                    }
                     s.ready_rcpts += job.rcpts.len();
                     s.ready.push_back(job);
                     if s.active < s.limit && !inner.stop_token().is_cancelled() {
@@ -891,14 +922,13 @@ impl Dest {
                     } else {
                         dest.notify.notify_one();
                     }
-                    return None;
+                    return;
                 }
             }
         };
         if let Some((until, reason)) = paused {
             dest.defer_paused(inner, vec![job], until, reason).await;
         }
-        None
     }
 
     /// Defers jobs of a paused destination to the end of the pause (not a bounce).

@@ -674,3 +674,23 @@ async fn slow_destination_does_not_hold_up_others() {
         "postponed recipients have no attempt"
     );
 }
+
+/// Regression: one destination with many times its share of the in-flight budget is drained
+/// completely (no early exit, nothing left postponed) and without re-leasing churn.
+#[tokio::test]
+async fn drain_of_one_big_destination_delivers_everything() {
+    let server = ScriptedServer::start(Script::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = base_settings(dir.path(), &[("dest.test", server.addr)]);
+    s.delivery.max_in_flight = 40;
+    let r = rig(dir, s);
+    for i in 0..300 {
+        r.queue
+            .enqueue(msg("b@esp.test", &[format!("u{i}@dest.test")], i))
+            .unwrap();
+    }
+    let summary = r.engine.run(CancellationToken::new(), true).await;
+    assert_eq!(summary.delivered, 300, "{summary:?}");
+    assert_eq!(server.messages().len(), 300);
+    assert_eq!(state_count(&r.queue, RecipientState::Scheduled), 0);
+}
