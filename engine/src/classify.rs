@@ -115,7 +115,6 @@ const BLOCK_TEXTS: &[&str] = &[
     "barracuda",
     "listed at",
     "listed in",
-    "rbl",
     "dnsbl",
     "poor reputation",
     "reputation",
@@ -140,6 +139,18 @@ const BUILTIN: &[Rule] = &[
         phases: ANY_PHASE,
         enhanced: &[],
         text: &["greylist", "graylist", "grey-list"],
+        class: Class::Transient,
+        reputation_signal: false,
+    },
+    // "452 4.5.3 Too many recipients" is about this transaction (RFC 5321 §4.5.3.1.10), not
+    // about us: retry those recipients, leave the destination alone.
+    Rule {
+        name: "too-many-recipients",
+        codes: Codes::Class(4),
+        phases: ANY_PHASE,
+        // By code only: "too many recipients this hour" without 4.5.3 is a rate limit.
+        enhanced: &["4.5.3"],
+        text: &[],
         class: Class::Transient,
         reputation_signal: false,
     },
@@ -176,16 +187,6 @@ const BUILTIN: &[Rule] = &[
         class: Class::Transient,
         reputation_signal: false,
     },
-    // A blocklist rejection names no bad address; bounce, and tell the destination.
-    Rule {
-        name: "5xx-blocklist",
-        codes: Codes::Class(5),
-        phases: ANY_PHASE,
-        enhanced: &[],
-        text: BLOCK_TEXTS,
-        class: Class::Permanent,
-        reputation_signal: true,
-    },
     Rule {
         name: "5xx-unknown-user",
         codes: Codes::Class(5),
@@ -207,6 +208,16 @@ const BUILTIN: &[Rule] = &[
         ],
         class: Class::InvalidRecipient,
         reputation_signal: false,
+    },
+    // A blocklist rejection names no bad address; bounce, and tell the destination.
+    Rule {
+        name: "5xx-blocklist",
+        codes: Codes::Class(5),
+        phases: ANY_PHASE,
+        enhanced: &[],
+        text: BLOCK_TEXTS,
+        class: Class::Permanent,
+        reputation_signal: true,
     },
     // With one recipient, a 5.1.1 after the dot also names that recipient (some servers
     // only check after DATA).
@@ -306,7 +317,9 @@ impl Classifier {
 
     /// Classifies a reply (4xx/5xx) received in `phase`.
     pub fn reply(&self, phase: Phase, reply: &Reply) -> Classified {
-        let text = reply.text().to_lowercase();
+        // Match on the text without the addresses it echoes: "<marbles@x>" must not read as
+        // "rbl", nor "<reputation@x>" as a reputation block.
+        let text = strip_addresses(&reply.text()).to_lowercase();
         let enhanced = reply.enhanced.map(|e| e.to_string());
         for r in &self.custom {
             let code_ok = r.code.is_none_or(|c| codes_match(c, reply.code));
@@ -372,6 +385,21 @@ impl Classifier {
             rule,
         }
     }
+}
+
+/// The text with every `<...>` part removed.
+fn strip_addresses(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut depth = 0u32;
+    for ch in text.chars() {
+        match ch {
+            '<' => depth += 1,
+            '>' if depth > 0 => depth -= 1,
+            _ if depth == 0 => out.push(ch),
+            _ => {}
+        }
+    }
+    out
 }
 
 fn codes_match(c: Codes, code: u16) -> bool {
@@ -445,6 +473,10 @@ mod tests {
             (Phase::Rcpt, 450, "4.2.0 <x@y>: Recipient address rejected: Greylisted, see http://postgrey", Class::Transient, "greylist"),
             (Phase::Rcpt, 451, "4.7.1 Greylisting in action, please come back later", Class::Transient, "greylist"),
             (Phase::Rcpt, 452, "4.2.2 Mailbox full", Class::Transient, "4xx"),
+            (Phase::Rcpt, 452, "4.5.3 Error: too many recipients", Class::Transient, "too-many-recipients"),
+            // Addresses echoed in the text are not read as block texts.
+            (Phase::Rcpt, 550, "5.1.1 <marbles@x.test>: Recipient address rejected: User unknown", Class::InvalidRecipient, "5xx-unknown-user"),
+            (Phase::Rcpt, 550, "<reputation@x.test>: no such user", Class::InvalidRecipient, "5xx-unknown-user"),
             (Phase::DataDone, 451, "4.3.0 Error: queue file write error", Class::Transient, "4xx"),
         ];
         for (phase, code, text, class, rule) in cases {

@@ -537,14 +537,23 @@ impl Inner {
     /// so a single-destination bulk run is never churned.
     async fn rebalance(&self) {
         let dests: Vec<Arc<Dest>> = lock(&self.dests).values().cloned().collect();
+        let stuck: Vec<Arc<Dest>> = dests
+            .into_iter()
+            .filter(|d| {
+                let s = lock(&d.state);
+                s.ready
+                    .front()
+                    .is_some_and(|j| j.queued.elapsed() >= STUCK_AFTER)
+            })
+            .collect();
+        // Together, destinations that are not keeping up keep at most one quarter of the
+        // budget, however many of them there are.
+        let share = stuck.len().max(1);
         let mut evicted: Vec<RecipientId> = Vec::new();
-        for d in dests {
+        for d in stuck {
             let mut s = lock(&d.state);
-            let stuck = s
-                .ready
-                .front()
-                .is_some_and(|j| j.queued.elapsed() >= STUCK_AFTER);
-            while stuck && s.ready_rcpts > d.ready_cap {
+            let cap = (d.ready_cap / share).max(1);
+            while s.ready_rcpts > cap {
                 let Some(job) = s.ready.pop_back() else { break };
                 s.ready_rcpts = s.ready_rcpts.saturating_sub(job.rcpts.len());
                 evicted.extend(job.rcpts.iter().map(|r| r.id));
@@ -918,7 +927,7 @@ impl Dest {
                         metrics::gauge!(m::CONNECTIONS_OPEN, "destination" => dest.label.clone())
                             .increment(1.0);
                         let (d, i) = (dest.clone(), inner.clone());
-                        inner.workers.spawn(async move { worker(i, d).await });
+                        inner.workers.spawn(spawnable_worker(i, d));
                     } else {
                         dest.notify.notify_one();
                     }
@@ -951,11 +960,12 @@ impl Dest {
         let d = &inner.settings.delivery;
         let (until, jobs) = {
             let mut s = lock(&self.state);
-            s.limit = (s.limit / 2).max(1);
             s.successes = 0;
-            // Several connections may report the same event; extend, don't stack.
+            // Several connections may report the same event: halve and count once per pause;
+            // later reports only extend it.
             let now = Instant::now();
             if s.paused_until.is_none_or(|t| t <= now) {
+                s.limit = (s.limit / 2).max(1);
                 s.pause_level = s.pause_level.saturating_add(1);
                 s.pauses += 1;
                 metrics::counter!(m::DESTINATION_PAUSES, "destination" => self.label.clone(), "reason" => reason)
@@ -1037,10 +1047,25 @@ impl Dest {
     }
 
     fn is_paused(&self) -> bool {
-        lock(&self.state)
-            .paused_until
-            .is_some_and(|t| t > Instant::now())
+        self.pause().is_some()
     }
+
+    /// The end and reason of the current pause, if paused.
+    fn pause(&self) -> Option<(Instant, &'static str)> {
+        let s = lock(&self.state);
+        s.paused_until
+            .filter(|t| *t > Instant::now())
+            .map(|t| (t, s.pause_reason))
+    }
+}
+
+/// [`worker`] as a boxed `Send` future: a worker may start its successor, and a directly
+/// recursive `async fn` has a type the compiler cannot prove `Send`.
+fn spawnable_worker(
+    inner: Arc<Inner>,
+    dest: Arc<Dest>,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
+    Box::pin(worker(inner, dest))
 }
 
 /// One connection worker of a destination.
@@ -1059,10 +1084,51 @@ async fn worker(inner: Arc<Inner>, dest: Arc<Dest>) {
                 s.next_send = at + rate.per / rate.count;
                 at
             };
-            tokio::time::sleep_until(at.into()).await;
+            let stop = inner.stop_token();
+            tokio::select! {
+                _ = tokio::time::sleep_until(at.into()) => {}
+                _ = stop.cancelled() => {
+                    // Shutting down: this job was never started.
+                    let items = job.rcpts.iter().map(|r| (r.id, Outcome::Released)).collect();
+                    inner.complete(items).await;
+                    break;
+                }
+            }
+        }
+        // Another connection may have paused the destination (or shutdown begun) while this
+        // job waited: then it must not be sent now.
+        if let Some((until, reason)) = dest.pause() {
+            dest.defer_paused(&inner, vec![job], until, reason).await;
+            break;
+        }
+        if inner.stop_token().is_cancelled() {
+            let items = job
+                .rcpts
+                .iter()
+                .map(|r| (r.id, Outcome::Released))
+                .collect();
+            inner.complete(items).await;
+            break;
         }
         // Suppression, right before sending.
-        let (job, suppressed) = split_suppressed(&inner, job).await;
+        let (job, suppressed, unreadable) = split_suppressed(&inner, job).await;
+        if !unreadable.is_empty() {
+            let due = SystemTime::now() + Duration::from_secs(60);
+            let items = unreadable
+                .iter()
+                .map(|r| {
+                    let reason = "suppression list unreadable".to_owned();
+                    (
+                        r.id,
+                        Outcome::Postponed {
+                            reason,
+                            next_attempt: due,
+                        },
+                    )
+                })
+                .collect();
+            inner.complete(items).await;
+        }
         if !suppressed.is_empty() {
             let c = local(Class::Permanent, "address is on the suppression list");
             let outcomes = suppressed
@@ -1081,14 +1147,20 @@ async fn worker(inner: Arc<Inner>, dest: Arc<Dest>) {
             match connect(&inner, &dest).await {
                 Ok(s) => session = Some(s),
                 Err(e) => {
-                    let c = inner.classifier.classify(&RcptResult::Failed(e));
-                    let until = match c.class {
-                        Class::Reputation => Some(dest.back_off(&inner, "reputation").await),
-                        Class::Unreachable => Some(dest.back_off(&inner, "unreachable").await),
-                        _ => None,
+                    // No MX host would talk to us (refused, timed out, or refused us at the
+                    // greeting/EHLO/TLS, 5xx included, as Postfix's smtp_skip_5xx_greeting):
+                    // the recipients wait, and the destination backs off. Never a bounce.
+                    let mut c = inner.classifier.classify(&RcptResult::Failed(e));
+                    let reason = if c.class == Class::Reputation || c.reputation_signal {
+                        c.class = Class::Reputation;
+                        "reputation"
+                    } else {
+                        c.class = Class::Unreachable;
+                        "unreachable"
                     };
-                    let until_wall = until
-                        .map(|u| SystemTime::now() + u.saturating_duration_since(Instant::now()));
+                    let until = dest.back_off(&inner, reason).await;
+                    let until_wall =
+                        Some(SystemTime::now() + until.saturating_duration_since(Instant::now()));
                     let outcomes = job
                         .rcpts
                         .into_iter()
@@ -1112,12 +1184,33 @@ async fn worker(inner: Arc<Inner>, dest: Arc<Dest>) {
         let mut reputation = false;
         let mut unknown_users = 0u32;
         let mut delivered = false;
+        // A reply after the dot is one verdict for every accepted recipient: a "5.1.1" there
+        // names a single bad address only when there was a single recipient.
+        let after_dot = tx
+            .recipients
+            .iter()
+            .filter(|r| {
+                matches!(
+                    r,
+                    RcptResult::Rejected {
+                        phase: crate::smtp::Phase::DataDone,
+                        ..
+                    }
+                )
+            })
+            .count();
         let outcomes: Vec<(JobRcpt, Classified, bool)> = job
             .rcpts
             .into_iter()
             .zip(&tx.recipients)
             .map(|(r, res)| {
-                let c = inner.classifier.classify(res);
+                let mut c = inner.classifier.classify(res);
+                if c.class == Class::InvalidRecipient
+                    && c.phase == crate::smtp::Phase::DataDone
+                    && after_dot > 1
+                {
+                    c.class = Class::Permanent;
+                }
                 reputation |= c.class == Class::Reputation || c.reputation_signal;
                 unknown_users += u32::from(c.class == Class::InvalidRecipient);
                 delivered |= c.class == Class::Delivered;
@@ -1151,14 +1244,30 @@ async fn worker(inner: Arc<Inner>, dest: Arc<Dest>) {
             }
         }
     }
+    // Give the slot back before the (up to two QUIT timeouts long) close, and check under the
+    // same lock whether a job arrived meanwhile: a push that saw every slot taken only
+    // notified, and nobody is waiting any more.
+    let respawn = {
+        let mut s = lock(&dest.state);
+        s.active = s.active.saturating_sub(1);
+        let go = !s.ready.is_empty()
+            && s.active < s.limit
+            && s.paused_until.is_none_or(|t| t <= Instant::now())
+            && !inner.stop_token().is_cancelled();
+        if go {
+            s.active += 1;
+        }
+        go
+    };
+    if respawn {
+        let (d, i) = (dest.clone(), inner.clone());
+        inner.workers.spawn(spawnable_worker(i, d));
+    } else {
+        metrics::gauge!(m::CONNECTIONS_OPEN, "destination" => dest.label.clone()).decrement(1.0);
+    }
     if let Some((s, _)) = session.take() {
         s.close().await;
     }
-    {
-        let mut s = lock(&dest.state);
-        s.active = s.active.saturating_sub(1);
-    }
-    metrics::gauge!(m::CONNECTIONS_OPEN, "destination" => dest.label.clone()).decrement(1.0);
 }
 
 /// The next job for a worker: waits up to `idle` for one; `None` when the worker should end.
@@ -1215,9 +1324,14 @@ async fn connect(inner: &Inner, dest: &Dest) -> Result<(Session, String), Sessio
     }))
 }
 
-/// Splits off recipients that are on the suppression list.
-async fn split_suppressed(inner: &Inner, mut job: Job) -> (Option<Job>, Vec<JobRcpt>) {
+/// Splits off recipients that are on the suppression list, and those whose entry could not
+/// be read (held back: neither sent nor marked suppressed).
+async fn split_suppressed(
+    inner: &Inner,
+    mut job: Job,
+) -> (Option<Job>, Vec<JobRcpt>, Vec<JobRcpt>) {
     let mut suppressed = Vec::new();
+    let mut unreadable = Vec::new();
     let mut keep = Vec::with_capacity(job.rcpts.len());
     for r in job.rcpts.drain(..) {
         match inner.queue.suppressed(r.address.as_str()) {
@@ -1226,12 +1340,16 @@ async fn split_suppressed(inner: &Inner, mut job: Job) -> (Option<Job>, Vec<JobR
             Err(e) => {
                 // Fail safe: an unreadable list must not let a suppressed address through.
                 tracing::error!(error = %e, "cannot read the suppression list; holding the recipient");
-                suppressed.push(r);
+                unreadable.push(r);
             }
         }
     }
     job.rcpts = keep;
-    ((!job.rcpts.is_empty()).then_some(job), suppressed)
+    (
+        (!job.rcpts.is_empty()).then_some(job),
+        suppressed,
+        unreadable,
+    )
 }
 
 fn job_rcpt(l: &Lease) -> Option<JobRcpt> {

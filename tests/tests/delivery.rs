@@ -694,3 +694,66 @@ async fn drain_of_one_big_destination_delivers_everything() {
     assert_eq!(server.messages().len(), 300);
     assert_eq!(state_count(&r.queue, RecipientState::Scheduled), 0);
 }
+
+/// A "5.1.1" after the dot is one verdict for the whole transaction: with several recipients
+/// it must not suppress them all (nor feed the harvesting guard).
+#[tokio::test]
+async fn unknown_user_after_the_dot_suppresses_only_a_single_recipient() {
+    let server = ScriptedServer::start(Script::default().with_handler(|c| {
+        (c.line == "<DOT>").then(|| reply("550 5.1.1 Recipient address rejected: User unknown"))
+    }))
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let s = base_settings(dir.path(), &[("dest.test", server.addr)]);
+    let r = rig(dir, s);
+    r.queue
+        .enqueue(msg(
+            "b@esp.test",
+            &["a@dest.test".into(), "b@dest.test".into()],
+            0,
+        ))
+        .unwrap();
+    r.queue
+        .enqueue(msg("b@esp.test", &["solo@dest.test".into()], 1))
+        .unwrap();
+    let summary = r.engine.run(CancellationToken::new(), true).await;
+    assert_eq!(summary.bounced, 3, "{summary:?}");
+    assert!(r.queue.suppressed("a@dest.test").unwrap().is_none());
+    assert!(r.queue.suppressed("b@dest.test").unwrap().is_none());
+    assert!(r.queue.suppressed("solo@dest.test").unwrap().is_some());
+}
+
+/// A 5xx greeting (e.g. an IP-level block) is not a verdict on the recipients: they wait and
+/// the destination backs off (as Postfix's smtp_skip_5xx_greeting), nothing is bounced.
+#[tokio::test]
+async fn greeting_5xx_defers_and_backs_off_instead_of_bouncing() {
+    let server = ScriptedServer::start(Script::default().with_handler(|c| {
+        (c.line == "<GREETING>").then(|| {
+            reply(
+                "554 5.7.1 Service unavailable; client [127.0.0.1] blocked using zen.spamhaus.org",
+            )
+        })
+    }))
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let s = base_settings(dir.path(), &[("dest.test", server.addr)]);
+    let r = rig(dir, s);
+    for i in 0..20 {
+        r.queue
+            .enqueue(msg("b@esp.test", &[format!("u{i}@dest.test")], i))
+            .unwrap();
+    }
+    let summary = r.engine.run(CancellationToken::new(), true).await;
+    assert_eq!(summary.bounced, 0, "{summary:?}");
+    assert_eq!(state_count(&r.queue, RecipientState::Scheduled), 20);
+    let d = &r.engine.destinations()[0];
+    assert!(d.pauses >= 1, "{d:?}");
+    // Every refused session was ended with QUIT (the server said 554, the dialogue is in step).
+    let conns = server.wait_closed(server.connections().len()).await;
+    assert!(conns.iter().all(|c| c.quit), "QUIT after a 554 greeting");
+    assert!(
+        conns.len() <= 4,
+        "{} connections: no hammering",
+        conns.len()
+    );
+}

@@ -567,13 +567,25 @@ impl Session {
                     return Err(settle_all(slots, negative(phase, reply), e));
                 }
                 Ok(r) => r,
-                Err(e) => return Err(settle_all(slots, RcptResult::Failed(e.clone()), e)),
+                Err(e) => {
+                    if pipelined {
+                        // Replies to the rest of the batch are still on their way: a QUIT now
+                        // would be answered out of step (or read as message data).
+                        self.link = Link::Dead;
+                    }
+                    return Err(settle_all(slots, RcptResult::Failed(e.clone()), e));
+                }
             };
             match cmd {
                 Command::Rset if reply.code == 250 => self.needs_rset = false,
                 Command::Rset => {
-                    // Out of step with the server: nothing after this can be trusted.
-                    self.link = Link::QuitOnly;
+                    // Out of step with the server: nothing after this can be trusted. With
+                    // the rest of the batch still in flight, not even a QUIT.
+                    self.link = if pipelined {
+                        Link::Dead
+                    } else {
+                        Link::QuitOnly
+                    };
                     let e = refusal(Phase::Rset, reply);
                     return Err(settle_all(slots, RcptResult::Failed(e.clone()), e));
                 }
@@ -623,8 +635,16 @@ impl Session {
                 // empty data at once so the dialogue stays in step; its reply means nothing.
                 let deadline = self.deadline(Phase::DataDone);
                 self.write(Phase::DataDone, b".\r\n", deadline).await?;
-                self.read_reply(Phase::DataDone, deadline).await?;
+                let reply = self.read_reply(Phase::DataDone, deadline).await?;
                 self.needs_rset = false;
+                if reply.is_closing() {
+                    self.link = Link::Dead;
+                    let e = SessionError::ServerClosing {
+                        phase: Phase::DataDone,
+                        reply,
+                    };
+                    return Err(e);
+                }
                 Ok(false)
             }
             400..=599 => {
