@@ -434,6 +434,32 @@ impl Inner {
         .await
         .unwrap_or_default();
 
+        // Route every distinct domain of the batch at once: one slow or silent DNS zone must
+        // not make the others wait its timeout in turn.
+        let routes = {
+            let mut domains: Vec<String> = by_msg
+                .values()
+                .flatten()
+                .map(|l| l.recipient.destination.clone())
+                .collect();
+            domains.sort_unstable();
+            domains.dedup();
+            let mut set = tokio::task::JoinSet::new();
+            for d in domains {
+                let router = self.router.clone();
+                set.spawn(async move {
+                    let r = router.route(&d).await;
+                    (d, r)
+                });
+            }
+            let mut routes: HashMap<String, Result<Arc<Route>, RouteError>> = HashMap::new();
+            while let Some(res) = set.join_next().await {
+                if let Ok((d, r)) = res {
+                    routes.insert(d, r);
+                }
+            }
+            routes
+        };
         let mut failed: Vec<(JobRcpt, Classified, bool)> = Vec::new();
         for id in order {
             let Some(leases) = by_msg.remove(&id) else {
@@ -488,7 +514,11 @@ impl Inner {
                     self.bad_address(&l).await;
                     continue;
                 };
-                match self.router.route(&l.recipient.destination).await {
+                let routed = routes
+                    .get(&l.recipient.destination)
+                    .cloned()
+                    .unwrap_or_else(|| Err(RouteError::Transient("route lookup failed".into())));
+                match routed {
                     Ok(route) => {
                         let dest = self.dest(&route, &l.recipient.destination);
                         match per_dest.iter_mut().find(|(d, _)| Arc::ptr_eq(d, &dest)) {
