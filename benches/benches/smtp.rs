@@ -170,8 +170,13 @@ async fn bulksend_run(
     );
     let router = Arc::new(Router::new(&s.routes, None, Arc::new(NoDns)));
     let engine = Engine::new(Arc::new(s), queue.clone(), router, Arc::new(NoEvents))?;
-    // Reset VmHWM so the peak is the delivery's, not the fill's.
+    // Reset VmHWM so the peak is the delivery's, not the fill's. It cannot go below what the
+    // process already holds after the fill (sled's memory), so print that too.
     let _ = std::fs::write("/proc/self/clear_refs", "5");
+    eprintln!(
+        "  bulksend: RSS at the start of the drain {:.1} MiB",
+        bulksend_tests::postfix::peak_rss_kib().unwrap_or(0) as f64 / 1024.0
+    );
     let (c0, _) = ticks_self();
     let t0 = Instant::now();
     let summary = engine.run(CancellationToken::new(), true).await;
