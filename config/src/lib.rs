@@ -268,7 +268,9 @@ impl Default for DeliverySettings {
             harvest_threshold: 0.10,
             harvest_pause: Duration::from_secs(3600),
             unknown_after_dot: UnknownPolicy::Retry,
-            shutdown_grace: Duration::from_secs(60),
+            // Above smtp.timeouts.data_done, so a shutdown never drops a connection that is
+            // waiting for the reply after the dot.
+            shutdown_grace: Duration::from_secs(11 * 60),
         }
     }
 }

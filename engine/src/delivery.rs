@@ -1170,7 +1170,11 @@ async fn worker(inner: Arc<Inner>, dest: Arc<Dest>) {
                 .await;
         }
         let Some(job) = job else { continue };
-        if session.as_ref().is_none_or(|(s, _)| !s.is_usable()) {
+        let stale = match session.as_mut() {
+            Some((s, _)) => s.probe_stale().await,
+            None => true,
+        };
+        if stale {
             if let Some((s, _)) = session.take() {
                 s.close().await;
             }

@@ -757,3 +757,98 @@ async fn greeting_5xx_defers_and_backs_off_instead_of_bouncing() {
         conns.len()
     );
 }
+
+/// A server that ends an idle connection with an unprompted "421 4.4.2 idle timeout": the
+/// next message must go out on a fresh connection, and the 421 must not read as a reputation
+/// deferral that pauses the destination.
+#[tokio::test]
+async fn pooled_connection_closed_by_the_server_is_not_reused() {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let delivered = Arc::new(AtomicUsize::new(0));
+    let d2 = delivered.clone();
+    let server = tokio::spawn(async move {
+        let mut conn = 0;
+        while let Ok((stream, _)) = listener.accept().await {
+            conn += 1;
+            let first = conn == 1;
+            let d3 = d2.clone();
+            tokio::spawn(async move {
+                let (r, mut w) = stream.into_split();
+                let mut r = BufReader::new(r);
+                w.write_all(b"220 idle.test ESMTP\r\n").await.unwrap();
+                let mut line = String::new();
+                let mut in_data = false;
+                loop {
+                    line.clear();
+                    if r.read_line(&mut line).await.unwrap_or(0) == 0 {
+                        return;
+                    }
+                    if in_data {
+                        if line == ".\r\n" {
+                            in_data = false;
+                            d3.fetch_add(1, Ordering::SeqCst);
+                            w.write_all(b"250 2.0.0 Ok\r\n").await.unwrap();
+                            if first {
+                                // Idle timeout on the server side, announced, then closed.
+                                tokio::time::sleep(Duration::from_millis(100)).await;
+                                let _ = w
+                                    .write_all(b"421 4.4.2 idle.test Error: timeout exceeded\r\n")
+                                    .await;
+                                return;
+                            }
+                        }
+                        continue;
+                    }
+                    let up = line.to_ascii_uppercase();
+                    let answer: &[u8] = if up.starts_with("EHLO") {
+                        b"250-idle.test\r\n250 PIPELINING\r\n"
+                    } else if up.starts_with("DATA") {
+                        in_data = true;
+                        b"354 go\r\n"
+                    } else if up.starts_with("QUIT") {
+                        let _ = w.write_all(b"221 bye\r\n").await;
+                        return;
+                    } else {
+                        b"250 ok\r\n"
+                    };
+                    w.write_all(answer).await.unwrap();
+                }
+            });
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = base_settings(dir.path(), &[("dest.test", addr)]);
+    s.delivery.max_connections_per_destination = 1;
+    s.smtp.timeouts.idle = Duration::from_secs(10);
+    let r = rig(dir, s);
+    r.queue
+        .enqueue(msg("b@esp.test", &["one@dest.test".into()], 0))
+        .unwrap();
+    let token = CancellationToken::new();
+    let (e, t) = (r.engine.clone(), token.clone());
+    let run = tokio::spawn(async move { e.run(t, false).await });
+    let start = Instant::now();
+    while delivered.load(Ordering::SeqCst) < 1 && start.elapsed() < Duration::from_secs(10) {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Let the server's idle timeout fire while the worker holds the connection.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    r.queue
+        .enqueue(msg("b@esp.test", &["two@dest.test".into()], 1))
+        .unwrap();
+    r.engine.wake();
+    while delivered.load(Ordering::SeqCst) < 2 && start.elapsed() < Duration::from_secs(15) {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    token.cancel();
+    let summary = run.await.unwrap();
+    server.abort();
+    assert_eq!(delivered.load(Ordering::SeqCst), 2, "{summary:?}");
+    assert_eq!(
+        r.engine.destinations()[0].pauses,
+        0,
+        "the idle 421 paused the destination"
+    );
+}

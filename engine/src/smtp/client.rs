@@ -444,6 +444,30 @@ impl Session {
         self.link == Link::Ready
     }
 
+    /// Before reusing an idle connection: has the server closed it, or said something
+    /// unprompted (typically "421 4.4.2 idle timeout")? Polls the socket once without
+    /// waiting. A stale session is marked dead, so [`Session::close`] sends nothing.
+    pub async fn probe_stale(&mut self) -> bool {
+        if self.link != Link::Ready {
+            return true;
+        }
+        if self.buf.is_empty() {
+            self.buf.reserve(512);
+            // `timeout` polls the read once before looking at its (zero) deadline.
+            match tokio::time::timeout(Duration::ZERO, self.stream.read_buf(&mut self.buf)).await {
+                Err(_) => return false,
+                Ok(Ok(n)) if n > 0 => {}
+                Ok(_) => {
+                    self.link = Link::Dead;
+                    return true;
+                }
+            }
+        }
+        tracing::debug!(peer = %self.peer, "pooled connection went stale");
+        self.link = Link::Dead;
+        true
+    }
+
     /// Sends one message to `recipients` (one transaction). Returns a result for every
     /// recipient, in order. Call only while [`Session::is_usable`].
     pub async fn send(
