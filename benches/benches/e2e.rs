@@ -18,6 +18,7 @@
 //! directory, else `target/release/bulksend` in the workspace.
 #![allow(clippy::unwrap_used)]
 
+use bulksend_benches::arg;
 use std::io::Write;
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
@@ -27,15 +28,6 @@ use std::time::{Duration, Instant};
 
 use bulksend_engine::sink::{Sink, SinkOptions};
 use bulksend_tests::postfix::run_bounded;
-
-fn arg(name: &str, default: usize) -> usize {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 fn binary() -> anyhow::Result<PathBuf> {
     let mut candidates = Vec::new();

@@ -7,6 +7,7 @@
 //! `cargo bench -p bulksend-benches --bench latency -- [--n 500] [--rate 50]`
 #![allow(clippy::unwrap_used)]
 
+use bulksend_benches::arg;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -28,15 +29,6 @@ impl EventSink for Timing {
             self.0.lock().unwrap().insert(e.message_id, Instant::now());
         }
     }
-}
-
-fn arg(name: &str, default: usize) -> usize {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
 }
 
 fn main() {

@@ -21,6 +21,7 @@
 //! ```
 #![allow(clippy::unwrap_used)]
 
+use bulksend_benches::arg;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
@@ -35,15 +36,6 @@ use bulksend_engine::sink::{Sink, SinkOptions};
 use bulksend_queue::{NewMessage, Queue, QueueOptions};
 use bulksend_tests::dns::TestDns;
 use tokio_util::sync::CancellationToken;
-
-fn arg(name: &str, default: usize) -> usize {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 fn body(seq: usize, to: &str) -> Vec<u8> {
     let mut b = format!(

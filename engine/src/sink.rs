@@ -82,7 +82,6 @@ async fn serve(
     let mut in_data = false;
     let mut data_len = 0u64;
     let mut rcpts = 0u64;
-    let mut scan_from = 0usize;
     loop {
         let n = stream.read(&mut chunk).await?;
         if n == 0 {
@@ -92,12 +91,11 @@ async fn serve(
         let mut pos = 0;
         loop {
             if in_data {
-                // Look for CRLF.CRLF from where the last search stopped.
-                let from = scan_from.max(pos);
+                // Look for CRLF.CRLF; the buffer keeps only the last 4 bytes of earlier reads.
                 let end = if buf[pos..].starts_with(b".\r\n") {
                     Some(pos)
                 } else {
-                    find(&buf[from..], b"\r\n.\r\n").map(|i| from + i + 2)
+                    find(&buf[pos..], b"\r\n.\r\n").map(|i| pos + i + 2)
                 };
                 match end {
                     Some(dot) => {
@@ -116,7 +114,6 @@ async fn serve(
                         let keep = buf.len().saturating_sub(4).max(pos);
                         data_len += (keep - pos) as u64;
                         pos = keep;
-                        scan_from = 0;
                         break;
                     }
                 }
