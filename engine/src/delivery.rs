@@ -142,6 +142,8 @@ struct Inner {
     classifier: Classifier,
     events: Arc<dyn EventSink>,
     labels: m::DestinationLabels,
+    /// Outcome metrics of recipients with no destination (label "-").
+    unrouted: m::OutcomeMetrics,
     dests: Mutex<HashMap<DestinationKey, Arc<Dest>>>,
     in_flight: AtomicUsize,
     /// Cancelled at shutdown: workers take no new transaction. Renewed by each run.
@@ -186,7 +188,8 @@ struct Dest {
     /// Its share of the in-flight budget when it is not keeping up: a quarter of
     /// `delivery.max_in_flight` (see [`Inner::rebalance`]).
     ready_cap: usize,
-    label: String,
+    /// Its metric handles, resolved once.
+    metrics: m::DestinationMetrics,
     limits: Limits,
     route: Mutex<Arc<Route>>,
     state: Mutex<DestState>,
@@ -231,6 +234,7 @@ impl Engine {
                 classifier,
                 events,
                 labels: m::DestinationLabels::default(),
+                unrouted: m::OutcomeMetrics::new("-".into()),
                 dests: Mutex::default(),
                 in_flight: AtomicUsize::new(0),
                 stop: Mutex::new(CancellationToken::new()),
@@ -385,19 +389,18 @@ impl Inner {
     }
 
     /// Counts one recipient outcome in this run's summary and in the metrics.
-    fn tally(&self, kind: EventKind, destination_label: &str, class: &'static str) {
+    fn tally(&self, kind: EventKind, metrics: &m::OutcomeMetrics, class: &'static str) {
         let c = &self.counters;
-        let (counter, metric) = match kind {
-            EventKind::Delivered => (&c.delivered, m::MESSAGES_DELIVERED),
-            EventKind::Bounced => (&c.bounced, m::MESSAGES_BOUNCED),
-            EventKind::Deferred => (&c.deferred, m::MESSAGES_DEFERRED),
-            EventKind::Suppressed => (&c.suppressed, m::MESSAGES_SUPPRESSED),
-            EventKind::Expired => (&c.expired, m::MESSAGES_EXPIRED),
-            EventKind::Unknown => (&c.unknown, m::MESSAGES_UNKNOWN),
+        let counter = match kind {
+            EventKind::Delivered => &c.delivered,
+            EventKind::Bounced => &c.bounced,
+            EventKind::Deferred => &c.deferred,
+            EventKind::Suppressed => &c.suppressed,
+            EventKind::Expired => &c.expired,
+            EventKind::Unknown => &c.unknown,
         };
         counter.fetch_add(1, Ordering::Relaxed);
-        metrics::counter!(metric, "destination" => destination_label.to_owned(), "class" => class)
-            .increment(1);
+        metrics.increment(kind, class, 1);
     }
 
     /// Routes leased recipients and hands them to their destinations as transactions.
@@ -626,7 +629,7 @@ impl Inner {
             reply: reason.clone(),
         };
         self.complete(vec![(l.recipient.id, outcome)]).await;
-        self.tally(EventKind::Bounced, "-", "permanent");
+        self.tally(EventKind::Bounced, &self.unrouted, "permanent");
         self.events.emit(Event {
             event: EventKind::Bounced,
             message_id: l.recipient.id.message.to_string(),
@@ -681,13 +684,14 @@ impl Inner {
                 .max(1),
             rate,
         };
-        let label = self.labels.label(&route.destination.0);
-        metrics::gauge!(m::CONCURRENCY_LIMIT, "destination" => label.clone())
+        let metrics = m::DestinationMetrics::new(self.labels.label(&route.destination.0));
+        metrics
+            .concurrency_limit()
             .set(limits.max_connections as f64);
         let dest = Arc::new(Dest {
             key: route.destination.clone(),
             ready_cap: (s.delivery.max_in_flight / 4).max(1),
-            label,
+            metrics,
             route: Mutex::new(route.clone()),
             state: Mutex::new(DestState {
                 ready: VecDeque::new(),
@@ -721,7 +725,7 @@ impl Inner {
                 Err(_) => return,
             };
         for r in expired {
-            self.tally(EventKind::Expired, "-", "expired");
+            self.tally(EventKind::Expired, &self.unrouted, "expired");
             self.events.emit(Event {
                 event: EventKind::Expired,
                 message_id: r.id.message.to_string(),
@@ -783,13 +787,14 @@ impl Inner {
         mx: Option<&str>,
         outcomes: Vec<(JobRcpt, Classified, bool)>,
     ) {
-        self.record_with_pause(dest, "-", mx, outcomes, None).await;
+        self.record_with_pause(dest, &self.unrouted, mx, outcomes, None)
+            .await;
     }
 
     async fn record_with_pause(
         &self,
         dest: &DestinationKey,
-        label: &str,
+        metrics: &m::OutcomeMetrics,
         mx: Option<&str>,
         outcomes: Vec<(JobRcpt, Classified, bool)>,
         pause_until: Option<SystemTime>,
@@ -900,10 +905,10 @@ impl Inner {
                 EventKind::Suppressed => "suppressed",
                 _ => c.class.as_str(),
             };
-            self.tally(kind, label, class);
+            self.tally(kind, metrics, class);
             if kind == EventKind::Delivered {
                 if let Ok(age) = now.duration_since(r.created) {
-                    metrics::histogram!(m::DELIVERY_LATENCY_SECONDS).record(age.as_secs_f64());
+                    metrics.delivery_latency(age.as_secs_f64());
                 }
             }
             self.events.emit(Event {
@@ -954,8 +959,7 @@ impl Dest {
                     s.ready.push_back(job);
                     if s.active < s.limit && !inner.stop_token().is_cancelled() {
                         s.active += 1;
-                        metrics::gauge!(m::CONNECTIONS_OPEN, "destination" => dest.label.clone())
-                            .increment(1.0);
+                        dest.metrics.connections_open().increment(1.0);
                         let (d, i) = (dest.clone(), inner.clone());
                         inner.workers.spawn(spawnable_worker(i, d));
                     } else {
@@ -980,7 +984,13 @@ impl Dest {
             .map(|r| (r, c.clone(), false))
             .collect();
         inner
-            .record_with_pause(&self.key, &self.label, None, outcomes, Some(until_wall))
+            .record_with_pause(
+                &self.key,
+                &self.metrics.outcomes,
+                None,
+                outcomes,
+                Some(until_wall),
+            )
             .await;
     }
 
@@ -998,8 +1008,7 @@ impl Dest {
                 s.limit = (s.limit / 2).max(1);
                 s.pause_level = s.pause_level.saturating_add(1);
                 s.pauses += 1;
-                metrics::counter!(m::DESTINATION_PAUSES, "destination" => self.label.clone(), "reason" => reason)
-                    .increment(1);
+                self.metrics.pause(reason);
             }
             let pause = d
                 .pause_min
@@ -1008,8 +1017,7 @@ impl Dest {
             let until = now + pause;
             s.paused_until = Some(s.paused_until.map_or(until, |t| t.max(until)));
             s.pause_reason = reason;
-            metrics::gauge!(m::CONCURRENCY_LIMIT, "destination" => self.label.clone())
-                .set(s.limit as f64);
+            self.metrics.concurrency_limit().set(s.limit as f64);
             tracing::warn!(destination = %self.key.0, reason, limit = s.limit, pause = %humantime::format_duration(pause), "backing off destination");
             (s.paused_until.unwrap_or(until), s.take_all())
         };
@@ -1033,8 +1041,7 @@ impl Dest {
                     s.pause_level = 0;
                     if s.limit < self.limits.max_connections {
                         s.limit += 1;
-                        metrics::gauge!(m::CONCURRENCY_LIMIT, "destination" => self.label.clone())
-                            .set(s.limit as f64);
+                        self.metrics.concurrency_limit().set(s.limit as f64);
                     }
                 }
             }
@@ -1059,7 +1066,7 @@ impl Dest {
                 s.paused_until = Some(s.paused_until.map_or(until, |p| p.max(until)));
                 s.pause_reason = "harvest";
                 s.pauses += 1;
-                metrics::counter!(m::DESTINATION_PAUSES, "destination" => self.label.clone(), "reason" => "harvest").increment(1);
+                self.metrics.pause("harvest");
                 tracing::warn!(
                     destination = %self.key.0, tried = t, unknown = u,
                     pause = %humantime::format_duration(d.harvest_pause),
@@ -1166,7 +1173,7 @@ async fn worker(inner: Arc<Inner>, dest: Arc<Dest>) {
                 .map(|r| (r, c.clone(), true))
                 .collect();
             inner
-                .record_with_pause(&dest.key, &dest.label, None, outcomes, None)
+                .record_with_pause(&dest.key, &dest.metrics.outcomes, None, outcomes, None)
                 .await;
         }
         let Some(job) = job else { continue };
@@ -1201,7 +1208,13 @@ async fn worker(inner: Arc<Inner>, dest: Arc<Dest>) {
                         .map(|r| (r, c.clone(), false))
                         .collect();
                     inner
-                        .record_with_pause(&dest.key, &dest.label, None, outcomes, until_wall)
+                        .record_with_pause(
+                            &dest.key,
+                            &dest.metrics.outcomes,
+                            None,
+                            outcomes,
+                            until_wall,
+                        )
                         .await;
                     break;
                 }
@@ -1214,7 +1227,8 @@ async fn worker(inner: Arc<Inner>, dest: Arc<Dest>) {
         let addrs: Vec<Address> = job.rcpts.iter().map(|r| r.address.clone()).collect();
         let tx = s.send(job.sender.as_ref(), &addrs, &job.data).await;
         tracing::debug!(message = %job.message, destination = %dest.key.0, mx = %mx, recipients = addrs.len(), ended = ?tx.ended, "transaction");
-        metrics::histogram!(m::SMTP_TRANSACTION_SECONDS).record(started.elapsed().as_secs_f64());
+        dest.metrics
+            .transaction_seconds(started.elapsed().as_secs_f64());
         let mut reputation = false;
         let mut unknown_users = 0u32;
         let mut delivered = false;
@@ -1261,7 +1275,13 @@ async fn worker(inner: Arc<Inner>, dest: Arc<Dest>) {
             until.map(|u| SystemTime::now() + u.saturating_duration_since(Instant::now()));
         let mx_name = mx.clone();
         inner
-            .record_with_pause(&dest.key, &dest.label, Some(&mx_name), outcomes, until_wall)
+            .record_with_pause(
+                &dest.key,
+                &dest.metrics.outcomes,
+                Some(&mx_name),
+                outcomes,
+                until_wall,
+            )
             .await;
         dest.on_transaction(&inner, delivered && !reputation, tried, unknown_users)
             .await;
@@ -1297,7 +1317,7 @@ async fn worker(inner: Arc<Inner>, dest: Arc<Dest>) {
         let (d, i) = (dest.clone(), inner.clone());
         inner.workers.spawn(spawnable_worker(i, d));
     } else {
-        metrics::gauge!(m::CONNECTIONS_OPEN, "destination" => dest.label.clone()).decrement(1.0);
+        dest.metrics.connections_open().decrement(1.0);
     }
     if let Some((s, _)) = session.take() {
         s.close().await;
@@ -1341,11 +1361,11 @@ async fn connect(inner: &Inner, dest: &Dest) -> Result<(Session, String), Sessio
             inner.counters.connections.fetch_add(1, Ordering::Relaxed);
             match Session::connect(*addr, &host.name, inner.client.clone()).await {
                 Ok(s) => {
-                    metrics::counter!(m::CONNECTIONS_TOTAL, "destination" => dest.label.clone(), "result" => "ok").increment(1);
+                    dest.metrics.connection(true);
                     return Ok((s, host.name.clone()));
                 }
                 Err(e) => {
-                    metrics::counter!(m::CONNECTIONS_TOTAL, "destination" => dest.label.clone(), "result" => "failed").increment(1);
+                    dest.metrics.connection(false);
                     tracing::info!(destination = %dest.key.0, mx = %host.name, %addr, error = %e, "connection failed; trying the next MX");
                     last = Some(e);
                 }
