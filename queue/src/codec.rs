@@ -11,6 +11,7 @@ pub(crate) const P_META: u8 = b'm';
 pub(crate) const P_BODY: u8 = b'b';
 pub(crate) const P_RCPT: u8 = b'r';
 pub(crate) const P_SCHED: u8 = b's';
+/// The per-destination schedule of schema 1 stores; no longer written, removed on open.
 pub(crate) const P_DEST: u8 = b'd';
 pub(crate) const P_FINAL: u8 = b'f';
 pub(crate) const P_IDEM: u8 = b'i';
@@ -24,7 +25,13 @@ pub(crate) const SCHEMA_VERSION: &[u8] = b"bulksend-queue/1";
 /// fdatasyncs (blob files are still synced if they appear, see `Syncer`).
 pub(crate) const BODY_CHUNK: usize = 4096;
 
+/// Bodies up to this size live inside the message's metadata value instead of under `b`
+/// keys: one sled insert less per message (sled's cost is per insert, not per byte).
+pub(crate) const INLINE_BODY_MAX: usize = BODY_CHUNK;
+
 const FORMAT: u8 = 1;
+/// Metadata format 2 adds the inline body; format 1 values (no body field) are still read.
+const META_FORMAT: u8 = 2;
 
 pub(crate) fn version_key() -> [u8; 1] {
     [P_VERSION]
@@ -109,34 +116,6 @@ pub(crate) fn parse_due_rid(tail: &[u8]) -> Option<(u64, RecipientId)> {
     Some((u64::from_be_bytes(d), rid_from(tail.get(8..)?)?))
 }
 
-/// `d ++ destination ++ 0 ++ due_ms ++ rid`: the per-destination schedule.
-pub(crate) fn dest_prefix(dest: &str) -> Vec<u8> {
-    let mut k = Vec::with_capacity(dest.len() + 2);
-    k.push(P_DEST);
-    k.extend_from_slice(dest.as_bytes());
-    k.push(0);
-    k
-}
-
-pub(crate) fn dest_key(dest: &str, due_ms: u64, id: RecipientId) -> Vec<u8> {
-    let mut k = dest_prefix(dest);
-    k.extend_from_slice(&due_ms.to_be_bytes());
-    k.extend_from_slice(&rid_bytes(id));
-    k
-}
-
-pub(crate) fn dest_end(dest: &str, now_ms: u64) -> Vec<u8> {
-    let mut k = dest_prefix(dest);
-    match now_ms.checked_add(1) {
-        Some(n) => k.extend_from_slice(&n.to_be_bytes()),
-        None => {
-            k.pop();
-            k.push(1);
-        }
-    }
-    k
-}
-
 /// `f ++ final_at_ms ++ rid`: final records by the time they became final (for purging).
 pub(crate) fn final_key(at_ms: u64, id: RecipientId) -> [u8; 21] {
     let mut k = sched_key(at_ms, id);
@@ -158,7 +137,8 @@ pub(crate) fn supp_key(address: &str) -> Vec<u8> {
     k
 }
 
-/// Per-message bookkeeping (the body lives under `b`).
+/// Per-message bookkeeping. The body lives in `body` when it is at most [`INLINE_BODY_MAX`]
+/// bytes, otherwise in chunks under `b`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct Meta {
     pub(crate) created_ms: u64,
@@ -170,6 +150,9 @@ pub(crate) struct Meta {
     pub(crate) live: u32,
     pub(crate) sender: String,
     pub(crate) idempotency_key: Option<String>,
+    /// The body when stored inline (`None`: in `b` chunks while recipients are pending, or
+    /// gone). Dropped from the value when the last recipient becomes final.
+    pub(crate) body: Option<Vec<u8>>,
 }
 
 struct Writer(Vec<u8>);
@@ -187,6 +170,16 @@ impl Writer {
     fn str(&mut self, s: &str) {
         self.u32(u32::try_from(s.len()).unwrap_or(u32::MAX));
         self.0.extend_from_slice(s.as_bytes());
+    }
+    fn opt_bytes(&mut self, b: Option<&[u8]>) {
+        match b {
+            Some(b) => {
+                self.u8(1);
+                self.u32(u32::try_from(b.len()).unwrap_or(u32::MAX));
+                self.0.extend_from_slice(b);
+            }
+            None => self.u8(0),
+        }
     }
     fn opt_str(&mut self, s: Option<&str>) {
         match s {
@@ -236,6 +229,16 @@ impl<'a> Reader<'a> {
             t => Err(format!("bad option tag {t}")),
         }
     }
+    fn opt_bytes(&mut self) -> Result<Option<Vec<u8>>, String> {
+        match self.u8()? {
+            0 => Ok(None),
+            1 => {
+                let n = self.u32()? as usize;
+                Ok(Some(self.take(n)?.to_vec()))
+            }
+            t => Err(format!("bad option tag {t}")),
+        }
+    }
     fn format(&mut self) -> Result<(), String> {
         match self.u8()? {
             FORMAT => Ok(()),
@@ -252,8 +255,11 @@ impl<'a> Reader<'a> {
 }
 
 pub(crate) fn encode_meta(m: &Meta) -> Vec<u8> {
-    let mut w = Writer(Vec::with_capacity(48 + m.sender.len()));
-    w.u8(FORMAT);
+    let body = m.body.as_deref();
+    let mut w = Writer(Vec::with_capacity(
+        64 + m.sender.len() + body.map_or(0, <[u8]>::len),
+    ));
+    w.u8(META_FORMAT);
     w.u64(m.created_ms);
     w.u64(m.size);
     w.u32(m.recipients);
@@ -261,12 +267,16 @@ pub(crate) fn encode_meta(m: &Meta) -> Vec<u8> {
     w.u32(m.live);
     w.str(&m.sender);
     w.opt_str(m.idempotency_key.as_deref());
+    w.opt_bytes(body);
     w.0
 }
 
 pub(crate) fn decode_meta(v: &[u8]) -> Result<Meta, String> {
     let mut r = Reader(v);
-    r.format()?;
+    let format = r.u8()?;
+    if format != FORMAT && format != META_FORMAT {
+        return Err(format!("unknown value format {format}"));
+    }
     let m = Meta {
         created_ms: r.u64()?,
         size: r.u64()?,
@@ -275,6 +285,11 @@ pub(crate) fn decode_meta(v: &[u8]) -> Result<Meta, String> {
         live: r.u32()?,
         sender: r.str()?,
         idempotency_key: r.opt_str()?,
+        body: if format == META_FORMAT {
+            r.opt_bytes()?
+        } else {
+            None
+        },
     };
     r.end()?;
     Ok(m)
@@ -379,8 +394,16 @@ mod tests {
             live: 3,
             sender: "a@b".into(),
             idempotency_key: Some("k".into()),
+            body: Some(b"Subject: x\r\n\r\nhi\r\n".to_vec()),
         };
         assert_eq!(decode_meta(&encode_meta(&meta)).unwrap(), meta);
+        let chunked = Meta { body: None, ..meta };
+        assert_eq!(decode_meta(&encode_meta(&chunked)).unwrap(), chunked);
+        // A schema-1 value (format 1, no body field) still reads.
+        let mut v1 = encode_meta(&chunked);
+        v1[0] = FORMAT;
+        v1.pop();
+        assert_eq!(decode_meta(&v1).unwrap(), chunked);
     }
 
     #[test]
@@ -398,7 +421,5 @@ mod tests {
         assert!(sched_key(256, b).as_slice() < sched_end(256).as_slice());
         assert!(sched_key(257, b).as_slice() >= sched_end(256).as_slice());
         assert_eq!(parse_due_rid(&sched_key(42, a)[1..]), Some((42, a)));
-        assert!(dest_key("x.test", 10, a) < dest_end("x.test", 10));
-        assert!(dest_key("x.test", 11, a) > dest_end("x.test", 10));
     }
 }

@@ -7,7 +7,7 @@
 //! * one delivery record per recipient ([`RecipientRecord`]) with its [`RecipientState`]:
 //!   `Scheduled` → `Leased` (in flight) → `Delivered` / `Bounced` / `Expired` / `Suppressed`
 //!   / `Unknown` (final), or back to `Scheduled` (deferred, released);
-//! * the schedule index (due time → recipient), globally and per destination domain;
+//! * the schedule index (due time → recipient);
 //! * the suppression list (addresses, lowercased);
 //! * idempotency keys (a retried enqueue returns the first message's id);
 //! * crash recovery: on [`Queue::open`] leases of a dead process return to `Scheduled`.
@@ -25,11 +25,10 @@
 //! | key | value |
 //! |---|---|
 //! | `v` | schema version |
-//! | `m` id | message metadata: created, size, sender, idempotency key, recipient counts |
-//! | `b` id chunk | body, in 4 KiB chunks (keeps sled from spilling nodes into blob files) |
+//! | `m` id | message metadata: created, size, sender, idempotency key, recipient counts, and the body itself when it is at most 4 KiB |
+//! | `b` id chunk | a body over 4 KiB, in 4 KiB chunks (keeps sled from spilling nodes into blob files) |
 //! | `r` id index | recipient record (compact binary, format byte first) |
 //! | `s` due_ms id index | global schedule (value: created ms, so expiry needs no record read) |
-//! | `d` domain 0x00 due_ms id index | per-destination schedule, for [`Queue::take_due_for`] |
 //! | `f` final_ms id index | final records by the time they became final, for purging |
 //! | `i` key | idempotency key → message id |
 //! | `x` address | suppression: reason and time |
@@ -92,7 +91,7 @@ mod store;
 mod types;
 
 pub use error::QueueError;
-pub use store::Queue;
+pub use store::{Compaction, Queue};
 pub use types::{
     Completed, Enqueued, Lease, MessageId, MessageInfo, NewMessage, Outcome, QueueOptions,
     RecipientId, RecipientRecord, RecipientState, Stats, Suppression,

@@ -5,7 +5,7 @@ use std::collections::{HashMap, HashSet};
 use std::ffi::OsString;
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -36,6 +36,18 @@ const EXPIRED_REPLY: &str = "expired in queue";
 /// Written next to sled's files once the store is initialised: tells "new, empty directory"
 /// apart from "sled could not read the data that was here".
 const MARKER: &str = "bulksend-queue";
+/// Names the sled directory in use once the store has been compacted (`gen-NNNNNN`); without
+/// it sled's files are in the queue directory itself (generation 0).
+const CURRENT: &str = "CURRENT";
+/// Locked (flock) by the process that has the queue open.
+const LOCK: &str = "LOCK";
+/// Files sled 0.34.7 keeps in its directory (besides `snap.*`): what a compaction removes of
+/// generation 0.
+const SLED_FILES: [&str; 3] = ["db", "conf", "blobs"];
+/// After a change, wait this long before looking at whether to compact.
+const COMPACT_CHECK_DELAY: Duration = Duration::from_secs(2);
+/// Rough bytes per stored key (key, value, sled's overhead), to estimate live data.
+const BYTES_PER_KEY: u64 = 160;
 
 type Res<T> = Result<T, QueueError>;
 
@@ -49,22 +61,155 @@ pub struct Queue {
 }
 
 struct Shared {
+    /// The queue directory (as configured).
     path: PathBuf,
-    db: sled::Db,
+    /// The sled store in use; replaced by a compaction.
+    store: RwLock<Arc<Store>>,
+    /// Holds the queue directory's `LOCK` while open.
+    _lock: File,
     opts: QueueOptions,
     counters: Mutex<Counters>,
     /// Set when a flush or fsync failed: no write is acknowledged after that.
     closed: Mutex<Option<String>>,
 }
 
+/// One generation of the sled store.
+struct Store {
+    db: sled::Db,
+    /// sled's directory: the queue directory (generation 0) or `gen-NNNNNN` inside it.
+    dir: PathBuf,
+    generation: u64,
+}
+
+impl Shared {
+    fn store(&self) -> Arc<Store> {
+        Arc::clone(&self.store.read().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    fn db(&self) -> sled::Db {
+        self.store().db.clone()
+    }
+}
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn gen_dir(path: &Path, generation: u64) -> PathBuf {
+    if generation == 0 {
+        path.to_path_buf()
+    } else {
+        path.join(format!("gen-{generation:06}"))
+    }
+}
+
+/// The generation named by `CURRENT` (0 when there is none).
+fn current_generation(path: &Path) -> Res<u64> {
+    match std::fs::read_to_string(path.join(CURRENT)) {
+        Ok(s) => s
+            .trim()
+            .strip_prefix("gen-")
+            .and_then(|n| n.parse().ok())
+            .ok_or_else(|| {
+                open_err(
+                    path,
+                    format!(
+                        "{} names no generation: {s:?}",
+                        path.join(CURRENT).display()
+                    ),
+                )
+            }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(0),
+        Err(e) => Err(open_err(path, e)),
+    }
+}
+
+/// Removes what earlier generations (or an interrupted compaction) left behind.
+fn remove_other_generations(path: &Path, keep: u64) -> std::io::Result<()> {
+    for entry in std::fs::read_dir(path)? {
+        let entry = entry?;
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        let stale = name == format!("{CURRENT}.tmp")
+            || match name.strip_prefix("gen-") {
+                Some(n) => n.parse::<u64>().is_ok_and(|n| n != keep),
+                // Generation 0's sled files, once a later generation is current.
+                None => {
+                    keep > 0 && (SLED_FILES.contains(&name.as_ref()) || name.starts_with("snap."))
+                }
+            };
+        if stale {
+            let p = entry.path();
+            if entry.file_type()?.is_dir() {
+                std::fs::remove_dir_all(&p)?;
+            } else {
+                std::fs::remove_file(&p)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Opens sled. It locks its `db` file and, after a store of this process was dropped, can
+/// hold that lock for a moment longer (its thread pool finishes the last writes), so a lock
+/// conflict is retried for up to 2 s; the queue's own `LOCK` already excludes other processes.
+fn open_sled(path: &Path, config: &sled::Config) -> Res<sled::Db> {
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        // sled 0.34.7 panics on some kinds of garbage instead of returning an error.
+        let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| config.open()))
+            .map_err(|p| {
+                let msg = p
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_else(|| "sled panicked".into());
+                open_err(path, format!("unreadable store (sled panicked: {msg})"))
+            })?;
+        match res {
+            Err(e)
+                if e.to_string().contains("could not acquire lock")
+                    && Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            other => return other.map_err(|e| open_err(path, e)),
+        }
+    }
+}
+
+fn sled_config(dir: &Path, opts: &QueueOptions) -> sled::Config {
+    sled::Config::new()
+        .path(dir)
+        .cache_capacity(opts.cache_capacity_bytes)
+        .flush_every_ms(None)
+        .mode(sled::Mode::HighThroughput)
+}
+
+/// `fdatasync` of sled's `db` file and blob files, then its directory.
+fn sync_sled_dir(dir: &Path) -> std::io::Result<()> {
+    File::open(dir.join("db"))?.sync_data()?;
+    match std::fs::read_dir(dir.join("blobs")) {
+        Ok(rd) => {
+            for entry in rd {
+                File::open(entry?.path())?.sync_data()?;
+            }
+            File::open(dir.join("blobs"))?.sync_all()?;
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    File::open(dir)?.sync_all()
 }
 
 #[derive(Default)]
 struct Counters {
     by_state: [u64; 7],
     by_destination: HashMap<String, u64>,
+    /// Bytes of bodies still stored (messages with a pending recipient).
+    body_bytes: u64,
+    /// Entries in the suppression list.
+    suppressions: u64,
 }
 
 impl Counters {
@@ -111,6 +256,7 @@ enum Op {
     SuppressAdd(String, String, u64),
     SuppressRemove(String),
     Flush,
+    Compact,
 }
 
 enum Reply {
@@ -121,6 +267,18 @@ enum Reply {
     Count(usize),
     Bool(bool),
     Unit,
+    Compacted(Compaction),
+}
+
+/// What [`Queue::compact`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Compaction {
+    /// sled's size on disk before and after.
+    pub disk_before: u64,
+    pub disk_after: u64,
+    /// Keys copied into the new store.
+    pub keys: u64,
+    pub duration: Duration,
 }
 
 struct Request {
@@ -227,22 +385,28 @@ impl Queue {
     /// in-memory statistics are rebuilt. This reads every record once.
     pub fn open(path: &Path, opts: QueueOptions) -> Res<Queue> {
         std::fs::create_dir_all(path).map_err(|e| open_err(path, e))?;
-        let config = sled::Config::new()
-            .path(path)
-            .cache_capacity(opts.cache_capacity_bytes)
-            .flush_every_ms(None)
-            .mode(sled::Mode::HighThroughput);
-        // sled 0.34.7 panics on some kinds of garbage instead of returning an error.
-        let db = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| config.open()))
-            .map_err(|p| {
-                let msg = p
-                    .downcast_ref::<String>()
-                    .cloned()
-                    .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
-                    .unwrap_or_else(|| "sled panicked".into());
-                open_err(path, format!("unreadable store (sled panicked: {msg})"))
-            })?
+        // One process at a time, for every generation: sled's own lock covers only the
+        // directory it opens, and a compaction moves to a new one.
+        let lock_file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(path.join(LOCK))
             .map_err(|e| open_err(path, e))?;
+        lock_file.try_lock().map_err(|e| {
+            open_err(
+                path,
+                format!(
+                    "could not lock {}: {e} (is bulksend already running on this queue?)",
+                    path.join(LOCK).display()
+                ),
+            )
+        })?;
+        let generation = current_generation(path)?;
+        let dir = gen_dir(path, generation);
+        remove_other_generations(path, generation).map_err(|e| open_err(path, e))?;
+        let config = sled_config(&dir, &opts);
+        let db = open_sled(path, &config)?;
 
         let marker = path.join(MARKER);
         match db
@@ -265,7 +429,7 @@ impl Queue {
                     // sled treats a log it cannot read as empty: refuse instead of starting
                     // over on top of a queue that held data.
                     return Err(QueueError::Corrupt {
-                        path: path.join("db"),
+                        path: dir.join("db"),
                         key: String::from_utf8_lossy(&codec::version_key()).into_owned(),
                         detail: format!(
                             "{} says this directory holds a queue, but sled found no readable \
@@ -280,7 +444,7 @@ impl Queue {
                 db.insert(codec::version_key(), codec::SCHEMA_VERSION)
                     .map_err(|e| open_err(path, e))?;
                 db.flush().map_err(|e| open_err(path, e))?;
-                File::open(path.join("db"))
+                File::open(dir.join("db"))
                     .and_then(|f| f.sync_all())
                     .and_then(|()| std::fs::write(&marker, codec::SCHEMA_VERSION))
                     .and_then(|()| File::open(&marker))
@@ -291,7 +455,12 @@ impl Queue {
 
         let shared = Arc::new(Shared {
             path: path.to_path_buf(),
-            db,
+            store: RwLock::new(Arc::new(Store {
+                db,
+                dir,
+                generation,
+            })),
+            _lock: lock_file,
             opts,
             counters: Mutex::new(Counters::default()),
             closed: Mutex::new(None),
@@ -317,6 +486,7 @@ impl Queue {
                         shared: s,
                         last_id,
                         next_purge: Instant::now() + AUTO_PURGE_EVERY,
+                        next_compact_check: Some(Instant::now() + COMPACT_CHECK_DELAY),
                     }
                     .run(req_rx, done_tx)
                 })
@@ -396,9 +566,10 @@ impl Queue {
         self.take(None, now, limit)
     }
 
-    /// Like [`Queue::take_due`] for one destination (lowercased domain), using the
-    /// per-destination schedule index (`d` keys), so its cost does not depend on other
-    /// destinations' backlog.
+    /// Like [`Queue::take_due`] for one destination (lowercased domain). There is no
+    /// per-destination index (it cost two sled writes per schedule change and the engine does
+    /// not need it): this walks the global due schedule, so its cost grows with every
+    /// destination's due backlog. Meant for tools and tests, not the delivery path.
     pub fn take_due_for(
         &self,
         destination: &str,
@@ -424,9 +595,21 @@ impl Queue {
 
     /// The message body, or `None` once every recipient is final (or the message is unknown).
     pub fn body(&self, id: MessageId) -> Res<Option<Vec<u8>>> {
+        let mk = codec::meta_key(id);
+        let db = self.shared.db();
+        let Some(v) = db.get(mk)? else {
+            return Ok(None);
+        };
+        let meta = codec::decode_meta(&v).map_err(|d| self.corrupt(&mk, d))?;
+        if meta.pending == 0 {
+            return Ok(None);
+        }
+        if let Some(body) = meta.body {
+            return Ok(Some(body));
+        }
         let mut body = Vec::new();
         let mut found = false;
-        for item in self.shared.db.scan_prefix(codec::body_prefix(id)) {
+        for item in db.scan_prefix(codec::body_prefix(id)) {
             let (_, v) = item?;
             body.extend_from_slice(&v);
             found = true;
@@ -466,7 +649,7 @@ impl Queue {
 
     /// A message and all its (not yet purged) recipient records.
     pub fn message(&self, id: MessageId) -> Res<Option<MessageInfo>> {
-        let db = &self.shared.db;
+        let db = self.shared.db();
         let mk = codec::meta_key(id);
         let Some(v) = db.get(mk)? else {
             return Ok(None);
@@ -494,7 +677,7 @@ impl Queue {
         if limit == 0 {
             return Ok(out);
         }
-        for item in self.shared.db.scan_prefix([codec::P_RCPT]) {
+        for item in self.shared.db().scan_prefix([codec::P_RCPT]) {
             let (k, v) = item?;
             let rec = self.decode_record_kv(&k, &v)?;
             if state.is_none_or(|s| s == rec.state) {
@@ -553,10 +736,11 @@ impl Queue {
                 .map(|(k, v)| (k.clone(), *v))
                 .collect();
         }
-        if let Some(Ok((k, _))) = self.shared.db.scan_prefix([codec::P_SCHED]).next() {
+        let db = self.shared.db();
+        if let Some(Ok((k, _))) = db.scan_prefix([codec::P_SCHED]).next() {
             stats.oldest_due = codec::parse_due_rid(&k[1..]).map(|(due, _)| from_millis(due));
         }
-        stats.disk_bytes = self.shared.db.size_on_disk().unwrap_or(0);
+        stats.disk_bytes = db.size_on_disk().unwrap_or(0);
         stats
     }
 
@@ -584,7 +768,7 @@ impl Queue {
     pub fn suppressed(&self, address: &str) -> Res<Option<Suppression>> {
         let a = address.to_lowercase();
         let k = codec::supp_key(&a);
-        match self.shared.db.get(&k)? {
+        match self.shared.db().get(&k)? {
             None => Ok(None),
             Some(v) => {
                 let (at, reason) =
@@ -600,7 +784,7 @@ impl Queue {
 
     pub fn suppress_list(&self) -> Res<Vec<Suppression>> {
         let mut out = Vec::new();
-        for item in self.shared.db.scan_prefix([codec::P_SUPP]) {
+        for item in self.shared.db().scan_prefix([codec::P_SUPP]) {
             let (k, v) = item?;
             let (at, reason) = codec::decode_suppression(&v).map_err(|d| self.corrupt(&k, d))?;
             out.push(Suppression {
@@ -616,6 +800,18 @@ impl Queue {
     pub fn flush(&self) -> Res<()> {
         match self.call(Op::Flush)? {
             Reply::Unit => Ok(()),
+            _ => Err(unexpected()),
+        }
+    }
+
+    /// Rewrites the store into a fresh sled directory holding only live data, giving the
+    /// space of delivered and purged messages back to the file system (sled never shrinks its
+    /// files). The writer also does this on its own when the files are much bigger than the
+    /// live data and the copy is small (see [`QueueOptions::compact_max_keys`]); this call
+    /// compacts whatever the size, holding up every other write while it copies.
+    pub fn compact(&self) -> Res<Compaction> {
+        match self.call(Op::Compact)? {
+            Reply::Compacted(c) => Ok(c),
             _ => Err(unexpected()),
         }
     }
@@ -640,7 +836,7 @@ impl Drop for Queue {
         for t in lock(&self.threads).drain(..) {
             let _ = t.join();
         }
-        if let Err(e) = self.shared.db.flush() {
+        if let Err(e) = self.shared.db().flush() {
             tracing::error!(path = %self.shared.path.display(), "final queue flush failed: {e}");
         }
     }
@@ -691,12 +887,17 @@ fn decode_record_kv(path: &Path, k: &[u8], v: &[u8]) -> Res<RecipientRecord> {
 /// plus an overlay so later reads in the same request see earlier writes.
 struct Tx<'a> {
     shared: &'a Shared,
+    /// The store generation this group reads and writes.
+    db: sled::Db,
     /// Writes in order; turned into one sled `Batch` (last write per key wins) at commit.
     ops: Vec<(IVec, Option<IVec>)>,
     overlay: HashMap<IVec, Option<IVec>>,
     /// Previous overlay values, for rolling back a failed request.
     undo: Vec<(IVec, Option<Option<IVec>>)>,
     changes: Vec<Change>,
+    /// Change of `Counters::body_bytes` and `Counters::suppressions` once committed.
+    body_delta: i64,
+    supp_delta: i64,
 }
 
 /// Where a request started inside the group's `Tx`.
@@ -704,16 +905,29 @@ struct Savepoint {
     ops: usize,
     undo: usize,
     changes: usize,
+    body_delta: i64,
+    supp_delta: i64,
+}
+
+fn apply_delta(n: &mut u64, delta: i64) {
+    *n = n.saturating_add_signed(delta);
+}
+
+fn signed(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
 }
 
 impl<'a> Tx<'a> {
     fn new(shared: &'a Shared) -> Self {
         Tx {
             shared,
+            db: shared.db(),
             ops: Vec::new(),
             overlay: HashMap::new(),
             undo: Vec::new(),
             changes: Vec::new(),
+            body_delta: 0,
+            supp_delta: 0,
         }
     }
 
@@ -722,6 +936,8 @@ impl<'a> Tx<'a> {
             ops: self.ops.len(),
             undo: self.undo.len(),
             changes: self.changes.len(),
+            body_delta: self.body_delta,
+            supp_delta: self.supp_delta,
         }
     }
 
@@ -729,6 +945,8 @@ impl<'a> Tx<'a> {
     fn rollback(&mut self, sp: Savepoint) {
         self.ops.truncate(sp.ops);
         self.changes.truncate(sp.changes);
+        self.body_delta = sp.body_delta;
+        self.supp_delta = sp.supp_delta;
         while self.undo.len() > sp.undo {
             if let Some((k, prev)) = self.undo.pop() {
                 match prev {
@@ -742,7 +960,7 @@ impl<'a> Tx<'a> {
     fn get(&self, key: &[u8]) -> Res<Option<IVec>> {
         match self.overlay.get(key) {
             Some(v) => Ok(v.clone()),
-            None => Ok(self.shared.db.get(key)?),
+            None => Ok(self.db.get(key)?),
         }
     }
 
@@ -815,17 +1033,20 @@ impl<'a> Tx<'a> {
         let due = to_millis(rec.next_attempt);
         let created = to_millis(rec.created).to_be_bytes();
         self.insert_blind(&codec::sched_key(due, rec.id), &created);
-        self.insert_blind(&codec::dest_key(&rec.destination, due, rec.id), &[]);
     }
 
     fn unschedule(&mut self, rec: &RecipientRecord) {
-        let due = to_millis(rec.next_attempt);
-        self.remove(&codec::sched_key(due, rec.id));
-        self.remove(&codec::dest_key(&rec.destination, due, rec.id));
+        self.remove(&codec::sched_key(to_millis(rec.next_attempt), rec.id));
     }
 
-    fn remove_body(&mut self, id: MessageId, size: u64) {
-        for c in 0..codec::body_chunks(size) {
+    /// The message's body is no longer needed (call only while it is stored, i.e. some
+    /// recipient was pending): removes its `b` chunks unless it is inline, and counts it gone.
+    fn remove_body_chunks(&mut self, id: MessageId, meta: &Meta) {
+        self.body_delta -= signed(meta.size);
+        if meta.body.is_some() {
+            return;
+        }
+        for c in 0..codec::body_chunks(meta.size) {
             self.remove(&codec::body_key(id, c));
         }
     }
@@ -839,7 +1060,8 @@ impl<'a> Tx<'a> {
         })?;
         meta.pending = meta.pending.saturating_sub(1);
         if meta.pending == 0 {
-            self.remove_body(mid, meta.size);
+            self.remove_body_chunks(mid, &meta);
+            meta.body = None;
         }
         self.put_meta(mid, &meta);
         Ok(())
@@ -857,8 +1079,10 @@ impl<'a> Tx<'a> {
                 None => batch.remove(k),
             }
         }
-        self.shared.db.apply_batch(batch)?;
+        self.db.apply_batch(batch)?;
         let mut c = lock(&self.shared.counters);
+        apply_delta(&mut c.body_bytes, self.body_delta);
+        apply_delta(&mut c.suppressions, self.supp_delta);
         for ch in &self.changes {
             if let Some(s) = ch.old {
                 c.sub(s, &ch.destination);
@@ -875,6 +1099,8 @@ struct Writer {
     shared: Arc<Shared>,
     last_id: u64,
     next_purge: Instant,
+    /// When to look at whether a compaction is worth it; `None`: nothing changed since.
+    next_compact_check: Option<Instant>,
 }
 
 impl Writer {
@@ -884,7 +1110,10 @@ impl Writer {
     fn run(mut self, requests: Receiver<Request>, done: Sender<Done>) {
         let shared = Arc::clone(&self.shared);
         loop {
-            let wait = self.next_purge.saturating_duration_since(Instant::now());
+            let next = self
+                .next_compact_check
+                .map_or(self.next_purge, |c| c.min(self.next_purge));
+            let wait = next.saturating_duration_since(Instant::now());
             let first = match requests.recv_timeout(wait) {
                 Ok(req) => Some(req),
                 Err(RecvTimeoutError::Timeout) => None,
@@ -900,6 +1129,25 @@ impl Writer {
                             result: Err(QueueError::Closed { reason }),
                             durable: false,
                         });
+                        continue;
+                    }
+                    if let Op::Compact = req.op {
+                        // Compaction swaps the store: commit what came before, first.
+                        commit_group(
+                            std::mem::replace(&mut tx, Tx::new(&shared)),
+                            std::mem::take(&mut group),
+                            &done,
+                        );
+                        let result = self.compact().map(Reply::Compacted);
+                        tx = Tx::new(&shared);
+                        forward(
+                            &done,
+                            Done {
+                                reply: req.reply,
+                                result,
+                                durable: true,
+                            },
+                        );
                         continue;
                     }
                     if let Op::Purge(cutoff) = req.op {
@@ -931,12 +1179,128 @@ impl Writer {
                         durable,
                     });
                 }
+                if group.iter().any(|d| d.durable && d.result.is_ok()) {
+                    self.next_compact_check
+                        .get_or_insert_with(|| Instant::now() + COMPACT_CHECK_DELAY);
+                }
                 commit_group(tx, group, &done);
             }
             if Instant::now() >= self.next_purge {
                 self.auto_purge();
+                self.next_compact_check
+                    .get_or_insert_with(|| Instant::now() + COMPACT_CHECK_DELAY);
+            }
+            if self.next_compact_check.is_some_and(|c| Instant::now() >= c) {
+                self.next_compact_check = None;
+                self.maybe_compact();
             }
         }
+    }
+
+    /// Compacts when sled's files are much bigger than the data still in them (after a
+    /// drain, typically) and the copy is small enough not to hold up the queue for long.
+    fn maybe_compact(&mut self) {
+        let opts = &self.shared.opts;
+        if opts.compact_max_keys == 0 {
+            return;
+        }
+        let (keys, live) = {
+            let c = lock(&self.shared.counters);
+            let records: u64 = c.by_state.iter().sum();
+            // A record, its schedule or final entry, and its message's metadata and
+            // idempotency key (shared by the message's recipients): at most ~4 keys each.
+            let keys = records.saturating_mul(4).saturating_add(c.suppressions);
+            (
+                keys,
+                c.body_bytes
+                    .saturating_add(keys.saturating_mul(BYTES_PER_KEY)),
+            )
+        };
+        if keys > opts.compact_max_keys {
+            return;
+        }
+        let disk = self.shared.db().size_on_disk().unwrap_or(0);
+        if disk < opts.compact_min_disk_bytes || disk < live.saturating_mul(4) {
+            return;
+        }
+        match self.compact() {
+            Ok(c) => tracing::info!(
+                path = %self.shared.path.display(),
+                disk_before = c.disk_before,
+                disk_after = c.disk_after,
+                keys = c.keys,
+                ms = c.duration.as_millis() as u64,
+                "queue compacted"
+            ),
+            Err(e) => {
+                tracing::warn!(path = %self.shared.path.display(), "queue compaction failed: {e}")
+            }
+        }
+    }
+
+    /// Copies every live key into a fresh sled store (`gen-N+1`), makes it durable, switches
+    /// `CURRENT` to it and removes the old one. sled 0.34.7 never shrinks its files; this is
+    /// how the disk space of a drained queue comes back. Runs on the writer thread, so no
+    /// write happens meanwhile; readers keep using the old store until the switch.
+    /// Crash-safe: until `CURRENT` is renamed the old store is the queue (the new one is
+    /// removed on open); after, the new one is complete and synced.
+    fn compact(&mut self) -> Res<Compaction> {
+        let started = Instant::now();
+        let path = self.shared.path.clone();
+        let old = self.shared.store();
+        let disk_before = old.db.size_on_disk().unwrap_or(0);
+        let generation = old.generation + 1;
+        let dir = gen_dir(&path, generation);
+        let built = (|| -> Res<(sled::Db, u64)> {
+            if dir.exists() {
+                std::fs::remove_dir_all(&dir)?;
+            }
+            let db = sled_config(&dir, &self.shared.opts).open()?;
+            let mut batch = sled::Batch::default();
+            let (mut n, mut keys) = (0usize, 0u64);
+            for item in old.db.iter() {
+                let (k, v) = item?;
+                batch.insert(k, v);
+                n += 1;
+                keys += 1;
+                if n >= RECOVERY_CHUNK {
+                    db.apply_batch(std::mem::take(&mut batch))?;
+                    n = 0;
+                }
+            }
+            db.apply_batch(batch)?;
+            db.flush()?;
+            sync_sled_dir(&dir)?;
+            let tmp = path.join(format!("{CURRENT}.tmp"));
+            std::fs::write(&tmp, format!("gen-{generation:06}\n"))?;
+            File::open(&tmp)?.sync_all()?;
+            std::fs::rename(&tmp, path.join(CURRENT))?;
+            File::open(&path)?.sync_all()?;
+            Ok((db, keys))
+        })();
+        let (db, keys) = match built {
+            Ok(b) => b,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&dir);
+                return Err(e);
+            }
+        };
+        let disk_after = db.size_on_disk().unwrap_or(0);
+        *self.shared.store.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(Store {
+            db,
+            dir,
+            generation,
+        });
+        drop(old);
+        if let Err(e) = remove_other_generations(&path, generation) {
+            tracing::warn!(path = %path.display(), "removing the old queue generation: {e} (retried on next open)");
+        }
+        Ok(Compaction {
+            disk_before,
+            disk_after,
+            keys,
+            duration: started.elapsed(),
+        })
     }
 
     fn purge_all(&mut self, cutoff: u64) -> Res<usize> {
@@ -998,6 +1362,8 @@ impl Writer {
             ),
             Op::SuppressRemove(a) => (self.suppress_remove(tx, &a).map(Reply::Bool), true),
             Op::Flush => (Ok(Reply::Unit), true),
+            // Handled in `run` (swaps the store).
+            Op::Compact => (Err(unexpected()), false),
         }
     }
 
@@ -1063,7 +1429,13 @@ impl Writer {
             }
             let pending = n - u32::try_from(suppressed.len()).unwrap_or(n);
             let size = msg.body.len() as u64;
+            let mut inline = None;
             if pending > 0 {
+                tx.body_delta += signed(size);
+            }
+            if pending > 0 && msg.body.len() <= codec::INLINE_BODY_MAX {
+                inline = Some(msg.body);
+            } else if pending > 0 {
                 if msg.body.is_empty() {
                     tx.insert_blind(&codec::body_key(id, 0), &[]);
                 }
@@ -1087,6 +1459,7 @@ impl Writer {
                     live: n,
                     sender: msg.sender,
                     idempotency_key: msg.idempotency_key,
+                    body: inline,
                 },
             );
             out.push(Ok(Enqueued {
@@ -1109,22 +1482,13 @@ impl Writer {
         now_ms: u64,
         limit: usize,
     ) -> Res<Vec<Lease>> {
-        let shared = Arc::clone(&self.shared);
-        let db = &shared.db;
-        let (iter, skip) = match destination {
-            None => (db.range(vec![codec::P_SCHED]..codec::sched_end(now_ms)), 1),
-            Some(d) => {
-                let p = codec::dest_prefix(d);
-                let skip = p.len();
-                (db.range(p..codec::dest_end(d, now_ms)), skip)
-            }
-        };
+        let db = tx.db.clone();
         let mut senders: HashMap<MessageId, String> = HashMap::new();
         let mut leases = Vec::new();
         let now = from_millis(now_ms);
-        for item in iter {
+        for item in db.range(vec![codec::P_SCHED]..codec::sched_end(now_ms)) {
             let (k, _) = item?;
-            let Some((due, rid)) = codec::parse_due_rid(&k[skip..]) else {
+            let Some((due, rid)) = codec::parse_due_rid(&k[1..]) else {
                 return Err(tx.corrupt(&k, "bad schedule key".into()));
             };
             let rec = match tx.record(rid)? {
@@ -1139,7 +1503,9 @@ impl Writer {
                     continue;
                 }
             };
-            if self.expired(to_millis(rec.created), now_ms) {
+            if self.expired(to_millis(rec.created), now_ms)
+                || destination.is_some_and(|d| d != rec.destination)
+            {
                 continue;
             }
             let sender = match senders.get(&rid.message) {
@@ -1271,8 +1637,7 @@ impl Writer {
     }
 
     fn expire(&mut self, tx: &mut Tx<'_>, now_ms: u64) -> Res<Vec<RecipientRecord>> {
-        let shared = Arc::clone(&self.shared);
-        let db = &shared.db;
+        let db = tx.db.clone();
         let now = from_millis(now_ms);
         let mut out = Vec::new();
         for item in db.range(vec![codec::P_SCHED]..codec::sched_end(now_ms)) {
@@ -1358,7 +1723,9 @@ impl Writer {
             }
             tx.remove_record(&rec);
         }
-        tx.remove_body(id, meta.size);
+        if meta.pending > 0 {
+            tx.remove_body_chunks(id, &meta);
+        }
         if let Some(k) = &meta.idempotency_key {
             tx.remove(&codec::idem_key(k));
         }
@@ -1372,7 +1739,7 @@ impl Writer {
         let mut end = vec![codec::P_FINAL];
         end.extend_from_slice(&cutoff_ms.to_be_bytes());
         let mut n = 0;
-        for item in shared.db.range(vec![codec::P_FINAL]..end) {
+        for item in tx.db.clone().range(vec![codec::P_FINAL]..end) {
             let (k, _) = item?;
             tx.remove(&k);
             n += 1;
@@ -1388,7 +1755,7 @@ impl Writer {
                     meta.live = meta.live.saturating_sub(1);
                     if meta.live == 0 {
                         if meta.pending > 0 {
-                            tx.remove_body(rid.message, meta.size);
+                            tx.remove_body_chunks(rid.message, &meta);
                         }
                         if let Some(ik) = &meta.idempotency_key {
                             tx.remove(&codec::idem_key(ik));
@@ -1419,6 +1786,7 @@ impl Writer {
             return Ok(false);
         }
         tx.insert_blind(&k, &codec::encode_suppression(at_ms, reason));
+        tx.supp_delta += 1;
         Ok(true)
     }
 
@@ -1428,6 +1796,7 @@ impl Writer {
             return Ok(false);
         }
         tx.remove(&k);
+        tx.supp_delta -= 1;
         Ok(true)
     }
 }
@@ -1437,6 +1806,8 @@ impl Writer {
 /// file and of any new blob file.
 struct Syncer {
     shared: Arc<Shared>,
+    /// The store generation `db_file` and `blob_dir` belong to.
+    generation: u64,
     db_file: File,
     blob_dir: PathBuf,
     synced_blobs: HashSet<OsString>,
@@ -1444,16 +1815,26 @@ struct Syncer {
 
 impl Syncer {
     fn new(shared: &Arc<Shared>) -> std::io::Result<Syncer> {
+        let store = shared.store();
         Ok(Syncer {
             shared: Arc::clone(shared),
-            db_file: File::open(shared.path.join("db"))?,
-            blob_dir: shared.path.join("blobs"),
+            generation: store.generation,
+            db_file: File::open(store.dir.join("db"))?,
+            blob_dir: store.dir.join("blobs"),
             synced_blobs: HashSet::new(),
         })
     }
 
     fn sync(&mut self) -> Res<()> {
-        self.shared.db.flush()?;
+        let store = self.shared.store();
+        if store.generation != self.generation {
+            // A compaction switched stores (and synced the new one completely).
+            self.generation = store.generation;
+            self.db_file = File::open(store.dir.join("db"))?;
+            self.blob_dir = store.dir.join("blobs");
+            self.synced_blobs.clear();
+        }
+        store.db.flush()?;
         if !self.shared.opts.durable {
             return Ok(());
         }
@@ -1519,7 +1900,7 @@ impl Syncer {
 
 /// Crash recovery and counter rebuild; returns the highest message id in use.
 fn recover(shared: &Shared) -> Res<u64> {
-    let db = &shared.db;
+    let db = &shared.db();
     let path = &shared.path;
     let mut counters = Counters::default();
     let mut fixes = sled::Batch::default();
@@ -1559,9 +1940,8 @@ fn recover(shared: &Shared) -> Res<u64> {
         let due = to_millis(rec.next_attempt);
         fixes.remove(&codec::rcpt_key(rec.id));
         fixes.remove(&codec::sched_key(due, rec.id));
-        fixes.remove(codec::dest_key(&rec.destination, due, rec.id));
         fixes.remove(&codec::final_key(to_millis(rec.updated), rec.id));
-        *n += 4;
+        *n += 3;
     };
 
     for item in metas {
@@ -1588,15 +1968,18 @@ fn recover(shared: &Shared) -> Res<u64> {
             }
         }
         let pending = group.iter().filter(|r| !r.state.is_final()).count();
-        let body_missing = pending > 0 && db.get(codec::body_key(mid, 0))?.is_none();
+        let body_missing =
+            pending > 0 && meta.body.is_none() && db.get(codec::body_key(mid, 0))?.is_none();
         if group.is_empty() || body_missing {
             // Never acknowledged (or unusable): remove the whole message.
             tracing::warn!(message = %mid, records = group.len(), body_missing, "removing incomplete message");
             for rec in &group {
                 drop_record(&mut fixes, &mut nfixes, rec);
             }
-            for c in 0..codec::body_chunks(meta.size) {
-                fixes.remove(&codec::body_key(mid, c));
+            if meta.body.is_none() {
+                for c in 0..codec::body_chunks(meta.size) {
+                    fixes.remove(&codec::body_key(mid, c));
+                }
             }
             if let Some(k) = &meta.idempotency_key {
                 fixes.remove(codec::idem_key(k));
@@ -1616,17 +1999,22 @@ fn recover(shared: &Shared) -> Res<u64> {
                     &codec::sched_key(due, rec.id),
                     &to_millis(rec.created).to_be_bytes(),
                 );
-                fixes.insert(codec::dest_key(&rec.destination, due, rec.id), &[]);
-                nfixes += 3;
+                nfixes += 2;
                 released += 1;
             }
             counters.add(rec.state, &rec.destination);
         }
         let pending = u32::try_from(pending).unwrap_or(u32::MAX);
         let live = u32::try_from(group.len()).unwrap_or(u32::MAX);
+        if pending > 0 {
+            counters.body_bytes += meta.size;
+        }
         if meta.pending != pending || meta.live != live {
             meta.pending = pending;
             meta.live = live;
+            if pending == 0 {
+                meta.body = None;
+            }
             fixes.insert(&mk, codec::encode_meta(&meta));
             nfixes += 1;
         }
@@ -1637,7 +2025,15 @@ fn recover(shared: &Shared) -> Res<u64> {
         orphans += 1;
         flush_fixes(&mut fixes, &mut nfixes, false)?;
     }
+    // Schema-1 stores kept a per-destination schedule under `d`: no longer used.
+    for item in db.scan_prefix([codec::P_DEST]) {
+        let (k, _) = item?;
+        fixes.remove(k);
+        nfixes += 1;
+        flush_fixes(&mut fixes, &mut nfixes, false)?;
+    }
     flush_fixes(&mut fixes, &mut nfixes, true)?;
+    counters.suppressions = db.scan_prefix([codec::P_SUPP]).count() as u64;
     if released > 0 || orphans > 0 {
         tracing::info!(path = %path.display(), released, removed = orphans, "queue recovered");
     }

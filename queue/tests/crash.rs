@@ -107,6 +107,17 @@ fn crash_child() {
             }
         }));
     }
+    {
+        // Compactions at random moments too: a kill can land in the middle of one.
+        let q = Arc::clone(&q);
+        threads.push(std::thread::spawn(move || {
+            for i in 0u64.. {
+                std::thread::sleep(Duration::from_millis(20 + (i * 37 + cycle * 11) % 60));
+                let c = q.compact().unwrap();
+                say(&format!("K {}", c.keys));
+            }
+        }));
+    }
     for t in threads {
         t.join().unwrap();
     }
@@ -142,6 +153,16 @@ struct Acked {
 
 fn check(dir: &Path, acked: &Acked) -> (usize, usize) {
     let q = Queue::open(dir, QueueOptions::default()).unwrap();
+    // Open removed whatever an interrupted compaction left behind.
+    let generations = std::fs::read_dir(dir)
+        .unwrap()
+        .filter(|e| {
+            let n = e.as_ref().unwrap().file_name();
+            let n = n.to_string_lossy();
+            n.starts_with("gen-") || n.ends_with(".tmp")
+        })
+        .count();
+    assert!(generations <= 1, "{generations} store generations left");
     let records = q.list(None, usize::MAX).unwrap();
     let mut by_msg: BTreeMap<MessageId, Vec<_>> = BTreeMap::new();
     let mut counts: BTreeMap<RecipientState, u64> = BTreeMap::new();
@@ -229,6 +250,7 @@ fn sigkill_at_random_moments() {
     eprintln!("crash test seed {seed}, {cycles} cycles");
     let mut rng = Rng(seed);
     let mut acked = Acked::default();
+    let mut compactions = 0;
     for cycle in 0..cycles {
         let mut child = KillOnDrop(
             Command::new(&exe)
@@ -292,6 +314,7 @@ fn sigkill_at_random_moments() {
                         .insert(rid.parse().unwrap(), st.parse().unwrap());
                     c += 1;
                 }
+                ["K", _] => compactions += 1,
                 _ => {}
             }
         }
@@ -310,4 +333,6 @@ fn sigkill_at_random_moments() {
         !acked.completed.is_empty(),
         "the child never completed anything"
     );
+    assert!(compactions > 0, "the child never compacted");
+    eprintln!("{compactions} compactions completed in all");
 }
