@@ -274,6 +274,31 @@ fn lifecycle(a: &Args, base: &Path) {
             &format!("round {round}: RSS after drain + purge (VmRSS / VmHWM)"),
             format!("{} / {}", mib(r), mib(h)),
         );
+        // The writer compacts on its own ~2 s after the last change when the files are
+        // mostly dead space; wait up to 60 s for it.
+        let start = Instant::now();
+        let before = dir_size(&dir);
+        while before > 16 << 20
+            && dir_size(&dir) * 2 > before
+            && start.elapsed() < Duration::from_secs(60)
+        {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let s = q.stats();
+        row(
+            &format!("round {round}: disk after automatic compaction (sled / dir)"),
+            format!(
+                "{} / {} (after {:.1} s)",
+                mib(s.disk_bytes),
+                mib(dir_size(&dir)),
+                start.elapsed().as_secs_f64()
+            ),
+        );
+        let (r, h) = rss();
+        row(
+            &format!("round {round}: RSS after compaction (VmRSS / VmHWM)"),
+            format!("{} / {}", mib(r), mib(h)),
+        );
     }
     drop(q);
     let start = Instant::now();

@@ -201,6 +201,17 @@ fn enqueue_from_flags_then_queue_commands() {
     let o = bs(&e, &["queue", "retry", &id]);
     assert_eq!(o.code, 0, "{}", o.stderr);
 
+    // An offline compaction keeps the message.
+    let o = bs(&e, &["queue", "compact", "--json"]);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    assert!(
+        json(&o.stdout)["keys"].as_u64().unwrap() > 0,
+        "{}",
+        o.stdout
+    );
+    let o = bs(&e, &["queue", "show", &id, "--json"]);
+    assert_eq!(json(&o.stdout)["recipients"].as_array().unwrap().len(), 2);
+
     let o = bs(&e, &["queue", "show", "not-an-id"]);
     assert_eq!(o.code, 1);
     assert!(o.stderr.contains("not a message id"), "{}", o.stderr);

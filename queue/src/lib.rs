@@ -80,10 +80,22 @@
 //! chunks) once older than [`QueueOptions::final_retention`], or on demand with
 //! [`Queue::purge_final`].
 //!
-//! # Space
+//! # Space: compaction into a new generation
 //!
-//! sled reuses freed log space but does not shrink its file eagerly; see BENCHMARKS.md
-//! ("Queue") for measured disk and memory use under fill/drain.
+//! sled reuses freed log space but never shrinks its file, and a drain first *grows* it (new
+//! record versions, tombstones). So the store can be rewritten: [`Queue::compact`] copies every
+//! live key into a fresh sled directory `gen-NNNNNN` inside the queue directory, flushes and
+//! fdatasyncs it, then atomically replaces the `CURRENT` file (write, fsync, rename, fsync the
+//! directory) and removes the old generation. Until the rename the old store is the queue (an
+//! interrupted compaction's directory is removed on open); after it the new one is complete.
+//! The writer thread does it, so no write happens meanwhile; readers use the old store until
+//! the switch. It runs on its own ~2 s after activity when sled's files are at least
+//! [`QueueOptions::compact_min_disk_bytes`] and four times the estimated live data, and the
+//! copy is at most [`QueueOptions::compact_max_keys`] keys (bounding the pause). A store
+//! without `CURRENT` keeps sled's files in the queue directory itself (generation 0: stores
+//! made before compaction existed open unchanged). A `LOCK` file (flock) in the queue
+//! directory keeps a second process out of every generation. Figures in BENCHMARKS.md
+//! ("Queue").
 
 mod codec;
 mod error;

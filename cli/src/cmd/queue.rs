@@ -1,4 +1,4 @@
-//! `bulksend queue stats|list|show|retry|delete`: inspect and act on the local queue.
+//! `bulksend queue stats|list|show|retry|delete|compact`: inspect and act on the local queue.
 
 use std::path::Path;
 use std::time::SystemTime;
@@ -36,6 +36,12 @@ pub(crate) enum QueueCmd {
     Retry { id: String },
     /// Remove a message and all its records.
     Delete { id: String },
+    /// Rewrite the store with only its live data, giving freed disk space back (a running
+    /// `serve` does this by itself once a drained store is mostly dead space).
+    Compact {
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn parse_state(s: &str) -> anyhow::Result<RecipientState> {
@@ -164,6 +170,28 @@ pub(crate) fn run(config: Option<&Path>, cmd: QueueCmd) -> anyhow::Result<i32> {
             } else {
                 eprintln!("no message {id}");
                 return Ok(1);
+            }
+        }
+        QueueCmd::Compact { json } => {
+            let c = queue.compact()?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "disk_bytes_before": c.disk_before,
+                        "disk_bytes_after": c.disk_after,
+                        "keys": c.keys,
+                        "seconds": c.duration.as_secs_f64(),
+                    })
+                );
+            } else {
+                println!(
+                    "compacted: {} -> {} bytes on disk, {} keys copied in {:.2} s",
+                    c.disk_before,
+                    c.disk_after,
+                    c.keys,
+                    c.duration.as_secs_f64()
+                );
             }
         }
     }
