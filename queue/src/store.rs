@@ -475,7 +475,7 @@ impl Queue {
             .map_err(|e| open_err(path, e))?;
 
         let (req_tx, req_rx) = crossbeam_channel::bounded::<Request>(REQUEST_QUEUE);
-        let (done_tx, done_rx) = crossbeam_channel::unbounded::<Done>();
+        let (done_tx, done_rx) = crossbeam_channel::unbounded::<Vec<Done>>();
         let mut threads = Vec::new();
         let s = Arc::clone(&shared);
         threads.push(
@@ -842,25 +842,35 @@ impl Drop for Queue {
     }
 }
 
-fn forward(done: &Sender<Done>, d: Done) {
-    if let Err(e) = done.send(d) {
+/// Hands replies to the syncer, all in one message (one wake-up per group, not per request).
+fn forward_all(done: &Sender<Vec<Done>>, group: Vec<Done>) {
+    if group.is_empty() {
+        return;
+    }
+    if let Err(e) = done.send(group) {
         // The syncer is gone; answer directly.
-        let _ = e.0.reply.send(Err(QueueError::Closed {
-            reason: "syncer thread stopped".into(),
-        }));
+        for d in e.0 {
+            let _ = d.reply.send(Err(QueueError::Closed {
+                reason: "syncer thread stopped".into(),
+            }));
+        }
     }
 }
 
+fn forward(done: &Sender<Vec<Done>>, d: Done) {
+    forward_all(done, vec![d]);
+}
+
 /// Commits a group's `Tx` and passes its replies on to the syncer.
-fn commit_group(tx: Tx<'_>, group: Vec<Done>, done: &Sender<Done>) {
+fn commit_group(tx: Tx<'_>, mut group: Vec<Done>, done: &Sender<Vec<Done>>) {
     let res = tx.commit();
-    for mut d in group {
+    for d in &mut group {
         if let (Err(e), Ok(_)) = (&res, &d.result) {
             d.result = Err(QueueError::Sled(e.clone()));
             d.durable = false;
         }
-        forward(done, d);
     }
+    forward_all(done, group);
 }
 
 fn unexpected() -> QueueError {
@@ -1107,7 +1117,7 @@ impl Writer {
     /// Takes every request that has arrived, handles them all in one `Tx` and commits it as
     /// one sled batch (sled 0.34.7 writes out its log buffer twice per batch, so one batch
     /// per request would cost about one I/O each), then hands the replies to the syncer.
-    fn run(mut self, requests: Receiver<Request>, done: Sender<Done>) {
+    fn run(mut self, requests: Receiver<Request>, done: Sender<Vec<Done>>) {
         let shared = Arc::clone(&self.shared);
         loop {
             let next = self
@@ -1869,10 +1879,11 @@ impl Syncer {
         Ok(())
     }
 
-    fn run(mut self, done: Receiver<Done>) {
-        while let Ok(first) = done.recv() {
-            let mut group = vec![first];
-            group.extend(done.try_iter());
+    fn run(mut self, done: Receiver<Vec<Done>>) {
+        while let Ok(mut group) = done.recv() {
+            for more in done.try_iter() {
+                group.extend(more);
+            }
             let needs_sync = group.iter().any(|d| d.durable && d.result.is_ok());
             if needs_sync {
                 if let Err(e) = self.sync() {
