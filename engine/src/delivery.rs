@@ -19,8 +19,11 @@
 //! - A worker owns one connection at a time: it tries the MX hosts in order, carries up to
 //!   `max_messages_per_connection` transactions, and ends every connection with
 //!   [`Session::close`] (QUIT where the connection allows it).
-//! - Every outcome is written to the queue durably before the next step counts on it, then
-//!   reported as an event and a metric.
+//! - Every outcome is written to the queue durably before its lease ends, then reported as an
+//!   event and a metric. A worker carries its next transaction while the previous one's
+//!   outcomes are being written (one write outstanding per worker), except after an unknown
+//!   address (its suppression must be durable before anything else is sent) or a reputation
+//!   signal, which are recorded before the worker goes on.
 //! - Shutdown: the dispatcher stops leasing, workers finish the transaction in hand (never cut
 //!   off after the dot), QUIT, and ready-but-unsent recipients are released back to scheduled.
 
@@ -1109,6 +1112,9 @@ fn spawnable_worker(
 async fn worker(inner: Arc<Inner>, dest: Arc<Dest>) {
     let idle = inner.settings.smtp.timeouts.idle;
     let mut session: Option<(Session, String)> = None;
+    // The previous transaction's outcomes, still being written to the queue (durably) while
+    // this connection carries the next one. At most one per worker.
+    let mut recording: Option<tokio::task::JoinHandle<()>> = None;
     loop {
         let Some(job) = next_job(&inner, &dest, idle).await else {
             break;
@@ -1274,15 +1280,39 @@ async fn worker(inner: Arc<Inner>, dest: Arc<Dest>) {
         let until_wall =
             until.map(|u| SystemTime::now() + u.saturating_duration_since(Instant::now()));
         let mx_name = mx.clone();
-        inner
-            .record_with_pause(
-                &dest.key,
-                &dest.metrics.outcomes,
-                Some(&mx_name),
-                outcomes,
-                until_wall,
-            )
-            .await;
+        if let Some(r) = recording.take() {
+            let _ = r.await;
+        }
+        // An unknown address must be on the suppression list before anything else is sent,
+        // and a reputation signal changes what happens next: record those in line. Otherwise
+        // the next transaction overlaps with this one's durable write (the lease is held until
+        // the write is done; a crash in between re-sends, as it would have before the write).
+        let unknown = outcomes
+            .iter()
+            .any(|(_, c, _)| c.class == Class::InvalidRecipient);
+        if unknown || reputation {
+            inner
+                .record_with_pause(
+                    &dest.key,
+                    &dest.metrics.outcomes,
+                    Some(&mx_name),
+                    outcomes,
+                    until_wall,
+                )
+                .await;
+        } else {
+            let (i, d) = (inner.clone(), dest.clone());
+            recording = Some(inner.workers.spawn(async move {
+                i.record_with_pause(
+                    &d.key,
+                    &d.metrics.outcomes,
+                    Some(&mx_name),
+                    outcomes,
+                    until_wall,
+                )
+                .await;
+            }));
+        }
         dest.on_transaction(&inner, delivered && !reputation, tried, unknown_users)
             .await;
         let done = tx.ended.is_some()
@@ -1297,6 +1327,9 @@ async fn worker(inner: Arc<Inner>, dest: Arc<Dest>) {
                 break;
             }
         }
+    }
+    if let Some(r) = recording.take() {
+        let _ = r.await;
     }
     // Give the slot back before the (up to two QUIT timeouts long) close, and check under the
     // same lock whether a job arrived meanwhile: a push that saw every slot taken only
