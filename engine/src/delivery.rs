@@ -213,8 +213,8 @@ struct DestState {
     pauses: u64,
     /// Successful transactions since the limit last grew.
     successes: usize,
-    /// (when, recipients tried, unknown-user rejections) per transaction, for the guard.
-    harvest: VecDeque<(Instant, u32, u32)>,
+    /// Recipients tried and unknown users within the window, for the harvesting guard.
+    harvest: Harvest,
     /// Earliest time the next message may start (rate limit spacing).
     next_send: Instant,
 }
@@ -706,7 +706,7 @@ impl Inner {
                 pause_level: 0,
                 pauses: 0,
                 successes: 0,
-                harvest: VecDeque::new(),
+                harvest: Harvest::default(),
                 next_send: Instant::now(),
             }),
             limits,
@@ -1049,22 +1049,9 @@ impl Dest {
                 }
             }
             let now = Instant::now();
-            if tried > 0 {
-                s.harvest.push_back((now, tried, unknown_users));
-            }
-            while s
-                .harvest
-                .front()
-                .is_some_and(|(t, _, _)| now.duration_since(*t) > d.harvest_window)
-            {
-                s.harvest.pop_front();
-            }
-            let (t, u) = s
-                .harvest
-                .iter()
-                .fold((0u32, 0u32), |(t, u), (_, a, b)| (t + a, u + b));
-            if t >= d.harvest_min_sample && f64::from(u) / f64::from(t) >= d.harvest_threshold {
-                s.harvest.clear();
+            let (t, u) = s.harvest.add(now, d.harvest_window, tried, unknown_users);
+            if t >= u64::from(d.harvest_min_sample) && u as f64 / t as f64 >= d.harvest_threshold {
+                s.harvest = Harvest::default();
                 let until = now + d.harvest_pause;
                 s.paused_until = Some(s.paused_until.map_or(until, |p| p.max(until)));
                 s.pause_reason = "harvest";
@@ -1357,6 +1344,45 @@ async fn worker(inner: Arc<Inner>, dest: Arc<Dest>) {
     }
 }
 
+/// Recipients tried and unknown-user rejections of one destination within the harvesting
+/// window, in one-second buckets with running totals: O(1) per transaction and at most one
+/// bucket per second of the window, however many transactions there are.
+#[derive(Default)]
+struct Harvest {
+    buckets: VecDeque<(Instant, u64, u64)>,
+    tried: u64,
+    unknown: u64,
+}
+
+impl Harvest {
+    const BUCKET: Duration = Duration::from_secs(1);
+
+    /// Counts a transaction and forgets what fell out of `window`; returns the totals.
+    fn add(&mut self, now: Instant, window: Duration, tried: u32, unknown: u32) -> (u64, u64) {
+        let (tried, unknown) = (u64::from(tried), u64::from(unknown));
+        if tried > 0 {
+            match self.buckets.back_mut() {
+                Some((start, t, u)) if now.duration_since(*start) < Self::BUCKET => {
+                    *t += tried;
+                    *u += unknown;
+                }
+                _ => self.buckets.push_back((now, tried, unknown)),
+            }
+            self.tried += tried;
+            self.unknown += unknown;
+        }
+        while let Some(&(start, t, u)) = self.buckets.front() {
+            if now.duration_since(start) <= window {
+                break;
+            }
+            self.buckets.pop_front();
+            self.tried -= t;
+            self.unknown -= u;
+        }
+        (self.tried, self.unknown)
+    }
+}
+
 /// The next job for a worker: waits up to `idle` for one; `None` when the worker should end.
 async fn next_job(inner: &Inner, dest: &Dest, idle: Duration) -> Option<Job> {
     let stop = inner.stop_token();
@@ -1477,6 +1503,41 @@ fn jitter(max: Duration) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn harvest_window_totals_are_exact_and_memory_is_bounded() {
+        let window = Duration::from_secs(600);
+        let t0 = Instant::now();
+        let mut h = Harvest::default();
+        // A million transactions over 20 minutes: 1,000 buckets at most ever held (600 s of
+        // one-second buckets plus one), and the totals are those of the last 600 s.
+        let mut last = (0, 0);
+        for i in 0..1_000_000u64 {
+            let now = t0 + Duration::from_micros(i * 1_200);
+            last = h.add(now, window, 2, u32::from(i % 10 == 0));
+            assert!(h.buckets.len() <= 602, "{} buckets", h.buckets.len());
+        }
+        let now = t0 + Duration::from_micros(999_999 * 1_200);
+        let (want_t, want_u) = (0..1_000_000u64)
+            .filter(|i| {
+                let start = t0 + Duration::from_micros(i * 1_200);
+                now.duration_since(start) <= window
+            })
+            .fold((0, 0), |(t, u), i| (t + 2, u + u64::from(i % 10 == 0)));
+        // Bucket granularity: the oldest second of the window may already be forgotten
+        // (one bucket holds ~834 transactions of 2 recipients).
+        assert!(
+            last.0 <= want_t && last.0 + 2 * 834 >= want_t,
+            "{last:?} vs {want_t}"
+        );
+        assert!(
+            last.1 <= want_u && last.1 + 84 >= want_u,
+            "{last:?} vs {want_u}"
+        );
+        // Long after: everything forgotten.
+        assert_eq!(h.add(now + window * 2, window, 0, 0), (0, 0));
+        assert!(h.buckets.is_empty());
+    }
 
     #[test]
     fn backoff_grows_and_stays_in_bounds() {

@@ -88,10 +88,15 @@
 //! fdatasyncs it, then atomically replaces the `CURRENT` file (write, fsync, rename, fsync the
 //! directory) and removes the old generation. Until the rename the old store is the queue (an
 //! interrupted compaction's directory is removed on open); after it the new one is complete.
-//! The writer thread does it, so no write happens meanwhile; readers use the old store until
-//! the switch. It runs on its own ~2 s after activity when sled's files are at least
-//! [`QueueOptions::compact_min_disk_bytes`] and four times the estimated live data, and the
-//! copy is at most [`QueueOptions::compact_max_keys`] keys (bounding the pause). A store
+//! [`Queue::compact`] does it on the writer thread (no write happens meanwhile). On its own
+//! ([`QueueOptions::auto_compact`]) the queue compacts in the background: when sled's files
+//! are at least [`QueueOptions::compact_min_disk_bytes`] and four times the estimated live
+//! data (and have doubled since the last compaction, or the live data shrank to a quarter),
+//! a thread copies the store while the writer
+//! goes on noting every key it commits; when the copy is done the writer brings those keys up
+//! to date from the old store (writes held only for that catch-up), syncs and switches. A
+//! compaction that sees more than two million writes during its copy is abandoned (retried
+//! ten minutes later). A store
 //! without `CURRENT` keeps sled's files in the queue directory itself (generation 0: stores
 //! made before compaction existed open unchanged). A `LOCK` file (flock) in the queue
 //! directory keeps a second process out of every generation. Figures in BENCHMARKS.md

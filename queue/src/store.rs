@@ -5,6 +5,7 @@ use std::collections::{HashMap, HashSet};
 use std::ffi::OsString;
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
@@ -46,6 +47,10 @@ const LOCK: &str = "LOCK";
 const SLED_FILES: [&str; 3] = ["db", "conf", "blobs"];
 /// After a change, wait this long before looking at whether to compact.
 const COMPACT_CHECK_DELAY: Duration = Duration::from_secs(2);
+/// A background compaction is abandoned when more keys than this were written while it
+/// copied (the catch-up, done with writes held, would take too long and the set too much
+/// memory).
+const MAX_DIRTY_KEYS: usize = 2_000_000;
 /// Rough bytes per stored key (key, value, sled's overhead), to estimate live data.
 const BYTES_PER_KEY: u64 = 160;
 
@@ -67,6 +72,8 @@ struct Shared {
     store: RwLock<Arc<Store>>,
     /// Holds the queue directory's `LOCK` while open.
     _lock: File,
+    /// While a background compaction copies: every key committed since it began.
+    dirty: Mutex<Option<HashSet<IVec>>>,
     opts: QueueOptions,
     counters: Mutex<Counters>,
     /// Set when a flush or fsync failed: no write is acknowledged after that.
@@ -461,6 +468,7 @@ impl Queue {
                 generation,
             })),
             _lock: lock_file,
+            dirty: Mutex::new(None),
             opts,
             counters: Mutex::new(Counters::default()),
             closed: Mutex::new(None),
@@ -487,6 +495,10 @@ impl Queue {
                         last_id,
                         next_purge: Instant::now() + AUTO_PURGE_EVERY,
                         next_compact_check: Some(Instant::now() + COMPACT_CHECK_DELAY),
+                        background: None,
+                        compacted_size: 0,
+                        compacted_live: 0,
+                        compact_not_before: Instant::now(),
                     }
                     .run(req_rx, done_tx)
                 })
@@ -806,9 +818,9 @@ impl Queue {
 
     /// Rewrites the store into a fresh sled directory holding only live data, giving the
     /// space of delivered and purged messages back to the file system (sled never shrinks its
-    /// files). The writer also does this on its own when the files are much bigger than the
-    /// live data and the copy is small (see [`QueueOptions::compact_max_keys`]); this call
-    /// compacts whatever the size, holding up every other write while it copies.
+    /// files). The queue also does this on its own, in the background, when the files are
+    /// much bigger than the live data (see [`QueueOptions::auto_compact`]); this call compacts
+    /// whatever the size, holding up every other write while it copies.
     pub fn compact(&self) -> Res<Compaction> {
         match self.call(Op::Compact)? {
             Reply::Compacted(c) => Ok(c),
@@ -1083,10 +1095,16 @@ impl<'a> Tx<'a> {
             return Ok(());
         }
         let mut batch = sled::Batch::default();
-        for (k, v) in self.ops {
-            match v {
-                Some(v) => batch.insert(k, v),
-                None => batch.remove(k),
+        {
+            let mut dirty = lock(&self.shared.dirty);
+            for (k, v) in self.ops {
+                if let Some(d) = dirty.as_mut() {
+                    d.insert(k.clone());
+                }
+                match v {
+                    Some(v) => batch.insert(k, v),
+                    None => batch.remove(k),
+                }
             }
         }
         self.db.apply_batch(batch)?;
@@ -1105,12 +1123,60 @@ impl<'a> Tx<'a> {
     }
 }
 
+/// Copies every key of `old` into a new sled store in `dir` (not yet flushed). Stops early
+/// with an error when `cancel` is set.
+fn copy_store(
+    old: &sled::Db,
+    dir: &Path,
+    opts: &QueueOptions,
+    cancel: &AtomicBool,
+) -> Res<(sled::Db, u64)> {
+    if dir.exists() {
+        std::fs::remove_dir_all(dir)?;
+    }
+    let db = sled_config(dir, opts).open()?;
+    let mut batch = sled::Batch::default();
+    let (mut n, mut keys) = (0usize, 0u64);
+    for item in old.iter() {
+        let (k, v) = item?;
+        batch.insert(k, v);
+        n += 1;
+        keys += 1;
+        if n >= RECOVERY_CHUNK {
+            if cancel.load(Ordering::Relaxed) {
+                return Err(QueueError::Closed {
+                    reason: "compaction cancelled".into(),
+                });
+            }
+            db.apply_batch(std::mem::take(&mut batch))?;
+            n = 0;
+        }
+    }
+    db.apply_batch(batch)?;
+    Ok((db, keys))
+}
+
+/// A compaction copying in the background while the writer goes on.
+struct Background {
+    handle: JoinHandle<Res<(sled::Db, u64)>>,
+    cancel: Arc<AtomicBool>,
+    generation: u64,
+    dir: PathBuf,
+    disk_before: u64,
+    started: Instant,
+}
+
 struct Writer {
     shared: Arc<Shared>,
     last_id: u64,
     next_purge: Instant,
     /// When to look at whether a compaction is worth it; `None`: nothing changed since.
     next_compact_check: Option<Instant>,
+    background: Option<Background>,
+    /// sled's size right after the last compaction, and the live data estimated when it began.
+    compacted_size: u64,
+    compacted_live: u64,
+    compact_not_before: Instant,
 }
 
 impl Writer {
@@ -1120,14 +1186,20 @@ impl Writer {
     fn run(mut self, requests: Receiver<Request>, done: Sender<Vec<Done>>) {
         let shared = Arc::clone(&self.shared);
         loop {
-            let next = self
+            let mut next = self
                 .next_compact_check
                 .map_or(self.next_purge, |c| c.min(self.next_purge));
+            if self.background.is_some() {
+                next = next.min(Instant::now() + Duration::from_millis(50));
+            }
             let wait = next.saturating_duration_since(Instant::now());
             let first = match requests.recv_timeout(wait) {
                 Ok(req) => Some(req),
                 Err(RecvTimeoutError::Timeout) => None,
-                Err(RecvTimeoutError::Disconnected) => return,
+                Err(RecvTimeoutError::Disconnected) => {
+                    self.abandon_background();
+                    return;
+                }
             };
             if let Some(first) = first {
                 let mut tx = Tx::new(&shared);
@@ -1204,97 +1276,187 @@ impl Writer {
                 self.next_compact_check = None;
                 self.maybe_compact();
             }
+            let _ = self.poll_background(false);
         }
     }
 
-    /// Compacts when sled's files are much bigger than the data still in them (after a
-    /// drain, typically) and the copy is small enough not to hold up the queue for long.
+    /// Starts a background compaction when sled's files are much bigger than the data still
+    /// in them (after a drain, typically).
     fn maybe_compact(&mut self) {
         let opts = &self.shared.opts;
-        if opts.compact_max_keys == 0 {
+        if !opts.auto_compact
+            || self.background.is_some()
+            || Instant::now() < self.compact_not_before
+        {
             return;
         }
-        let (keys, live) = {
+        let live = {
             let c = lock(&self.shared.counters);
             let records: u64 = c.by_state.iter().sum();
             // A record, its schedule or final entry, and its message's metadata and
             // idempotency key (shared by the message's recipients): at most ~4 keys each.
             let keys = records.saturating_mul(4).saturating_add(c.suppressions);
-            (
-                keys,
-                c.body_bytes
-                    .saturating_add(keys.saturating_mul(BYTES_PER_KEY)),
-            )
+            c.body_bytes
+                .saturating_add(keys.saturating_mul(BYTES_PER_KEY))
         };
-        if keys > opts.compact_max_keys {
-            return;
-        }
         let disk = self.shared.db().size_on_disk().unwrap_or(0);
-        if disk < opts.compact_min_disk_bytes || disk < live.saturating_mul(4) {
+        // Not again until the files doubled since the last compaction or the live data shrank
+        // to a quarter (so a wrong estimate cannot make it compact in a loop).
+        let grown = disk >= self.compacted_size.saturating_mul(2)
+            || live.saturating_mul(4) <= self.compacted_live;
+        if disk < opts.compact_min_disk_bytes || disk < live.saturating_mul(4) || !grown {
             return;
         }
-        match self.compact() {
-            Ok(c) => tracing::info!(
-                path = %self.shared.path.display(),
-                disk_before = c.disk_before,
-                disk_after = c.disk_after,
-                keys = c.keys,
-                ms = c.duration.as_millis() as u64,
-                "queue compacted"
-            ),
+        self.compacted_live = live;
+        let old = self.shared.store();
+        let generation = old.generation + 1;
+        let dir = gen_dir(&self.shared.path, generation);
+        let cancel = Arc::new(AtomicBool::new(false));
+        // From here on every committed key is noted, so the copy can be brought up to date.
+        *lock(&self.shared.dirty) = Some(HashSet::new());
+        let (c, d, o) = (Arc::clone(&cancel), dir.clone(), self.shared.opts.clone());
+        let old_db = old.db.clone();
+        let spawned = std::thread::Builder::new()
+            .name("queue-compact".into())
+            .spawn(move || copy_store(&old_db, &d, &o, &c));
+        match spawned {
+            Ok(handle) => {
+                tracing::info!(path = %self.shared.path.display(), disk, "queue compaction started");
+                self.background = Some(Background {
+                    handle,
+                    cancel,
+                    generation,
+                    dir,
+                    disk_before: disk,
+                    started: Instant::now(),
+                });
+            }
             Err(e) => {
-                tracing::warn!(path = %self.shared.path.display(), "queue compaction failed: {e}")
+                *lock(&self.shared.dirty) = None;
+                tracing::warn!("cannot start the compaction thread: {e}");
             }
         }
     }
 
-    /// Copies every live key into a fresh sled store (`gen-N+1`), makes it durable, switches
-    /// `CURRENT` to it and removes the old one. sled 0.34.7 never shrinks its files; this is
-    /// how the disk space of a drained queue comes back. Runs on the writer thread, so no
-    /// write happens meanwhile; readers keep using the old store until the switch.
-    /// Crash-safe: until `CURRENT` is renamed the old store is the queue (the new one is
-    /// removed on open); after, the new one is complete and synced.
+    /// Finishes a background compaction whose copy is done (or abandons one that has seen too
+    /// many writes meanwhile); `force`: wait for the copy.
+    fn poll_background(&mut self, force: bool) -> Option<Res<Compaction>> {
+        let bg = self.background.as_ref()?;
+        let dirty = lock(&self.shared.dirty).as_ref().map_or(0, HashSet::len);
+        if dirty > MAX_DIRTY_KEYS && !force {
+            tracing::warn!(
+                dirty,
+                "queue compaction abandoned: too many writes while copying; retried in 10 min"
+            );
+            self.abandon_background();
+            self.compact_not_before = Instant::now() + Duration::from_secs(600);
+            return None;
+        }
+        if !force && !bg.handle.is_finished() {
+            return None;
+        }
+        let bg = self.background.take()?;
+        let copied = bg.handle.join().unwrap_or_else(|_| Err(unexpected()));
+        let dirty = lock(&self.shared.dirty).take().unwrap_or_default();
+        let res = copied.and_then(|(db, keys)| {
+            self.switch_to(db, bg.generation, bg.dir.clone(), Some(dirty), keys)
+        });
+        let res = res.map(|mut c| {
+            c.disk_before = bg.disk_before;
+            c.duration = bg.started.elapsed();
+            c
+        });
+        match &res {
+            Ok(c) => {
+                self.compacted_size = c.disk_after;
+                tracing::info!(
+                    path = %self.shared.path.display(),
+                    disk_before = c.disk_before,
+                    disk_after = c.disk_after,
+                    keys = c.keys,
+                    ms = c.duration.as_millis() as u64,
+                    "queue compacted"
+                );
+            }
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&bg.dir);
+                self.compact_not_before = Instant::now() + Duration::from_secs(600);
+                tracing::warn!(path = %self.shared.path.display(), "queue compaction failed: {e}");
+            }
+        }
+        Some(res)
+    }
+
+    fn abandon_background(&mut self) {
+        if let Some(bg) = self.background.take() {
+            bg.cancel.store(true, Ordering::Relaxed);
+            let _ = bg.handle.join();
+            *lock(&self.shared.dirty) = None;
+            let _ = std::fs::remove_dir_all(&bg.dir);
+        }
+    }
+
+    /// Compacts now, on the writer thread: no write happens during the copy.
     fn compact(&mut self) -> Res<Compaction> {
+        self.abandon_background();
         let started = Instant::now();
-        let path = self.shared.path.clone();
         let old = self.shared.store();
         let disk_before = old.db.size_on_disk().unwrap_or(0);
         let generation = old.generation + 1;
-        let dir = gen_dir(&path, generation);
-        let built = (|| -> Res<(sled::Db, u64)> {
-            if dir.exists() {
-                std::fs::remove_dir_all(&dir)?;
-            }
-            let db = sled_config(&dir, &self.shared.opts).open()?;
+        let dir = gen_dir(&self.shared.path, generation);
+        let (db, keys) = copy_store(&old.db, &dir, &self.shared.opts, &AtomicBool::new(false))
+            .inspect_err(|_| {
+                let _ = std::fs::remove_dir_all(&dir);
+            })?;
+        drop(old);
+        let mut c = self
+            .switch_to(db, generation, dir.clone(), None, keys)
+            .inspect_err(|_| {
+                let _ = std::fs::remove_dir_all(&dir);
+            })?;
+        c.disk_before = disk_before;
+        c.duration = started.elapsed();
+        self.compacted_size = c.disk_after;
+        Ok(c)
+    }
+
+    /// Brings the copy up to date with the keys written since it began (`dirty`), makes it
+    /// durable, switches `CURRENT` to it and drops the old store. Crash-safe: until `CURRENT`
+    /// is renamed the old store is the queue (the new one is removed on open); after, the new
+    /// one is complete and synced.
+    fn switch_to(
+        &mut self,
+        db: sled::Db,
+        generation: u64,
+        dir: PathBuf,
+        dirty: Option<HashSet<IVec>>,
+        keys: u64,
+    ) -> Res<Compaction> {
+        let path = self.shared.path.clone();
+        let old = self.shared.store();
+        if let Some(dirty) = dirty {
             let mut batch = sled::Batch::default();
-            let (mut n, mut keys) = (0usize, 0u64);
-            for item in old.db.iter() {
-                let (k, v) = item?;
-                batch.insert(k, v);
+            let mut n = 0;
+            for k in dirty {
+                match old.db.get(&k)? {
+                    Some(v) => batch.insert(k, v),
+                    None => batch.remove(k),
+                }
                 n += 1;
-                keys += 1;
                 if n >= RECOVERY_CHUNK {
                     db.apply_batch(std::mem::take(&mut batch))?;
                     n = 0;
                 }
             }
             db.apply_batch(batch)?;
-            db.flush()?;
-            sync_sled_dir(&dir)?;
-            let tmp = path.join(format!("{CURRENT}.tmp"));
-            std::fs::write(&tmp, format!("gen-{generation:06}\n"))?;
-            File::open(&tmp)?.sync_all()?;
-            std::fs::rename(&tmp, path.join(CURRENT))?;
-            File::open(&path)?.sync_all()?;
-            Ok((db, keys))
-        })();
-        let (db, keys) = match built {
-            Ok(b) => b,
-            Err(e) => {
-                let _ = std::fs::remove_dir_all(&dir);
-                return Err(e);
-            }
-        };
+        }
+        db.flush()?;
+        sync_sled_dir(&dir)?;
+        let tmp = path.join(format!("{CURRENT}.tmp"));
+        std::fs::write(&tmp, format!("gen-{generation:06}\n"))?;
+        File::open(&tmp)?.sync_all()?;
+        std::fs::rename(&tmp, path.join(CURRENT))?;
+        File::open(&path)?.sync_all()?;
         let disk_after = db.size_on_disk().unwrap_or(0);
         *self.shared.store.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(Store {
             db,
@@ -1306,10 +1468,10 @@ impl Writer {
             tracing::warn!(path = %path.display(), "removing the old queue generation: {e} (retried on next open)");
         }
         Ok(Compaction {
-            disk_before,
+            disk_before: 0,
             disk_after,
             keys,
-            duration: started.elapsed(),
+            duration: Duration::ZERO,
         })
     }
 

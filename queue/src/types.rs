@@ -24,14 +24,13 @@ pub struct QueueOptions {
     /// write survives power loss. `false`: sled's `flush()` only, which survives a process
     /// crash (the data is in the OS page cache) but not necessarily a power loss.
     pub durable: bool,
-    /// Automatic compaction (see [`crate::Queue::compact`]) runs when sled's files are at
-    /// least this big and 4× the estimated live data. Default 64 MiB.
+    /// Compact on its own (see [`crate::Queue::compact`]): in the background, when sled's files
+    /// are at least `compact_min_disk_bytes` and four times the estimated live data, and have
+    /// doubled since the previous compaction (or the live data shrank to a quarter).
+    /// Default `true`.
+    pub auto_compact: bool,
+    /// Default 64 MiB.
     pub compact_min_disk_bytes: u64,
-    /// ... and when the copy is at most this many keys (about four per recipient record
-    /// plus one per suppressed address), which bounds how long it holds up the queue
-    /// (~0.5 s per 100,000 keys on a 2-core machine). 0 disables automatic compaction.
-    /// Default 100,000.
-    pub compact_max_keys: u64,
 }
 
 impl Default for QueueOptions {
@@ -41,8 +40,8 @@ impl Default for QueueOptions {
             max_queue_lifetime: Duration::from_secs(5 * 24 * 3600),
             final_retention: Duration::from_secs(7 * 24 * 3600),
             durable: true,
+            auto_compact: true,
             compact_min_disk_bytes: 64 * 1024 * 1024,
-            compact_max_keys: 100_000,
         }
     }
 }

@@ -946,3 +946,135 @@ fn drained_queue_is_compacted_and_keeps_live_data() {
     check(&q);
     assert_eq!(q.stats().by_state[&RecipientState::Scheduled], 3);
 }
+
+/// The automatic compaction copies in the background while writes go on; whatever was
+/// written during the copy (enqueues, completions, suppressions) is in the new store after
+/// the switch, and after a reopen.
+#[test]
+fn background_compaction_keeps_writes_made_while_it_copies() {
+    use std::collections::HashMap;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let dir = tempfile::tempdir().unwrap();
+    let o = QueueOptions {
+        compact_min_disk_bytes: 4 << 20,
+        ..opts()
+    };
+    let q = Arc::new(Queue::open(dir.path(), o.clone()).unwrap());
+    let body = vec![b'y'; 3000];
+    for chunk in 0..12 {
+        let batch: Vec<NewMessage> = (0..1000)
+            .map(|i| NewMessage {
+                body: body.clone(),
+                ..msg(&[&format!("u{chunk}-{i}@bulk.test")])
+            })
+            .collect();
+        for r in q.enqueue_batch(batch).unwrap() {
+            r.unwrap();
+        }
+    }
+    for _ in 0..10 {
+        let leases = q.take_due(later(1), 1000).unwrap();
+        let done = leases
+            .iter()
+            .map(|l| {
+                (
+                    l.recipient.id,
+                    Outcome::Delivered {
+                        reply: "250 ok".into(),
+                    },
+                )
+            })
+            .collect();
+        for r in q.complete_batch(done).unwrap() {
+            r.unwrap();
+        }
+    }
+    q.purge_final(later(1)).unwrap();
+
+    // Writes all along, until well after the switch.
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (q, stop) = (Arc::clone(&q), Arc::clone(&stop));
+        std::thread::spawn(move || {
+            let mut enqueued = Vec::new();
+            let mut completed: HashMap<RecipientId, RecipientState> = HashMap::new();
+            let mut i = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let e = q
+                    .enqueue(NewMessage {
+                        idempotency_key: Some(format!("during-{i}")),
+                        ..msg(&[&format!("w{i}@during.test")])
+                    })
+                    .unwrap();
+                enqueued.push((i, e.id));
+                if i.is_multiple_of(3) {
+                    for l in q.take_due(SystemTime::now(), 2).unwrap() {
+                        let r = l.recipient.id;
+                        let st = q
+                            .complete(
+                                r,
+                                Outcome::Bounced {
+                                    reply: "550 no".into(),
+                                },
+                            )
+                            .unwrap()
+                            .state;
+                        completed.insert(r, st);
+                    }
+                }
+                if i.is_multiple_of(50) {
+                    q.suppress_add(&format!("s{i}@during.test"), "550 5.1.1")
+                        .unwrap();
+                }
+                i += 1;
+            }
+            (enqueued, completed)
+        })
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !dir.path().join("CURRENT").exists() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(dir.path().join("CURRENT").exists(), "no compaction");
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, Ordering::Relaxed);
+    let (enqueued, completed) = writer.join().unwrap();
+    assert!(enqueued.len() > 10, "{} writes", enqueued.len());
+
+    let check = |q: &Queue| {
+        for (i, id) in &enqueued {
+            let info = q
+                .message(*id)
+                .unwrap()
+                .unwrap_or_else(|| panic!("{id} lost"));
+            assert_eq!(
+                info.idempotency_key.as_deref(),
+                Some(&*format!("during-{i}"))
+            );
+            if i.is_multiple_of(50) {
+                assert!(q
+                    .suppressed(&format!("s{i}@during.test"))
+                    .unwrap()
+                    .is_some());
+            }
+        }
+        for (r, st) in &completed {
+            assert_eq!(state(q, *r), *st, "{r}");
+        }
+    };
+    check(&q);
+    let generations = std::fs::read_dir(dir.path())
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .starts_with("gen-")
+        })
+        .count();
+    assert_eq!(generations, 1);
+    drop(q);
+    let q = Queue::open(dir.path(), o).unwrap();
+    check(&q);
+}
