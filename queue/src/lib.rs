@@ -91,7 +91,9 @@
 //! [`Queue::compact`] does it on the writer thread (no write happens meanwhile). On its own
 //! ([`QueueOptions::auto_compact`]) the queue compacts in the background: when sled's files
 //! are at least [`QueueOptions::compact_min_disk_bytes`] and four times the estimated live
-//! data (and have doubled since the last compaction, or the live data shrank to a quarter),
+//! data, that live data is at most [`QueueOptions::compact_max_live_bytes`] (so it happens
+//! near the end of a drain, not in the middle of a big one), and the files have doubled since
+//! the last compaction (or the live data shrank to a quarter),
 //! a thread copies the store while the writer
 //! goes on noting every key it commits; when the copy is done the writer brings those keys up
 //! to date from the old store (writes held only for that catch-up), syncs and switches. A

@@ -1304,7 +1304,11 @@ impl Writer {
         // to a quarter (so a wrong estimate cannot make it compact in a loop).
         let grown = disk >= self.compacted_size.saturating_mul(2)
             || live.saturating_mul(4) <= self.compacted_live;
-        if disk < opts.compact_min_disk_bytes || disk < live.saturating_mul(4) || !grown {
+        if disk < opts.compact_min_disk_bytes
+            || disk < live.saturating_mul(4)
+            || live > opts.compact_max_live_bytes
+            || !grown
+        {
             return;
         }
         self.compacted_live = live;
