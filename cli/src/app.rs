@@ -34,6 +34,8 @@ pub(crate) fn queue_options(settings: &Settings) -> QueueOptions {
     QueueOptions {
         cache_capacity_bytes: settings.queue.cache_capacity_mb * 1024 * 1024,
         max_queue_lifetime: settings.delivery.max_queue_lifetime,
+        final_retention: settings.queue.final_retention,
+        auto_compact: settings.queue.auto_compact,
         ..QueueOptions::default()
     }
 }

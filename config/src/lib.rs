@@ -77,6 +77,14 @@ pub struct QueueSettings {
     pub path: PathBuf,
     /// sled's page cache. Set explicitly so RSS stays bounded whatever the queue depth.
     pub cache_capacity_mb: u64,
+    /// How long final recipient records (delivered, bounced, ...) are kept for status
+    /// queries before they are purged. Events report every outcome as it happens; this only
+    /// bounds `queue show` and the store's size.
+    #[serde(with = "humantime_serde")]
+    pub final_retention: Duration,
+    /// Compact the store on its own (in the background) when its files are mostly dead
+    /// space, e.g. after a drain. sled never shrinks its files otherwise.
+    pub auto_compact: bool,
 }
 
 impl Default for QueueSettings {
@@ -84,6 +92,8 @@ impl Default for QueueSettings {
         Self {
             path: PathBuf::from("data/queue"),
             cache_capacity_mb: 64,
+            final_retention: Duration::from_secs(7 * 86400),
+            auto_compact: true,
         }
     }
 }
