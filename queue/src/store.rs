@@ -1213,33 +1213,19 @@ impl Writer {
                         });
                         continue;
                     }
-                    if let Op::Compact = req.op {
-                        // Compaction swaps the store: commit what came before, first.
+                    if matches!(req.op, Op::Compact | Op::Purge(_)) {
+                        // Both commit on their own (purging in chunks; compaction swaps the
+                        // store): commit what came before, and start afresh after.
                         commit_group(
                             std::mem::replace(&mut tx, Tx::new(&shared)),
                             std::mem::take(&mut group),
                             &done,
                         );
-                        let result = self.compact().map(Reply::Compacted);
+                        let result = match req.op {
+                            Op::Purge(cutoff) => self.purge_all(cutoff).map(Reply::Count),
+                            _ => self.compact().map(Reply::Compacted),
+                        };
                         tx = Tx::new(&shared);
-                        forward(
-                            &done,
-                            Done {
-                                reply: req.reply,
-                                result,
-                                durable: true,
-                            },
-                        );
-                        continue;
-                    }
-                    if let Op::Purge(cutoff) = req.op {
-                        // Purging commits in chunks of its own: commit what came before.
-                        commit_group(
-                            std::mem::replace(&mut tx, Tx::new(&shared)),
-                            std::mem::take(&mut group),
-                            &done,
-                        );
-                        let result = self.purge_all(cutoff).map(Reply::Count);
                         forward(
                             &done,
                             Done {
@@ -1276,7 +1262,7 @@ impl Writer {
                 self.next_compact_check = None;
                 self.maybe_compact();
             }
-            let _ = self.poll_background(false);
+            self.poll_background();
         }
     }
 
@@ -1343,42 +1329,42 @@ impl Writer {
     }
 
     /// Finishes a background compaction whose copy is done (or abandons one that has seen too
-    /// many writes meanwhile); `force`: wait for the copy.
-    fn poll_background(&mut self, force: bool) -> Option<Res<Compaction>> {
-        let bg = self.background.as_ref()?;
+    /// many writes meanwhile).
+    fn poll_background(&mut self) {
+        let Some(bg) = self.background.as_ref() else {
+            return;
+        };
         let dirty = lock(&self.shared.dirty).as_ref().map_or(0, HashSet::len);
-        if dirty > MAX_DIRTY_KEYS && !force {
+        if dirty > MAX_DIRTY_KEYS {
             tracing::warn!(
                 dirty,
                 "queue compaction abandoned: too many writes while copying; retried in 10 min"
             );
             self.abandon_background();
             self.compact_not_before = Instant::now() + Duration::from_secs(600);
-            return None;
+            return;
         }
-        if !force && !bg.handle.is_finished() {
-            return None;
+        if !bg.handle.is_finished() {
+            return;
         }
-        let bg = self.background.take()?;
+        let Some(bg) = self.background.take() else {
+            return;
+        };
         let copied = bg.handle.join().unwrap_or_else(|_| Err(unexpected()));
         let dirty = lock(&self.shared.dirty).take().unwrap_or_default();
         let res = copied.and_then(|(db, keys)| {
-            self.switch_to(db, bg.generation, bg.dir.clone(), Some(dirty), keys)
+            let disk_after = self.switch_to(db, bg.generation, bg.dir.clone(), Some(dirty))?;
+            Ok((disk_after, keys))
         });
-        let res = res.map(|mut c| {
-            c.disk_before = bg.disk_before;
-            c.duration = bg.started.elapsed();
-            c
-        });
-        match &res {
-            Ok(c) => {
-                self.compacted_size = c.disk_after;
+        match res {
+            Ok((disk_after, keys)) => {
+                self.compacted_size = disk_after;
                 tracing::info!(
                     path = %self.shared.path.display(),
-                    disk_before = c.disk_before,
-                    disk_after = c.disk_after,
-                    keys = c.keys,
-                    ms = c.duration.as_millis() as u64,
+                    disk_before = bg.disk_before,
+                    disk_after,
+                    keys,
+                    ms = bg.started.elapsed().as_millis() as u64,
                     "queue compacted"
                 );
             }
@@ -1388,7 +1374,6 @@ impl Writer {
                 tracing::warn!(path = %self.shared.path.display(), "queue compaction failed: {e}");
             }
         }
-        Some(res)
     }
 
     fn abandon_background(&mut self) {
@@ -1408,34 +1393,33 @@ impl Writer {
         let disk_before = old.db.size_on_disk().unwrap_or(0);
         let generation = old.generation + 1;
         let dir = gen_dir(&self.shared.path, generation);
-        let (db, keys) = copy_store(&old.db, &dir, &self.shared.opts, &AtomicBool::new(false))
-            .inspect_err(|_| {
-                let _ = std::fs::remove_dir_all(&dir);
-            })?;
+        let copied = copy_store(&old.db, &dir, &self.shared.opts, &AtomicBool::new(false));
         drop(old);
-        let mut c = self
-            .switch_to(db, generation, dir.clone(), None, keys)
+        let (disk_after, keys) = copied
+            .and_then(|(db, keys)| Ok((self.switch_to(db, generation, dir.clone(), None)?, keys)))
             .inspect_err(|_| {
                 let _ = std::fs::remove_dir_all(&dir);
             })?;
-        c.disk_before = disk_before;
-        c.duration = started.elapsed();
-        self.compacted_size = c.disk_after;
-        Ok(c)
+        self.compacted_size = disk_after;
+        Ok(Compaction {
+            disk_before,
+            disk_after,
+            keys,
+            duration: started.elapsed(),
+        })
     }
 
     /// Brings the copy up to date with the keys written since it began (`dirty`), makes it
     /// durable, switches `CURRENT` to it and drops the old store. Crash-safe: until `CURRENT`
     /// is renamed the old store is the queue (the new one is removed on open); after, the new
-    /// one is complete and synced.
+    /// one is complete and synced. Returns sled's size on disk afterwards.
     fn switch_to(
         &mut self,
         db: sled::Db,
         generation: u64,
         dir: PathBuf,
         dirty: Option<HashSet<IVec>>,
-        keys: u64,
-    ) -> Res<Compaction> {
+    ) -> Res<u64> {
         let path = self.shared.path.clone();
         let old = self.shared.store();
         if let Some(dirty) = dirty {
@@ -1471,12 +1455,7 @@ impl Writer {
         if let Err(e) = remove_other_generations(&path, generation) {
             tracing::warn!(path = %path.display(), "removing the old queue generation: {e} (retried on next open)");
         }
-        Ok(Compaction {
-            disk_before: 0,
-            disk_after,
-            keys,
-            duration: Duration::ZERO,
-        })
+        Ok(disk_after)
     }
 
     fn purge_all(&mut self, cutoff: u64) -> Res<usize> {
