@@ -3,6 +3,7 @@
 //! All integers in keys are big-endian so sled's byte order is numeric order. Values start
 //! with a format version byte so the encoding can evolve.
 
+use crate::segments::SegRef;
 use crate::types::{from_millis, to_millis};
 use crate::{MessageId, RecipientId, RecipientRecord, RecipientState};
 
@@ -30,8 +31,10 @@ pub(crate) const BODY_CHUNK: usize = 4096;
 pub(crate) const INLINE_BODY_MAX: usize = BODY_CHUNK;
 
 const FORMAT: u8 = 1;
-/// Metadata format 2 adds the inline body; format 1 values (no body field) are still read.
-const META_FORMAT: u8 = 2;
+/// Metadata format 2 added the inline body, format 3 the segment reference; values of
+/// formats 1 (no body field) and 2 are still read.
+const META_FORMAT: u8 = 3;
+const META_FORMAT_INLINE: u8 = 2;
 
 pub(crate) fn version_key() -> [u8; 1] {
     [P_VERSION]
@@ -137,8 +140,20 @@ pub(crate) fn supp_key(address: &str) -> Vec<u8> {
     k
 }
 
+/// Where a message's body is while some recipient is pending.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Body {
+    /// In [`BODY_CHUNK`] chunks under `b` (stores written before segments existed), or gone
+    /// (no recipient pending).
+    Chunks,
+    /// In the metadata value itself (at most [`INLINE_BODY_MAX`] bytes).
+    Inline(Vec<u8>),
+    /// In a segment file (see `segments`).
+    Segment(SegRef),
+}
+
 /// Per-message bookkeeping. The body lives in `body` when it is at most [`INLINE_BODY_MAX`]
-/// bytes, otherwise in chunks under `b`.
+/// bytes, otherwise in a segment file.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct Meta {
     pub(crate) created_ms: u64,
@@ -150,9 +165,8 @@ pub(crate) struct Meta {
     pub(crate) live: u32,
     pub(crate) sender: String,
     pub(crate) idempotency_key: Option<String>,
-    /// The body when stored inline (`None`: in `b` chunks while recipients are pending, or
-    /// gone). Dropped from the value when the last recipient becomes final.
-    pub(crate) body: Option<Vec<u8>>,
+    /// Where the body is. Reset to `Chunks` (nothing) when the last recipient becomes final.
+    pub(crate) body: Body,
 }
 
 struct Writer(Vec<u8>);
@@ -171,14 +185,20 @@ impl Writer {
         self.u32(u32::try_from(s.len()).unwrap_or(u32::MAX));
         self.0.extend_from_slice(s.as_bytes());
     }
-    fn opt_bytes(&mut self, b: Option<&[u8]>) {
+    fn body(&mut self, b: &Body) {
         match b {
-            Some(b) => {
+            Body::Chunks => self.u8(0),
+            Body::Inline(b) => {
                 self.u8(1);
                 self.u32(u32::try_from(b.len()).unwrap_or(u32::MAX));
                 self.0.extend_from_slice(b);
             }
-            None => self.u8(0),
+            Body::Segment(r) => {
+                self.u8(2);
+                self.u64(r.seg);
+                self.u64(r.offset);
+                self.u32(r.crc);
+            }
         }
     }
     fn opt_str(&mut self, s: Option<&str>) {
@@ -229,14 +249,19 @@ impl<'a> Reader<'a> {
             t => Err(format!("bad option tag {t}")),
         }
     }
-    fn opt_bytes(&mut self) -> Result<Option<Vec<u8>>, String> {
+    fn body(&mut self, format: u8) -> Result<Body, String> {
         match self.u8()? {
-            0 => Ok(None),
+            0 => Ok(Body::Chunks),
             1 => {
                 let n = self.u32()? as usize;
-                Ok(Some(self.take(n)?.to_vec()))
+                Ok(Body::Inline(self.take(n)?.to_vec()))
             }
-            t => Err(format!("bad option tag {t}")),
+            2 if format >= META_FORMAT => Ok(Body::Segment(SegRef {
+                seg: self.u64()?,
+                offset: self.u64()?,
+                crc: self.u32()?,
+            })),
+            t => Err(format!("bad body tag {t}")),
         }
     }
     fn format(&mut self) -> Result<(), String> {
@@ -255,10 +280,11 @@ impl<'a> Reader<'a> {
 }
 
 pub(crate) fn encode_meta(m: &Meta) -> Vec<u8> {
-    let body = m.body.as_deref();
-    let mut w = Writer(Vec::with_capacity(
-        64 + m.sender.len() + body.map_or(0, <[u8]>::len),
-    ));
+    let inline = match &m.body {
+        Body::Inline(b) => b.len(),
+        _ => 20,
+    };
+    let mut w = Writer(Vec::with_capacity(64 + m.sender.len() + inline));
     w.u8(META_FORMAT);
     w.u64(m.created_ms);
     w.u64(m.size);
@@ -267,14 +293,14 @@ pub(crate) fn encode_meta(m: &Meta) -> Vec<u8> {
     w.u32(m.live);
     w.str(&m.sender);
     w.opt_str(m.idempotency_key.as_deref());
-    w.opt_bytes(body);
+    w.body(&m.body);
     w.0
 }
 
 pub(crate) fn decode_meta(v: &[u8]) -> Result<Meta, String> {
     let mut r = Reader(v);
     let format = r.u8()?;
-    if format != FORMAT && format != META_FORMAT {
+    if ![FORMAT, META_FORMAT_INLINE, META_FORMAT].contains(&format) {
         return Err(format!("unknown value format {format}"));
     }
     let m = Meta {
@@ -285,10 +311,10 @@ pub(crate) fn decode_meta(v: &[u8]) -> Result<Meta, String> {
         live: r.u32()?,
         sender: r.str()?,
         idempotency_key: r.opt_str()?,
-        body: if format == META_FORMAT {
-            r.opt_bytes()?
+        body: if format == FORMAT {
+            Body::Chunks
         } else {
-            None
+            r.body(format)?
         },
     };
     r.end()?;
@@ -394,10 +420,30 @@ mod tests {
             live: 3,
             sender: "a@b".into(),
             idempotency_key: Some("k".into()),
-            body: Some(b"Subject: x\r\n\r\nhi\r\n".to_vec()),
+            body: Body::Inline(b"Subject: x\r\n\r\nhi\r\n".to_vec()),
         };
         assert_eq!(decode_meta(&encode_meta(&meta)).unwrap(), meta);
-        let chunked = Meta { body: None, ..meta };
+        // Format 2 (inline bodies, no segments) still reads.
+        let mut v2 = encode_meta(&meta);
+        v2[0] = META_FORMAT_INLINE;
+        assert_eq!(decode_meta(&v2).unwrap(), meta);
+        let segment = Meta {
+            body: Body::Segment(SegRef {
+                seg: 3,
+                offset: 1 << 33,
+                crc: 0xdead_beef,
+            }),
+            ..meta.clone()
+        };
+        assert_eq!(decode_meta(&encode_meta(&segment)).unwrap(), segment);
+        // A segment reference is not valid in a format-2 value.
+        let mut bad = encode_meta(&segment);
+        bad[0] = META_FORMAT_INLINE;
+        assert!(decode_meta(&bad).is_err());
+        let chunked = Meta {
+            body: Body::Chunks,
+            ..meta
+        };
         assert_eq!(decode_meta(&encode_meta(&chunked)).unwrap(), chunked);
         // A schema-1 value (format 1, no body field) still reads.
         let mut v1 = encode_meta(&chunked);

@@ -25,13 +25,22 @@
 //! | key | value |
 //! |---|---|
 //! | `v` | schema version |
-//! | `m` id | message metadata: created, size, sender, idempotency key, recipient counts, and the body itself when it is at most 4 KiB |
-//! | `b` id chunk | a body over 4 KiB, in 4 KiB chunks (keeps sled from spilling nodes into blob files) |
+//! | `m` id | message metadata: created, size, sender, idempotency key, recipient counts, and the body itself when it is at most 4 KiB, else where it is in a segment file |
+//! | `b` id chunk | a body over 4 KiB in 4 KiB chunks: stores written before segment files existed (still read, no longer written) |
 //! | `r` id index | recipient record (compact binary, format byte first) |
 //! | `s` due_ms id index | global schedule (value: created ms, so expiry needs no record read) |
 //! | `f` final_ms id index | final records by the time they became final, for purging |
 //! | `i` key | idempotency key → message id |
 //! | `x` address | suppression: reason and time |
+//!
+//! Bodies over 4 KiB are not in sled: they are appended to *segment files* `bodies/NNN.seg`
+//! (at most 32 MiB each) and referenced by (segment, offset, CRC-32). sled's cost is per key,
+//! so a 20 KB body in 4 KiB chunks cost more than the rest of its message, and sled kept
+//! rewriting and compacting it. A segment file is deleted as a whole once no message with a
+//! pending recipient refers to it (after the sync that made that durable). See
+//! `segments.rs` for the order of writes and syncs, and how opening the queue removes a
+//! message whose body a power cut cut short (never acknowledged). Known limit: one
+//! long-deferred message keeps its whole segment on disk; segments are not compacted.
 //!
 //! Message ids are `unix_millis << 20 | sequence`: unique, and ordered by age. Times are
 //! stored with millisecond precision.
@@ -43,8 +52,8 @@
 //! request with a savepoint, so a request that fails is rolled back alone) and applies the
 //! whole group as **one** sled `Batch` — one per group, not per request, because sled 0.34.7
 //! writes out its log buffer before and after every batch. It then hands the replies to a
-//! *syncer* thread. The syncer takes every reply that has accumulated, calls `db.flush()`
-//! once, then — because sled 0.34.7's flush only uses `sync_file_range`, which flushes neither
+//! *syncer* thread. The syncer takes every reply that has accumulated, `fdatasync`s the body
+//! segments written since its last sync, calls `db.flush()` once, then — because sled 0.34.7's flush only uses `sync_file_range`, which flushes neither
 //! the device cache nor the file's metadata — `fdatasync`s sled's `db` file (and any file in
 //! `blobs/`, which sled writes without syncing), and only then answers all of
 //! them. While the syncer syncs, the writer applies the next requests, so the cost of one
@@ -106,6 +115,7 @@
 
 mod codec;
 mod error;
+mod segments;
 mod store;
 mod types;
 

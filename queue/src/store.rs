@@ -13,7 +13,8 @@ use std::time::{Duration, Instant, SystemTime};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use sled::IVec;
 
-use crate::codec::{self, Meta};
+use crate::codec::{self, Body, Meta};
+use crate::segments;
 use crate::types::{from_millis, to_millis};
 use crate::{
     Completed, Enqueued, Lease, MessageId, MessageInfo, NewMessage, Outcome, QueueError,
@@ -78,6 +79,10 @@ struct Shared {
     counters: Mutex<Counters>,
     /// Set when a flush or fsync failed: no write is acknowledged after that.
     closed: Mutex<Option<String>>,
+    /// Body segment files (`bodies/`, outside sled's generations: a compaction does not
+    /// copy them).
+    seg_dir: PathBuf,
+    segs: Mutex<segments::State>,
 }
 
 /// One generation of the sled store.
@@ -414,6 +419,8 @@ impl Queue {
         remove_other_generations(path, generation).map_err(|e| open_err(path, e))?;
         let config = sled_config(&dir, &opts);
         let db = open_sled(path, &config)?;
+        let seg_dir = path.join(segments::DIR);
+        let seg_files = segments::list(&seg_dir).map_err(|e| open_err(path, e))?;
 
         let marker = path.join(MARKER);
         match db
@@ -472,8 +479,13 @@ impl Queue {
             opts,
             counters: Mutex::new(Counters::default()),
             closed: Mutex::new(None),
+            seg_dir: seg_dir.clone(),
+            segs: Mutex::new(segments::State::default()),
         });
-        let last_id = recover(&shared)?;
+        let (last_id, seg_live) = recover(&shared, &seg_files)?;
+        let next_seg = seg_files.keys().next_back().map_or(1, |s| s + 1);
+        // Segments nothing refers to are deleted by the first sync below.
+        *lock(&shared.segs) = segments::State::new(seg_files, seg_live);
 
         let mut syncer = Syncer::new(&shared).map_err(|e| open_err(path, e))?;
         syncer.sync().map_err(|e| open_err(path, e))?;
@@ -499,6 +511,7 @@ impl Queue {
                         compacted_size: 0,
                         compacted_live: 0,
                         compact_not_before: Instant::now(),
+                        appender: segments::Appender::new(&seg_dir, next_seg),
                     }
                     .run(req_rx, done_tx)
                 })
@@ -616,8 +629,14 @@ impl Queue {
         if meta.pending == 0 {
             return Ok(None);
         }
-        if let Some(body) = meta.body {
-            return Ok(Some(body));
+        match meta.body {
+            Body::Inline(body) => return Ok(Some(body)),
+            Body::Segment(r) => {
+                return segments::read(&self.shared.seg_dir, r, meta.size)
+                    .map(Some)
+                    .map_err(|d| self.corrupt(&mk, d))
+            }
+            Body::Chunks => {}
         }
         let mut body = Vec::new();
         let mut found = false;
@@ -752,7 +771,10 @@ impl Queue {
         if let Some(Ok((k, _))) = db.scan_prefix([codec::P_SCHED]).next() {
             stats.oldest_due = codec::parse_due_rid(&k[1..]).map(|(due, _)| from_millis(due));
         }
-        stats.disk_bytes = db.size_on_disk().unwrap_or(0);
+        stats.disk_bytes = db
+            .size_on_disk()
+            .unwrap_or(0)
+            .saturating_add(lock(&self.shared.segs).disk_bytes());
         stats
     }
 
@@ -920,6 +942,8 @@ struct Tx<'a> {
     /// Change of `Counters::body_bytes` and `Counters::suppressions` once committed.
     body_delta: i64,
     supp_delta: i64,
+    /// Body segment reference changes (segment, ±1), applied once committed.
+    seg_delta: Vec<(u64, i64)>,
 }
 
 /// Where a request started inside the group's `Tx`.
@@ -929,6 +953,7 @@ struct Savepoint {
     changes: usize,
     body_delta: i64,
     supp_delta: i64,
+    seg_delta: usize,
 }
 
 fn apply_delta(n: &mut u64, delta: i64) {
@@ -950,6 +975,7 @@ impl<'a> Tx<'a> {
             changes: Vec::new(),
             body_delta: 0,
             supp_delta: 0,
+            seg_delta: Vec::new(),
         }
     }
 
@@ -960,6 +986,7 @@ impl<'a> Tx<'a> {
             changes: self.changes.len(),
             body_delta: self.body_delta,
             supp_delta: self.supp_delta,
+            seg_delta: self.seg_delta.len(),
         }
     }
 
@@ -969,6 +996,7 @@ impl<'a> Tx<'a> {
         self.changes.truncate(sp.changes);
         self.body_delta = sp.body_delta;
         self.supp_delta = sp.supp_delta;
+        self.seg_delta.truncate(sp.seg_delta);
         while self.undo.len() > sp.undo {
             if let Some((k, prev)) = self.undo.pop() {
                 match prev {
@@ -1062,14 +1090,18 @@ impl<'a> Tx<'a> {
     }
 
     /// The message's body is no longer needed (call only while it is stored, i.e. some
-    /// recipient was pending): removes its `b` chunks unless it is inline, and counts it gone.
-    fn remove_body_chunks(&mut self, id: MessageId, meta: &Meta) {
-        self.body_delta -= signed(meta.size);
-        if meta.body.is_some() {
-            return;
-        }
-        for c in 0..codec::body_chunks(meta.size) {
-            self.remove(&codec::body_key(id, c));
+    /// recipient was pending): removes its `b` chunks, or drops its segment reference, and
+    /// counts it gone.
+    fn remove_body(&mut self, id: MessageId, meta: &Meta) {
+        match &meta.body {
+            Body::Inline(_) => self.body_delta -= signed(meta.size),
+            Body::Chunks => {
+                self.body_delta -= signed(meta.size);
+                for c in 0..codec::body_chunks(meta.size) {
+                    self.remove(&codec::body_key(id, c));
+                }
+            }
+            Body::Segment(r) => self.seg_delta.push((r.seg, -1)),
         }
     }
 
@@ -1082,8 +1114,8 @@ impl<'a> Tx<'a> {
         })?;
         meta.pending = meta.pending.saturating_sub(1);
         if meta.pending == 0 {
-            self.remove_body_chunks(mid, &meta);
-            meta.body = None;
+            self.remove_body(mid, &meta);
+            meta.body = Body::Chunks;
         }
         self.put_meta(mid, &meta);
         Ok(())
@@ -1108,6 +1140,9 @@ impl<'a> Tx<'a> {
             }
         }
         self.db.apply_batch(batch)?;
+        if !self.seg_delta.is_empty() {
+            lock(&self.shared.segs).apply(&self.seg_delta);
+        }
         let mut c = lock(&self.shared.counters);
         apply_delta(&mut c.body_bytes, self.body_delta);
         apply_delta(&mut c.suppressions, self.supp_delta);
@@ -1177,9 +1212,30 @@ struct Writer {
     compacted_size: u64,
     compacted_live: u64,
     compact_not_before: Instant,
+    /// Appends bodies over 4 KiB to segment files.
+    appender: segments::Appender,
 }
 
 impl Writer {
+    /// Writes the group's bodies, then commits its `Tx` and passes the replies on. If the
+    /// bodies cannot be written, nothing of the group is applied and the queue closes.
+    fn commit(&mut self, tx: Tx<'_>, mut group: Vec<Done>, done: &Sender<Vec<Done>>) {
+        if let Err(reason) = self.appender.write_pending(&self.shared.segs) {
+            drop(tx);
+            tracing::error!(path = %self.shared.path.display(), "{reason}; refusing further writes");
+            *lock(&self.shared.closed) = Some(reason.clone());
+            for d in &mut group {
+                d.result = Err(QueueError::Closed {
+                    reason: reason.clone(),
+                });
+                d.durable = false;
+            }
+            forward_all(done, group);
+            return;
+        }
+        commit_group(tx, group, done);
+    }
+
     /// Takes every request that has arrived, handles them all in one `Tx` and commits it as
     /// one sled batch (sled 0.34.7 writes out its log buffer twice per batch, so one batch
     /// per request would cost about one I/O each), then hands the replies to the syncer.
@@ -1216,7 +1272,7 @@ impl Writer {
                     if matches!(req.op, Op::Compact | Op::Purge(_)) {
                         // Both commit on their own (purging in chunks; compaction swaps the
                         // store): commit what came before, and start afresh after.
-                        commit_group(
+                        self.commit(
                             std::mem::replace(&mut tx, Tx::new(&shared)),
                             std::mem::take(&mut group),
                             &done,
@@ -1251,7 +1307,7 @@ impl Writer {
                     self.next_compact_check
                         .get_or_insert_with(|| Instant::now() + COMPACT_CHECK_DELAY);
                 }
-                commit_group(tx, group, &done);
+                self.commit(tx, group, &done);
             }
             if Instant::now() >= self.next_purge {
                 self.auto_purge();
@@ -1584,23 +1640,19 @@ impl Writer {
             }
             let pending = n - u32::try_from(suppressed.len()).unwrap_or(n);
             let size = msg.body.len() as u64;
-            let mut inline = None;
-            if pending > 0 {
+            let body = if pending == 0 {
+                Body::Chunks
+            } else if msg.body.len() <= codec::INLINE_BODY_MAX {
                 tx.body_delta += signed(size);
-            }
-            if pending > 0 && msg.body.len() <= codec::INLINE_BODY_MAX {
-                inline = Some(msg.body);
-            } else if pending > 0 {
-                if msg.body.is_empty() {
-                    tx.insert_blind(&codec::body_key(id, 0), &[]);
-                }
-                for (c, chunk) in msg.body.chunks(codec::BODY_CHUNK).enumerate() {
-                    tx.insert_blind(
-                        &codec::body_key(id, u32::try_from(c).unwrap_or(u32::MAX)),
-                        chunk,
-                    );
-                }
-            }
+                Body::Inline(msg.body)
+            } else {
+                let r = self
+                    .appender
+                    .append(&self.shared.segs, &msg.body)
+                    .map_err(|reason| QueueError::Closed { reason })?;
+                tx.seg_delta.push((r.seg, 1));
+                Body::Segment(r)
+            };
             if let Some(key) = &msg.idempotency_key {
                 tx.insert(&codec::idem_key(key), IVec::from(&id.0.to_be_bytes()));
             }
@@ -1614,7 +1666,7 @@ impl Writer {
                     live: n,
                     sender: msg.sender,
                     idempotency_key: msg.idempotency_key,
-                    body: inline,
+                    body,
                 },
             );
             out.push(Ok(Enqueued {
@@ -1879,7 +1931,7 @@ impl Writer {
             tx.remove_record(&rec);
         }
         if meta.pending > 0 {
-            tx.remove_body_chunks(id, &meta);
+            tx.remove_body(id, &meta);
         }
         if let Some(k) = &meta.idempotency_key {
             tx.remove(&codec::idem_key(k));
@@ -1910,7 +1962,7 @@ impl Writer {
                     meta.live = meta.live.saturating_sub(1);
                     if meta.live == 0 {
                         if meta.pending > 0 {
-                            tx.remove_body_chunks(rid.message, &meta);
+                            tx.remove_body(rid.message, &meta);
                         }
                         if let Some(ik) = &meta.idempotency_key {
                             tx.remove(&codec::idem_key(ik));
@@ -1980,7 +2032,21 @@ impl Syncer {
         })
     }
 
+    /// Makes everything committed so far durable: body segments written since the last
+    /// sync, then sled. Then deletes the segments that the synced state no longer refers to.
     fn sync(&mut self) -> Res<()> {
+        let (dirty, deletable) = lock(&self.shared.segs).take_for_sync();
+        if self.shared.opts.durable {
+            segments::sync(&self.shared.seg_dir, &dirty)?;
+        }
+        self.sync_sled()?;
+        if !deletable.is_empty() {
+            segments::delete(&self.shared.seg_dir, &self.shared.segs, &deletable);
+        }
+        Ok(())
+    }
+
+    fn sync_sled(&mut self) -> Res<()> {
         let store = self.shared.store();
         if store.generation != self.generation {
             // A compaction switched stores (and synced the new one completely).
@@ -2054,8 +2120,31 @@ impl Syncer {
     }
 }
 
-/// Crash recovery and counter rebuild; returns the highest message id in use.
-fn recover(shared: &Shared) -> Res<u64> {
+/// Whether a pending message's body in a segment is all there. Bodies in the newest two
+/// segments (the only ones a power cut can have left unsynced) are read and checked.
+fn segment_body_ok(
+    dir: &Path,
+    files: &std::collections::BTreeMap<u64, u64>,
+    r: segments::SegRef,
+    size: u64,
+) -> bool {
+    let Some(&len) = files.get(&r.seg) else {
+        return false;
+    };
+    if r.offset.saturating_add(size) > len {
+        return false;
+    }
+    let newest = files.keys().rev().take(2).any(|&s| s == r.seg);
+    !newest || segments::read(dir, r, size).is_ok()
+}
+
+/// Crash recovery and counter rebuild; returns the highest message id in use and the number
+/// of pending bodies in each segment of `files` (segment → length).
+fn recover(
+    shared: &Shared,
+    files: &std::collections::BTreeMap<u64, u64>,
+) -> Res<(u64, HashMap<u64, u64>)> {
+    let mut seg_live: HashMap<u64, u64> = HashMap::new();
     let db = &shared.db();
     let path = &shared.path;
     let mut counters = Counters::default();
@@ -2124,15 +2213,19 @@ fn recover(shared: &Shared) -> Res<u64> {
             }
         }
         let pending = group.iter().filter(|r| !r.state.is_final()).count();
-        let body_missing =
-            pending > 0 && meta.body.is_none() && db.get(codec::body_key(mid, 0))?.is_none();
+        let body_missing = pending > 0
+            && match &meta.body {
+                Body::Inline(_) => false,
+                Body::Chunks => db.get(codec::body_key(mid, 0))?.is_none(),
+                Body::Segment(r) => !segment_body_ok(&shared.seg_dir, files, *r, meta.size),
+            };
         if group.is_empty() || body_missing {
             // Never acknowledged (or unusable): remove the whole message.
             tracing::warn!(message = %mid, records = group.len(), body_missing, "removing incomplete message");
             for rec in &group {
                 drop_record(&mut fixes, &mut nfixes, rec);
             }
-            if meta.body.is_none() {
+            if meta.body == Body::Chunks {
                 for c in 0..codec::body_chunks(meta.size) {
                     fixes.remove(&codec::body_key(mid, c));
                 }
@@ -2163,13 +2256,16 @@ fn recover(shared: &Shared) -> Res<u64> {
         let pending = u32::try_from(pending).unwrap_or(u32::MAX);
         let live = u32::try_from(group.len()).unwrap_or(u32::MAX);
         if pending > 0 {
-            counters.body_bytes += meta.size;
+            match &meta.body {
+                Body::Segment(r) => *seg_live.entry(r.seg).or_default() += 1,
+                _ => counters.body_bytes += meta.size,
+            }
         }
         if meta.pending != pending || meta.live != live {
             meta.pending = pending;
             meta.live = live;
             if pending == 0 {
-                meta.body = None;
+                meta.body = Body::Chunks;
             }
             fixes.insert(&mk, codec::encode_meta(&meta));
             nfixes += 1;
@@ -2194,5 +2290,5 @@ fn recover(shared: &Shared) -> Res<u64> {
         tracing::info!(path = %path.display(), released, removed = orphans, "queue recovered");
     }
     *lock(&shared.counters) = counters;
-    Ok(max_id)
+    Ok((max_id, seg_live))
 }

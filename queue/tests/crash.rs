@@ -27,7 +27,19 @@ fn new_message(key: String, n: usize) -> NewMessage {
         recipients: (0..n)
             .map(|i| format!("r{i}-{key}@d{}.test", i % 2))
             .collect(),
-        body: format!("Subject: {key}\r\n\r\n{}\r\n", "x".repeat(1500)).into_bytes(),
+        body: format!("Subject: {key}\r\n\r\n{}\r\n", "x".repeat(body_len(&key))).into_bytes(),
+    }
+}
+
+/// One message in three has a body over 4 KiB (stored in a segment file, not in sled).
+fn body_len(key: &str) -> usize {
+    let h = key
+        .bytes()
+        .fold(0u32, |h, b| h.wrapping_mul(31).wrapping_add(u32::from(b)));
+    if h % 3 == 0 {
+        6_000 + (h % 5_000) as usize
+    } else {
+        1_500
     }
 }
 
