@@ -26,9 +26,13 @@ pub(crate) const SCHEMA_VERSION: &[u8] = b"bulksend-queue/1";
 /// fdatasyncs (blob files are still synced if they appear, see `Syncer`).
 pub(crate) const BODY_CHUNK: usize = 4096;
 
-/// Bodies up to this size live inside the message's metadata value instead of under `b`
-/// keys: one sled insert less per message (sled's cost is per insert, not per byte).
-pub(crate) const INLINE_BODY_MAX: usize = BODY_CHUNK;
+/// Bodies up to this size live inside the message's metadata value, bigger ones in segment
+/// files (see `segments`). Measured with 2 KB bodies (BENCHMARKS.md, "Third session"): in
+/// segments rather than inline, durable enqueue with 64 producers went from ~21–28k to
+/// ~31–33k msg/s, take + complete from ~20–29k to ~30–37k rcpt/s, and RSS after the fill
+/// from 68 to 50 MiB: sled's values, log and cache stay small. One producer alone is ~10 %
+/// slower (two files to `fdatasync` per group, in parallel).
+pub(crate) const INLINE_BODY_MAX: usize = 256;
 
 const FORMAT: u8 = 1;
 /// Metadata format 2 added the inline body, format 3 the segment reference; values of

@@ -25,7 +25,7 @@
 //! | key | value |
 //! |---|---|
 //! | `v` | schema version |
-//! | `m` id | message metadata: created, size, sender, idempotency key, recipient counts, and the body itself when it is at most 4 KiB, else where it is in a segment file |
+//! | `m` id | message metadata: created, size, sender, idempotency key, recipient counts, and the body itself when it is at most 256 bytes, else where it is in a segment file |
 //! | `b` id chunk | a body over 4 KiB in 4 KiB chunks: stores written before segment files existed (still read, no longer written) |
 //! | `r` id index | recipient record (compact binary, format byte first) |
 //! | `s` due_ms id index | global schedule (value: created ms, so expiry needs no record read) |
@@ -33,14 +33,15 @@
 //! | `i` key | idempotency key → message id |
 //! | `x` address | suppression: reason and time |
 //!
-//! Bodies over 4 KiB are not in sled: they are appended to *segment files* `bodies/NNN.seg`
-//! (at most 32 MiB each) and referenced by (segment, offset, CRC-32). sled's cost is per key,
-//! so a 20 KB body in 4 KiB chunks cost more than the rest of its message, and sled kept
-//! rewriting and compacting it. A segment file is deleted as a whole once no message with a
+//! Bodies over 256 bytes are not in sled: they are appended to *segment files*
+//! `bodies/NNN.seg` (at most 32 MiB each) and referenced by (segment, offset, CRC-32). sled's
+//! cost is per key and grows with the bytes it logs, caches and cleans: a 20 KB body in 4 KiB
+//! chunks cost more than the rest of its message, and sled kept rewriting and compacting it. A segment file is deleted as a whole once no message with a
 //! pending recipient refers to it (after the sync that made that durable). See
 //! `segments.rs` for the order of writes and syncs, and how opening the queue removes a
-//! message whose body a power cut cut short (never acknowledged). Known limit: one
-//! long-deferred message keeps its whole segment on disk; segments are not compacted.
+//! message whose body a power cut cut short (never acknowledged). The few bodies still
+//! pending in a mostly empty segment (≥ 1 MiB, ≤ ¼ live) are moved to the current one, so
+//! deferred messages do not pin old segments.
 //!
 //! Message ids are `unix_millis << 20 | sequence`: unique, and ordered by age. Times are
 //! stored with millisecond precision.

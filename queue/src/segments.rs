@@ -2,9 +2,11 @@
 //! segment files in `bodies/` next to sled's directory, referenced from the message's
 //! metadata by (segment, offset, CRC-32).
 //!
-//! Why: sled's cost is per key, not per byte. Stored in sled, a 20 KB body was five 4 KiB
-//! chunk keys (more than the rest of the message), rewritten by sled's log cleaning while it
-//! waited, and copied again by every compaction. In a segment it is one sequential write,
+//! Why: sled's cost is per key, and grows with its values' bytes (log writes, log cleaning,
+//! cache). Stored in sled, a 20 KB body was five 4 KiB chunk keys (more than the rest of the
+//! message), rewritten by sled's log cleaning while it waited, and copied again by every
+//! compaction; even a 2 KB body inline in its metadata made every metadata update rewrite
+//! it. In a segment it is one sequential write,
 //! one `pread`, and nothing to delete: a segment file is removed as a whole once no pending
 //! message refers to it.
 //!
@@ -12,18 +14,22 @@
 //! 1. the writer appends the group's bodies (`write`, no sync) before it applies the group's
 //!    sled batch, so after a `kill -9` every body a committed batch refers to is in the page
 //!    cache, hence in the file;
-//! 2. the syncer `fdatasync`s the segments written since its last sync *before* sled's
-//!    flush + `fdatasync`, and only then acknowledges. A power cut can still leave sled with
-//!    metadata whose body never reached the disk (sled may write its log earlier on its
-//!    own); such a message was never acknowledged, and opening the queue removes it: every
-//!    reference is checked against the segment's length, and bodies in the two newest
-//!    segments (the only ones that can be unsynced) against their CRC.
+//! 2. the syncer `fdatasync`s the segment written since its last sync (on a helper thread)
+//!    while it flushes and `fdatasync`s sled, and acknowledges when both are done. A sealed
+//!    segment is `fdatasync`ed by the writer when it is sealed, so only the newest segment
+//!    can hold unsynced bodies. A power cut can thus leave sled with metadata whose body
+//!    never reached the disk; such a message was never acknowledged, and opening the queue
+//!    removes it: every reference is checked against its segment's length, and bodies in
+//!    the two newest segments against their CRC.
 //! 3. a segment is deleted by the syncer after the sync that made its last reference's
 //!    removal durable, never before.
 //!
-//! A body whose message still has a pending recipient keeps its whole segment (at most
-//! [`SEGMENT_MAX`] bytes) on disk: a message deferred for days pins one segment. Segments are
-//! not compacted (see README: known limits).
+//! A body whose message still has a pending recipient keeps its segment on disk. So that a
+//! few deferred messages do not pin whole segments, a segment of at least 1 MiB whose live
+//! bodies are at most a quarter of it is *relocated*: the writer copies those bodies to the
+//! current segment and points their metadata there, after which the old segment is deleted
+//! like any other. Message ids grow with time and a segment is filled in id order, so the
+//! messages that can refer to a segment are found by a range scan over the ids it received.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs::{File, OpenOptions};
@@ -41,6 +47,22 @@ pub(crate) const SEGMENT_MAX: u64 = 32 * 1024 * 1024;
 const RETIRE_MIN: u64 = 1024 * 1024;
 /// Buffered bodies are written out once they reach this size (else at the group's commit).
 const BUFFER_MAX: usize = 4 * 1024 * 1024;
+
+/// A change of a segment's references: (segment, bodies, bytes), ±.
+pub(crate) type Delta = (u64, i64, i64);
+
+/// What a segment still holds: bodies and bytes referenced, and the range of message ids
+/// appended to it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Live {
+    pub(crate) bodies: u64,
+    pub(crate) bytes: u64,
+}
+
+/// Per segment: what it still holds.
+pub(crate) type LiveMap = HashMap<u64, Live>;
+/// Per segment: the lowest and highest message id whose body went there.
+pub(crate) type IdRanges = HashMap<u64, (u64, u64)>;
 
 /// Where a body is: `len` bytes (the message's size) at `offset` in segment `seg`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -107,9 +129,11 @@ pub(crate) fn read(dir: &Path, r: SegRef, len: u64) -> Result<Vec<u8>, String> {
 /// deletion).
 #[derive(Default)]
 pub(crate) struct State {
-    /// Bodies per segment referenced by committed metadata of a message that still has a
-    /// pending recipient. Absent: none.
-    live: HashMap<u64, u64>,
+    /// Per segment, the bodies referenced by committed metadata of a message that still has
+    /// a pending recipient. Absent: none.
+    live: LiveMap,
+    /// Lowest and highest message id whose body went to each segment.
+    ids: IdRanges,
     /// Segment file sizes.
     sizes: HashMap<u64, u64>,
     /// The segment being appended to: never deleted while it is.
@@ -124,9 +148,9 @@ pub(crate) struct State {
 }
 
 impl State {
-    /// The state after opening: `sizes` of the files present, `live` counted by recovery.
-    /// Segments nothing refers to are deletable at once.
-    pub(crate) fn new(sizes: BTreeMap<u64, u64>, live: HashMap<u64, u64>) -> State {
+    /// The state after opening: `sizes` of the files present; `live` and `ids` as found by
+    /// recovery. Segments nothing refers to are deletable at once.
+    pub(crate) fn new(sizes: BTreeMap<u64, u64>, live: LiveMap, ids: IdRanges) -> State {
         let deletable = sizes
             .keys()
             .filter(|s| !live.contains_key(s))
@@ -134,24 +158,58 @@ impl State {
             .collect();
         State {
             live,
+            ids,
             sizes: sizes.into_iter().collect(),
             deletable,
             ..State::default()
         }
     }
 
+    /// Notes that message `id`'s body went to `seg` (recovery, appends).
+    pub(crate) fn note_id(ids: &mut IdRanges, seg: u64, id: u64) {
+        let e = ids.entry(seg).or_insert((id, id));
+        e.0 = e.0.min(id);
+        e.1 = e.1.max(id);
+    }
+
+    fn mostly_dead(&self, seg: u64) -> bool {
+        let size = self.sizes.get(&seg).copied().unwrap_or(0);
+        let live = self.live.get(&seg).copied().unwrap_or_default();
+        size >= RETIRE_MIN && live.bodies > 0 && live.bytes.saturating_mul(4) <= size
+    }
+
+    /// Whether the current segment is big and mostly dead (to be sealed, then relocated).
+    pub(crate) fn current_mostly_dead(&self) -> bool {
+        self.current.is_some_and(|c| self.mostly_dead(c))
+    }
+
+    /// Sealed segments worth relocating, with the message id range to scan for each.
+    pub(crate) fn relocation_candidates(&self) -> Vec<(u64, u64, u64)> {
+        let mut v: Vec<(u64, u64, u64)> = self
+            .sizes
+            .keys()
+            .filter(|&&s| Some(s) != self.current && self.mostly_dead(s))
+            .filter_map(|&s| self.ids.get(&s).map(|&(lo, hi)| (s, lo, hi)))
+            .collect();
+        v.sort_unstable();
+        v
+    }
+
     /// Applies a committed group's reference changes (+1 per body written, −1 per body no
     /// longer needed), netted per segment first so that a segment both emptied and appended
     /// to in one group is not deleted.
-    pub(crate) fn apply(&mut self, deltas: &[(u64, i64)]) {
-        let mut net: HashMap<u64, i64> = HashMap::new();
-        for &(seg, d) in deltas {
-            *net.entry(seg).or_default() += d;
+    pub(crate) fn apply(&mut self, deltas: &[Delta]) {
+        let mut net: HashMap<u64, (i64, i64)> = HashMap::new();
+        for &(seg, d, b) in deltas {
+            let e = net.entry(seg).or_default();
+            e.0 += d;
+            e.1 += b;
         }
-        for (seg, d) in net {
+        for (seg, (d, b)) in net {
             let n = self.live.entry(seg).or_default();
-            *n = n.saturating_add_signed(d);
-            if *n == 0 {
+            n.bodies = n.bodies.saturating_add_signed(d);
+            n.bytes = n.bytes.saturating_add_signed(b);
+            if n.bodies == 0 {
                 self.live.remove(&seg);
                 if self.current != Some(seg) {
                     self.deletable.insert(seg);
@@ -180,6 +238,7 @@ impl State {
 
     pub(crate) fn removed(&mut self, seg: u64) {
         self.sizes.remove(&seg);
+        self.ids.remove(&seg);
     }
 
     /// Bytes in segment files.
@@ -198,6 +257,8 @@ pub(crate) struct Appender {
     file: Option<(u64, File, u64)>,
     buf: Vec<u8>,
     error: Option<String>,
+    /// `fdatasync` a segment when it is sealed.
+    durable: bool,
 }
 
 fn lock(m: &std::sync::Mutex<State>) -> std::sync::MutexGuard<'_, State> {
@@ -206,13 +267,14 @@ fn lock(m: &std::sync::Mutex<State>) -> std::sync::MutexGuard<'_, State> {
 
 impl Appender {
     /// Appends go to new segments numbered from `next_seg` (one past the highest present).
-    pub(crate) fn new(dir: &Path, next_seg: u64) -> Appender {
+    pub(crate) fn new(dir: &Path, next_seg: u64, durable: bool) -> Appender {
         Appender {
             dir: dir.to_path_buf(),
             next_seg,
             file: None,
             buf: Vec::new(),
             error: None,
+            durable,
         }
     }
 
@@ -221,6 +283,7 @@ impl Appender {
     pub(crate) fn append(
         &mut self,
         state: &std::sync::Mutex<State>,
+        id: u64,
         body: &[u8],
     ) -> Result<SegRef, String> {
         if let Some(e) = &self.error {
@@ -239,12 +302,7 @@ impl Appender {
             .as_ref()
             .is_some_and(|(_, _, l)| *l > 0 && l + len > SEGMENT_MAX)
         {
-            self.write_pending(state)?;
-            if let Some((seg, _, _)) = self.file.take() {
-                let mut st = lock(state);
-                st.current = None;
-                st.sealed.push(seg);
-            }
+            self.seal(state)?;
         }
         if self.file.is_none() {
             let seg = self.next_seg;
@@ -269,11 +327,31 @@ impl Appender {
             crc: crc32fast::hash(body),
         };
         *flen += len;
+        State::note_id(&mut lock(state).ids, r.seg, id);
         self.buf.extend_from_slice(body);
         if self.buf.len() >= BUFFER_MAX {
             self.write_pending(state)?;
         }
         Ok(r)
+    }
+
+    /// Closes the current segment for appending (the next body starts a new one). It is
+    /// synced now, so that only the newest segment can lose data in a power cut (what opening
+    /// the queue checks).
+    pub(crate) fn seal(&mut self, state: &std::sync::Mutex<State>) -> Result<(), String> {
+        self.write_pending(state)?;
+        if let Some((seg, file, _)) = self.file.take() {
+            if self.durable {
+                if let Err(e) = file.sync_data() {
+                    let msg = format!("{}: {e}", path_of(&self.dir, seg).display());
+                    return Err(self.fail(msg));
+                }
+            }
+            let mut st = lock(state);
+            st.current = None;
+            st.sealed.push(seg);
+        }
+        Ok(())
     }
 
     /// Writes the buffered bodies (no sync: the syncer does that). Call before applying
@@ -347,12 +425,12 @@ mod tests {
     fn append_read_and_rotate() {
         let dir = tempfile::tempdir().unwrap();
         let state = Mutex::new(State::default());
-        let mut a = Appender::new(dir.path(), 1);
+        let mut a = Appender::new(dir.path(), 1, true);
         let big = vec![b'x'; (SEGMENT_MAX / 2) as usize + 1];
-        let r1 = a.append(&state, b"hello").unwrap();
-        let r2 = a.append(&state, &big).unwrap();
+        let r1 = a.append(&state, 1, b"hello").unwrap();
+        let r2 = a.append(&state, 2, &big).unwrap();
         // Would pass SEGMENT_MAX: a new segment.
-        let r3 = a.append(&state, &big).unwrap();
+        let r3 = a.append(&state, 3, &big).unwrap();
         a.write_pending(&state).unwrap();
         assert_eq!((r1.seg, r1.offset), (1, 0));
         assert_eq!((r2.seg, r2.offset), (1, 5));
@@ -375,19 +453,19 @@ mod tests {
     fn sealed_segment_becomes_deletable_only_when_unreferenced() {
         let dir = tempfile::tempdir().unwrap();
         let state = Mutex::new(State::default());
-        let mut a = Appender::new(dir.path(), 7);
+        let mut a = Appender::new(dir.path(), 7, true);
         let big = vec![0u8; SEGMENT_MAX as usize];
-        let r1 = a.append(&state, &big).unwrap();
-        lock(&state).apply(&[(r1.seg, 1)]);
+        let r1 = a.append(&state, 1, &big).unwrap();
+        lock(&state).apply(&[(r1.seg, 1, 1)]);
         // Seals segment 7 (still referenced), starts 8.
-        let r2 = a.append(&state, b"x").unwrap();
+        let r2 = a.append(&state, 2, b"x").unwrap();
         a.write_pending(&state).unwrap();
-        lock(&state).apply(&[(r2.seg, 1)]);
+        lock(&state).apply(&[(r2.seg, 1, 1)]);
         let (dirty, deletable) = lock(&state).take_for_sync();
         assert_eq!(dirty.into_iter().collect::<Vec<_>>(), vec![7, 8]);
         assert!(deletable.is_empty());
         // The current segment is never deletable; the sealed one is once unreferenced.
-        lock(&state).apply(&[(r2.seg, -1), (r1.seg, -1)]);
+        lock(&state).apply(&[(r2.seg, -1, -1), (r1.seg, -1, -1)]);
         let (dirty, deletable) = lock(&state).take_for_sync();
         assert!(dirty.is_empty());
         assert_eq!(deletable.iter().copied().collect::<Vec<_>>(), vec![7]);
@@ -401,14 +479,16 @@ mod tests {
             vec![8]
         );
         // Emptied and appended to in one group: kept.
-        lock(&state).apply(&[(r2.seg, 1), (r2.seg, -1), (r2.seg, 1)]);
+        lock(&state).apply(&[(r2.seg, 1, 1), (r2.seg, -1, -1), (r2.seg, 1, 1)]);
         assert!(lock(&state).take_for_sync().1.is_empty());
         // The current segment, once unreferenced and at least RETIRE_MIN big, is given up:
         // the next body goes to a new one.
-        let r3 = a.append(&state, &vec![1u8; RETIRE_MIN as usize]).unwrap();
+        let r3 = a
+            .append(&state, 3, &vec![1u8; RETIRE_MIN as usize])
+            .unwrap();
         a.write_pending(&state).unwrap();
-        lock(&state).apply(&[(r3.seg, 1)]);
-        lock(&state).apply(&[(r2.seg, -1), (r3.seg, -1)]);
+        lock(&state).apply(&[(r3.seg, 1, 1)]);
+        lock(&state).apply(&[(r2.seg, -1, -1), (r3.seg, -1, -1)]);
         assert_eq!(r3.seg, 8);
         assert_eq!(
             lock(&state)
@@ -418,6 +498,6 @@ mod tests {
                 .collect::<Vec<_>>(),
             vec![8]
         );
-        assert_eq!(a.append(&state, b"y").unwrap().seg, 9);
+        assert_eq!(a.append(&state, 4, b"y").unwrap().seg, 9);
     }
 }

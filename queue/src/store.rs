@@ -1,7 +1,7 @@
 //! The queue: request types, the writer thread (all mutations, one sled `Batch` per group of requests)
 //! and the syncer thread (group flush + fdatasync, then the acknowledgements).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::ffi::OsString;
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -482,10 +482,11 @@ impl Queue {
             seg_dir: seg_dir.clone(),
             segs: Mutex::new(segments::State::default()),
         });
-        let (last_id, seg_live) = recover(&shared, &seg_files)?;
+        let (last_id, seg_live, seg_ids) = recover(&shared, &seg_files)?;
+        let durable = shared.opts.durable;
         let next_seg = seg_files.keys().next_back().map_or(1, |s| s + 1);
         // Segments nothing refers to are deleted by the first sync below.
-        *lock(&shared.segs) = segments::State::new(seg_files, seg_live);
+        *lock(&shared.segs) = segments::State::new(seg_files, seg_live, seg_ids);
 
         let mut syncer = Syncer::new(&shared).map_err(|e| open_err(path, e))?;
         syncer.sync().map_err(|e| open_err(path, e))?;
@@ -511,7 +512,7 @@ impl Queue {
                         compacted_size: 0,
                         compacted_live: 0,
                         compact_not_before: Instant::now(),
-                        appender: segments::Appender::new(&seg_dir, next_seg),
+                        appender: segments::Appender::new(&seg_dir, next_seg, durable),
                     }
                     .run(req_rx, done_tx)
                 })
@@ -943,7 +944,7 @@ struct Tx<'a> {
     body_delta: i64,
     supp_delta: i64,
     /// Body segment reference changes (segment, ±1), applied once committed.
-    seg_delta: Vec<(u64, i64)>,
+    seg_delta: Vec<segments::Delta>,
 }
 
 /// Where a request started inside the group's `Tx`.
@@ -1101,7 +1102,7 @@ impl<'a> Tx<'a> {
                     self.remove(&codec::body_key(id, c));
                 }
             }
-            Body::Segment(r) => self.seg_delta.push((r.seg, -1)),
+            Body::Segment(r) => self.seg_delta.push((r.seg, -1, -signed(meta.size))),
         }
     }
 
@@ -1212,7 +1213,7 @@ struct Writer {
     compacted_size: u64,
     compacted_live: u64,
     compact_not_before: Instant,
-    /// Appends bodies over 4 KiB to segment files.
+    /// Appends bodies over 256 bytes to segment files.
     appender: segments::Appender,
 }
 
@@ -1316,10 +1317,100 @@ impl Writer {
             }
             if self.next_compact_check.is_some_and(|c| Instant::now() >= c) {
                 self.next_compact_check = None;
+                self.relocate_segments(&done);
                 self.maybe_compact();
             }
             self.poll_background();
         }
+    }
+
+    /// Moves the few bodies still pending in mostly dead segments (≥ 1 MiB, live bodies ≤ ¼
+    /// of it) to the current segment, so that those segments are deleted after the next
+    /// sync (see `segments`). Checked with the compaction.
+    fn relocate_segments(&mut self, done: &Sender<Vec<Done>>) {
+        let shared = Arc::clone(&self.shared);
+        let mut result = Ok(());
+        if lock(&shared.segs).current_mostly_dead() {
+            result = self
+                .appender
+                .seal(&shared.segs)
+                .map_err(|reason| QueueError::Closed { reason });
+        }
+        let candidates = lock(&shared.segs).relocation_candidates();
+        let mut moved = 0;
+        for &(seg, lo, hi) in &candidates {
+            if result.is_err() {
+                break;
+            }
+            result = self.relocate(&shared, seg, lo, hi).map(|n| moved += n);
+        }
+        match result {
+            Err(QueueError::Closed { reason }) => {
+                tracing::error!(path = %shared.path.display(), "{reason}; refusing further writes");
+                *lock(&shared.closed) = Some(reason);
+            }
+            Err(e) => tracing::warn!(path = %shared.path.display(), "body relocation failed: {e}"),
+            Ok(()) => {}
+        }
+        if !candidates.is_empty() {
+            // A sync, after which the emptied segments are deleted.
+            let (reply, _) = crossbeam_channel::bounded(1);
+            forward(
+                done,
+                Done {
+                    reply,
+                    result: Ok(Reply::Unit),
+                    durable: true,
+                },
+            );
+            tracing::info!(path = %shared.path.display(), segments = candidates.len(), bodies = moved, "relocated the live bodies of mostly empty body segments");
+        }
+    }
+
+    /// Relocates the pending bodies of segment `seg` (given to messages `lo..=hi`).
+    fn relocate(&mut self, shared: &Shared, seg: u64, lo: u64, hi: u64) -> Res<u64> {
+        let mut tx = Tx::new(shared);
+        let mut n = 0;
+        let range = codec::meta_key(MessageId(lo))..=codec::meta_key(MessageId(hi));
+        for item in tx.db.clone().range(range) {
+            let (k, v) = item?;
+            let mut meta = codec::decode_meta(&v).map_err(|d| tx.corrupt(&k, d))?;
+            let Body::Segment(r) = meta.body else {
+                continue;
+            };
+            if r.seg != seg || meta.pending == 0 {
+                continue;
+            }
+            let Some(id) = k
+                .get(1..9)
+                .and_then(|b| <[u8; 8]>::try_from(b).ok())
+                .map(|b| MessageId(u64::from_be_bytes(b)))
+            else {
+                return Err(tx.corrupt(&k, "bad message key".into()));
+            };
+            let body = match segments::read(&shared.seg_dir, r, meta.size) {
+                Ok(b) => b,
+                Err(d) => {
+                    // It stays where it is (and fails when delivered); the rest moves.
+                    tracing::error!(message = %id, "cannot relocate a damaged body: {d}");
+                    continue;
+                }
+            };
+            let new = self
+                .appender
+                .append(&shared.segs, id.0, &body)
+                .map_err(|reason| QueueError::Closed { reason })?;
+            tx.seg_delta.push((seg, -1, -signed(meta.size)));
+            tx.seg_delta.push((new.seg, 1, signed(meta.size)));
+            meta.body = Body::Segment(new);
+            tx.put_meta(id, &meta);
+            n += 1;
+        }
+        self.appender
+            .write_pending(&shared.segs)
+            .map_err(|reason| QueueError::Closed { reason })?;
+        tx.commit()?;
+        Ok(n)
     }
 
     /// Starts a background compaction when sled's files are much bigger than the data still
@@ -1648,9 +1739,9 @@ impl Writer {
             } else {
                 let r = self
                     .appender
-                    .append(&self.shared.segs, &msg.body)
+                    .append(&self.shared.segs, id.0, &msg.body)
                     .map_err(|reason| QueueError::Closed { reason })?;
-                tx.seg_delta.push((r.seg, 1));
+                tx.seg_delta.push((r.seg, 1, signed(size)));
                 Body::Segment(r)
             };
             if let Some(key) = &msg.idempotency_key {
@@ -2018,6 +2109,30 @@ struct Syncer {
     db_file: File,
     blob_dir: PathBuf,
     synced_blobs: HashSet<OsString>,
+    /// A helper thread that `fdatasync`s body segments while this one syncs sled.
+    seg_syncer: Option<SegSyncer>,
+}
+
+struct SegSyncer {
+    work: Sender<BTreeSet<u64>>,
+    result: Receiver<std::io::Result<()>>,
+}
+
+impl SegSyncer {
+    fn start(dir: PathBuf) -> std::io::Result<SegSyncer> {
+        let (work, work_rx) = crossbeam_channel::bounded::<BTreeSet<u64>>(1);
+        let (result_tx, result) = crossbeam_channel::bounded(1);
+        std::thread::Builder::new()
+            .name("queue-segsync".into())
+            .spawn(move || {
+                for segs in work_rx {
+                    if result_tx.send(segments::sync(&dir, &segs)).is_err() {
+                        return;
+                    }
+                }
+            })?;
+        Ok(SegSyncer { work, result })
+    }
 }
 
 impl Syncer {
@@ -2029,17 +2144,32 @@ impl Syncer {
             db_file: File::open(store.dir.join("db"))?,
             blob_dir: store.dir.join("blobs"),
             synced_blobs: HashSet::new(),
+            seg_syncer: Some(SegSyncer::start(shared.seg_dir.clone())?),
         })
     }
 
-    /// Makes everything committed so far durable: body segments written since the last
-    /// sync, then sled. Then deletes the segments that the synced state no longer refers to.
+    /// Makes everything committed so far durable: the body segment written since the last
+    /// sync (on the helper thread, at the same time) and sled. Then deletes the segments that
+    /// the synced state no longer refers to. The order of the two syncs does not matter: a
+    /// sealed segment was synced when it was sealed, and a body that sled refers to but a
+    /// power cut lost is found on open (see `segments`).
     fn sync(&mut self) -> Res<()> {
         let (dirty, deletable) = lock(&self.shared.segs).take_for_sync();
-        if self.shared.opts.durable {
-            segments::sync(&self.shared.seg_dir, &dirty)?;
+        let mut pending = None;
+        if self.shared.opts.durable && !dirty.is_empty() {
+            match &self.seg_syncer {
+                Some(h) if h.work.send(dirty.clone()).is_ok() => pending = Some(h.result.clone()),
+                _ => segments::sync(&self.shared.seg_dir, &dirty)?,
+            }
         }
-        self.sync_sled()?;
+        let sled = self.sync_sled();
+        if let Some(result) = pending {
+            match result.recv() {
+                Ok(r) => r?,
+                Err(_) => segments::sync(&self.shared.seg_dir, &dirty)?,
+            }
+        }
+        sled?;
         if !deletable.is_empty() {
             segments::delete(&self.shared.seg_dir, &self.shared.segs, &deletable);
         }
@@ -2138,13 +2268,14 @@ fn segment_body_ok(
     !newest || segments::read(dir, r, size).is_ok()
 }
 
-/// Crash recovery and counter rebuild; returns the highest message id in use and the number
-/// of pending bodies in each segment of `files` (segment → length).
+/// Crash recovery and counter rebuild; returns the highest message id in use, the pending
+/// bodies in each segment of `files` (segment → length), and the message ids they belong to.
 fn recover(
     shared: &Shared,
     files: &std::collections::BTreeMap<u64, u64>,
-) -> Res<(u64, HashMap<u64, u64>)> {
-    let mut seg_live: HashMap<u64, u64> = HashMap::new();
+) -> Res<(u64, segments::LiveMap, segments::IdRanges)> {
+    let mut seg_live = segments::LiveMap::new();
+    let mut seg_ids = segments::IdRanges::new();
     let db = &shared.db();
     let path = &shared.path;
     let mut counters = Counters::default();
@@ -2257,7 +2388,12 @@ fn recover(
         let live = u32::try_from(group.len()).unwrap_or(u32::MAX);
         if pending > 0 {
             match &meta.body {
-                Body::Segment(r) => *seg_live.entry(r.seg).or_default() += 1,
+                Body::Segment(r) => {
+                    let l = seg_live.entry(r.seg).or_default();
+                    l.bodies += 1;
+                    l.bytes += meta.size;
+                    segments::State::note_id(&mut seg_ids, r.seg, mid.0);
+                }
                 _ => counters.body_bytes += meta.size,
             }
         }
@@ -2290,5 +2426,5 @@ fn recover(
         tracing::info!(path = %path.display(), released, removed = orphans, "queue recovered");
     }
     *lock(&shared.counters) = counters;
-    Ok((max_id, seg_live))
+    Ok((max_id, seg_live, seg_ids))
 }
