@@ -29,7 +29,8 @@ pub struct QueueOptions {
     /// doubled since the previous compaction (or the live data shrank to a quarter).
     /// Default `true`.
     pub auto_compact: bool,
-    /// Default 64 MiB.
+    /// Default 16 MiB (with bodies in segment files sled's own files are small: a drained
+    /// 50k-message store left 60 MiB behind under a 64 MiB floor).
     pub compact_min_disk_bytes: u64,
     /// ... and only when the estimated live data is at most this much: copying a big store
     /// in the background competes with delivery for CPU and memory (measured: a 20 KB drain
@@ -46,7 +47,7 @@ impl Default for QueueOptions {
             final_retention: Duration::from_secs(7 * 24 * 3600),
             durable: true,
             auto_compact: true,
-            compact_min_disk_bytes: 64 * 1024 * 1024,
+            compact_min_disk_bytes: 16 * 1024 * 1024,
             compact_max_live_bytes: 256 * 1024 * 1024,
         }
     }
