@@ -398,19 +398,18 @@ pub(crate) fn sync(dir: &Path, segs: &BTreeSet<u64>) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Deletes segments nothing refers to any more; returns how many were removed.
+/// Deletes segments nothing refers to any more; returns how many were removed. Each is
+/// forgotten before its file goes, so the counted size is never below what is on disk (a
+/// file that cannot be removed is left for the next open, which deletes unreferenced ones).
 pub(crate) fn delete(dir: &Path, state: &std::sync::Mutex<State>, segs: &BTreeSet<u64>) -> usize {
     let mut n = 0;
     for &seg in segs {
+        lock(state).removed(seg);
         match std::fs::remove_file(path_of(dir, seg)) {
             Ok(()) => n += 1,
             Err(e) if e.kind() == ErrorKind::NotFound => {}
-            Err(e) => {
-                tracing::warn!(segment = seg, "cannot remove body segment: {e}");
-                continue;
-            }
+            Err(e) => tracing::warn!(segment = seg, "cannot remove body segment: {e}"),
         }
-        lock(state).removed(seg);
     }
     n
 }
