@@ -622,23 +622,33 @@ impl Queue {
     /// The message body, or `None` once every recipient is final (or the message is unknown).
     pub fn body(&self, id: MessageId) -> Res<Option<Vec<u8>>> {
         let mk = codec::meta_key(id);
-        let db = self.shared.db();
-        let Some(v) = db.get(mk)? else {
-            return Ok(None);
-        };
-        let meta = codec::decode_meta(&v).map_err(|d| self.corrupt(&mk, d))?;
-        if meta.pending == 0 {
-            return Ok(None);
-        }
-        match meta.body {
-            Body::Inline(body) => return Ok(Some(body)),
-            Body::Segment(r) => {
-                return segments::read(&self.shared.seg_dir, r, meta.size)
-                    .map(Some)
-                    .map_err(|d| self.corrupt(&mk, d))
+        let mut last: Option<segments::SegRef> = None;
+        loop {
+            let db = self.shared.db();
+            let Some(v) = db.get(mk)? else {
+                return Ok(None);
+            };
+            let meta = codec::decode_meta(&v).map_err(|d| self.corrupt(&mk, d))?;
+            if meta.pending == 0 {
+                return Ok(None);
             }
-            Body::Chunks => {}
+            match meta.body {
+                Body::Inline(body) => return Ok(Some(body)),
+                Body::Segment(r) => match segments::read(&self.shared.seg_dir, r, meta.size) {
+                    Ok(body) => return Ok(Some(body)),
+                    // Relocated (and its old segment deleted) between reading the metadata
+                    // and the file: read the metadata again. A reference that fails twice
+                    // is damage.
+                    Err(_) if last != Some(r) => last = Some(r),
+                    Err(d) => return Err(self.corrupt(&mk, d)),
+                },
+                Body::Chunks => return self.chunked_body(&db, id),
+            }
         }
+    }
+
+    /// A body stored in 4 KiB `b` chunks (stores written before segment files).
+    fn chunked_body(&self, db: &sled::Db, id: MessageId) -> Res<Option<Vec<u8>>> {
         let mut body = Vec::new();
         let mut found = false;
         for item in db.scan_prefix(codec::body_prefix(id)) {
