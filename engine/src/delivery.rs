@@ -429,9 +429,18 @@ impl Inner {
             ids.into_iter()
                 .map(|id| {
                     let data = match q.body(id) {
-                        Ok(Some(b)) => prepare(&b, max).map(Arc::new).map_err(|e| e.to_string()),
-                        Ok(None) => Err("message body missing from the queue".to_owned()),
-                        Err(e) => Err(format!("cannot read message body: {e}")),
+                        Ok(Some(b)) => prepare(&b, max)
+                            .map(Arc::new)
+                            .map_err(|e| (Class::Permanent, e.to_string())),
+                        Ok(None) => Err((
+                            Class::Permanent,
+                            "message body missing from the queue".to_owned(),
+                        )),
+                        // Damaged data will not get better; an I/O error may (EMFILE, EIO).
+                        Err(e @ bulksend_queue::QueueError::Corrupt { .. }) => {
+                            Err((Class::Permanent, format!("cannot read message body: {e}")))
+                        }
+                        Err(e) => Err((Class::Transient, format!("cannot read message body: {e}"))),
                     };
                     (id, data)
                 })
@@ -473,10 +482,10 @@ impl Inner {
             };
             let data = match bodies.get(&id) {
                 Some(Ok(d)) => d.clone(),
-                Some(Err(reason)) => {
+                Some(Err((class, reason))) => {
                     for l in leases {
                         if let Some(r) = job_rcpt(&l) {
-                            failed.push((r, local(Class::Permanent, reason), false));
+                            failed.push((r, local(*class, reason), false));
                         } else {
                             self.bad_address(&l).await;
                         }

@@ -95,32 +95,54 @@ pub(crate) fn list(dir: &Path) -> std::io::Result<BTreeMap<u64, u64>> {
     Ok(out)
 }
 
+/// Why a body could not be read.
+#[derive(Debug)]
+pub(crate) enum ReadError {
+    /// The file is missing, too short, or the bytes do not match the checksum.
+    Damaged(String),
+    /// Opening or reading failed otherwise (too many open files, EIO, ...): may pass.
+    Io(std::io::Error),
+}
+
+impl std::fmt::Display for ReadError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ReadError::Damaged(d) => f.write_str(d),
+            ReadError::Io(e) => write!(f, "{e}"),
+        }
+    }
+}
+
 /// Reads a body and checks it against its reference. The error says what is wrong.
-pub(crate) fn read(dir: &Path, r: SegRef, len: u64) -> Result<Vec<u8>, String> {
+pub(crate) fn read(dir: &Path, r: SegRef, len: u64) -> Result<Vec<u8>, ReadError> {
     let path = path_of(dir, r.seg);
-    let n = usize::try_from(len).map_err(|_| format!("body of {len} bytes"))?;
-    let file = File::open(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let io = |e: std::io::Error| {
+        let what = format!("{}: {e}", path.display());
+        if e.kind() == ErrorKind::NotFound {
+            ReadError::Damaged(what)
+        } else {
+            ReadError::Io(std::io::Error::new(e.kind(), what))
+        }
+    };
+    let n = usize::try_from(len).map_err(|_| ReadError::Damaged(format!("body of {len} bytes")))?;
+    let file = File::open(&path).map_err(io)?;
     // Check the length first: a damaged reference must not make us allocate its size.
-    let flen = file
-        .metadata()
-        .map_err(|e| format!("{}: {e}", path.display()))?
-        .len();
+    let flen = file.metadata().map_err(io)?.len();
     if r.offset.saturating_add(len) > flen {
-        return Err(format!(
+        return Err(ReadError::Damaged(format!(
             "{}: {len} bytes at offset {} are past its end ({flen} bytes)",
             path.display(),
             r.offset
-        ));
+        )));
     }
     let mut body = vec![0u8; n];
-    file.read_exact_at(&mut body, r.offset)
-        .map_err(|e| format!("{}: {n} bytes at offset {}: {e}", path.display(), r.offset))?;
+    file.read_exact_at(&mut body, r.offset).map_err(io)?;
     if crc32fast::hash(&body) != r.crc {
-        return Err(format!(
+        return Err(ReadError::Damaged(format!(
             "{}: checksum mismatch for {n} bytes at offset {}",
             path.display(),
             r.offset
-        ));
+        )));
     }
     Ok(body)
 }
@@ -159,6 +181,9 @@ impl State {
         State {
             live,
             ids,
+            // The previous process may have died before syncing its last segment: the first
+            // sync after opening makes every present segment durable (cheap when clean).
+            dirty: sizes.keys().copied().collect(),
             sizes: sizes.into_iter().collect(),
             deletable,
             ..State::default()
@@ -290,13 +315,7 @@ impl Appender {
             return Err(e.clone());
         }
         let len = body.len() as u64;
-        if let Some((seg, _, _)) = &self.file {
-            // Retired by `State::apply` (nothing refers to it any more; deleted after the next
-            // sync). Only ever between groups, so nothing is buffered for it.
-            if self.buf.is_empty() && lock(state).current != Some(*seg) {
-                self.file = None;
-            }
-        }
+        self.release_retired(state)?;
         if self
             .file
             .as_ref()
@@ -333,6 +352,44 @@ impl Appender {
             self.write_pending(state)?;
         }
         Ok(r)
+    }
+
+    /// Lets go of the current segment if `State::apply` retired it (nothing refers to it any
+    /// more; the syncer deletes it after its next sync), so its space is freed. Retirement
+    /// happens only at a commit, after the buffer was written; buffered bodies for a retired
+    /// segment would be lost, so that is an error, never silently written.
+    pub(crate) fn release_retired(
+        &mut self,
+        state: &std::sync::Mutex<State>,
+    ) -> Result<(), String> {
+        if let Some((seg, _, _)) = &self.file {
+            let seg = *seg;
+            if lock(state).current != Some(seg) {
+                if !self.buf.is_empty() {
+                    return Err(self.fail(format!(
+                        "internal error: bodies buffered for retired segment {seg}"
+                    )));
+                }
+                self.file = None;
+            }
+        }
+        Ok(())
+    }
+
+    /// `fdatasync` of the current segment (after `write_pending`), when durable.
+    pub(crate) fn sync_current(&mut self) -> Result<(), String> {
+        if !self.durable {
+            return Ok(());
+        }
+        let Some((seg, file, _)) = &self.file else {
+            return Ok(());
+        };
+        let seg = *seg;
+        if let Err(e) = file.sync_data() {
+            let msg = format!("{}: {e}", path_of(&self.dir, seg).display());
+            return Err(self.fail(msg));
+        }
+        Ok(())
     }
 
     /// Closes the current segment for appending (the next body starts a new one). It is
@@ -444,7 +501,14 @@ mod tests {
             crc: r1.crc ^ 1,
             ..r1
         };
-        assert!(read(dir.path(), bad, 5).unwrap_err().contains("checksum"));
+        assert!(
+            matches!(read(dir.path(), bad, 5), Err(ReadError::Damaged(d)) if d.contains("checksum"))
+        );
+        let gone = SegRef { seg: 99, ..r1 };
+        assert!(matches!(
+            read(dir.path(), gone, 5),
+            Err(ReadError::Damaged(_))
+        ));
         assert!(read(dir.path(), r1, 1 << 40).is_err());
     }
 

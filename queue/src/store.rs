@@ -638,9 +638,10 @@ impl Queue {
                     Ok(body) => return Ok(Some(body)),
                     // Relocated (and its old segment deleted) between reading the metadata
                     // and the file: read the metadata again. A reference that fails twice
-                    // is damage.
+                    // is damage, or an I/O error that may pass (EMFILE, EIO).
                     Err(_) if last != Some(r) => last = Some(r),
-                    Err(d) => return Err(self.corrupt(&mk, d)),
+                    Err(segments::ReadError::Damaged(d)) => return Err(self.corrupt(&mk, d)),
+                    Err(segments::ReadError::Io(e)) => return Err(QueueError::Io(e)),
                 },
                 Body::Chunks => return self.chunked_body(&db, id),
             }
@@ -1245,6 +1246,10 @@ impl Writer {
             return;
         }
         commit_group(tx, group, done);
+        if let Err(reason) = self.appender.release_retired(&self.shared.segs) {
+            tracing::error!(path = %self.shared.path.display(), "{reason}; refusing further writes");
+            *lock(&self.shared.closed) = Some(reason);
+        }
     }
 
     /// Takes every request that has arrived, handles them all in one `Tx` and commits it as
@@ -1339,6 +1344,9 @@ impl Writer {
     /// sync (see `segments`). Checked with the compaction.
     fn relocate_segments(&mut self, done: &Sender<Vec<Done>>) {
         let shared = Arc::clone(&self.shared);
+        if lock(&shared.closed).is_some() {
+            return;
+        }
         let mut result = Ok(());
         if lock(&shared.segs).current_mostly_dead() {
             result = self
@@ -1377,9 +1385,34 @@ impl Writer {
         }
     }
 
-    /// Relocates the pending bodies of segment `seg` (given to messages `lo..=hi`).
+    /// Relocates the pending bodies of segment `seg` (given to messages `lo..=hi`). The
+    /// copies are written and `fdatasync`ed before the metadata that points to them is
+    /// committed: these messages were acknowledged long ago, so (unlike a new message's
+    /// body) their copy must not be the one a power cut can lose.
     fn relocate(&mut self, shared: &Shared, seg: u64, lo: u64, hi: u64) -> Res<u64> {
         let mut tx = Tx::new(shared);
+        let scanned = self.relocate_scan(shared, &mut tx, seg, lo, hi);
+        // Whatever happened, nothing stays buffered (the bodies of a failed scan are just
+        // unreferenced bytes).
+        let written = self
+            .appender
+            .write_pending(&shared.segs)
+            .and_then(|()| self.appender.sync_current())
+            .map_err(|reason| QueueError::Closed { reason });
+        let n = scanned?;
+        written?;
+        tx.commit()?;
+        Ok(n)
+    }
+
+    fn relocate_scan(
+        &mut self,
+        shared: &Shared,
+        tx: &mut Tx<'_>,
+        seg: u64,
+        lo: u64,
+        hi: u64,
+    ) -> Res<u64> {
         let mut n = 0;
         let range = codec::meta_key(MessageId(lo))..=codec::meta_key(MessageId(hi));
         for item in tx.db.clone().range(range) {
@@ -1416,10 +1449,6 @@ impl Writer {
             tx.put_meta(id, &meta);
             n += 1;
         }
-        self.appender
-            .write_pending(&shared.segs)
-            .map_err(|reason| QueueError::Closed { reason })?;
-        tx.commit()?;
         Ok(n)
     }
 
@@ -2267,15 +2296,22 @@ fn segment_body_ok(
     files: &std::collections::BTreeMap<u64, u64>,
     r: segments::SegRef,
     size: u64,
-) -> bool {
+) -> Res<bool> {
     let Some(&len) = files.get(&r.seg) else {
-        return false;
+        return Ok(false);
     };
     if r.offset.saturating_add(size) > len {
-        return false;
+        return Ok(false);
     }
-    let newest = files.keys().rev().take(2).any(|&s| s == r.seg);
-    !newest || segments::read(dir, r, size).is_ok()
+    if !files.keys().rev().take(2).any(|&s| s == r.seg) {
+        return Ok(true);
+    }
+    match segments::read(dir, r, size) {
+        Ok(_) => Ok(true),
+        Err(segments::ReadError::Damaged(_)) => Ok(false),
+        // Not a reason to drop a message: fail the open instead.
+        Err(segments::ReadError::Io(e)) => Err(QueueError::Io(e)),
+    }
 }
 
 /// Crash recovery and counter rebuild; returns the highest message id in use, the pending
@@ -2358,7 +2394,7 @@ fn recover(
             && match &meta.body {
                 Body::Inline(_) => false,
                 Body::Chunks => db.get(codec::body_key(mid, 0))?.is_none(),
-                Body::Segment(r) => !segment_body_ok(&shared.seg_dir, files, *r, meta.size),
+                Body::Segment(r) => !segment_body_ok(&shared.seg_dir, files, *r, meta.size)?,
             };
         if group.is_empty() || body_missing {
             // Never acknowledged (or unusable): remove the whole message.
