@@ -51,6 +51,12 @@ pub(crate) fn meta_key(id: MessageId) -> [u8; 9] {
     k
 }
 
+/// The message id of a metadata key.
+pub(crate) fn meta_id(k: &[u8]) -> Option<MessageId> {
+    let b: [u8; 8] = k.get(1..9)?.try_into().ok()?;
+    Some(MessageId(u64::from_be_bytes(b)))
+}
+
 pub(crate) fn body_prefix(id: MessageId) -> [u8; 9] {
     let mut k = meta_key(id);
     k[0] = P_BODY;
@@ -454,6 +460,13 @@ mod tests {
         v1[0] = FORMAT;
         v1.pop();
         assert_eq!(decode_meta(&v1).unwrap(), chunked);
+    }
+
+    #[test]
+    fn meta_key_gives_its_id_back() {
+        let id = MessageId(0x0123_4567_89ab_cdef);
+        assert_eq!(meta_id(&meta_key(id)), Some(id));
+        assert_eq!(meta_id(&[P_META, 1, 2]), None);
     }
 
     #[test]

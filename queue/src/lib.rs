@@ -120,6 +120,12 @@ mod segments;
 mod store;
 mod types;
 
+/// Locks a mutex, also after a panic elsewhere poisoned it (the data is still consistent:
+/// every critical section here is a plain update).
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 pub use error::QueueError;
 pub use store::{Compaction, Queue};
 pub use types::{

@@ -37,6 +37,8 @@ use std::io::{ErrorKind, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
+use crate::lock;
+
 /// The directory of segment files, inside the queue directory.
 pub(crate) const DIR: &str = "bodies";
 /// A new segment is started when the current one would grow past this.
@@ -286,10 +288,6 @@ pub(crate) struct Appender {
     durable: bool,
 }
 
-fn lock(m: &std::sync::Mutex<State>) -> std::sync::MutexGuard<'_, State> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 impl Appender {
     /// Appends go to new segments numbered from `next_seg` (one past the highest present).
     pub(crate) fn new(dir: &Path, next_seg: u64, durable: bool) -> Appender {
@@ -397,13 +395,8 @@ impl Appender {
     /// the queue checks).
     pub(crate) fn seal(&mut self, state: &std::sync::Mutex<State>) -> Result<(), String> {
         self.write_pending(state)?;
-        if let Some((seg, file, _)) = self.file.take() {
-            if self.durable {
-                if let Err(e) = file.sync_data() {
-                    let msg = format!("{}: {e}", path_of(&self.dir, seg).display());
-                    return Err(self.fail(msg));
-                }
-            }
+        self.sync_current()?;
+        if let Some((seg, _, _)) = self.file.take() {
             let mut st = lock(state);
             st.current = None;
             st.sealed.push(seg);

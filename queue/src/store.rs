@@ -6,7 +6,7 @@ use std::ffi::OsString;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -14,8 +14,8 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use sled::IVec;
 
 use crate::codec::{self, Body, Meta};
-use crate::segments;
 use crate::types::{from_millis, to_millis};
+use crate::{lock, segments};
 use crate::{
     Completed, Enqueued, Lease, MessageId, MessageInfo, NewMessage, Outcome, QueueError,
     QueueOptions, RecipientId, RecipientRecord, RecipientState, Stats, Suppression,
@@ -101,10 +101,13 @@ impl Shared {
     fn db(&self) -> sled::Db {
         self.store().db.clone()
     }
-}
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
+    /// Refuses every write from now on (a write or sync failed: what was not synced cannot
+    /// be trusted), and says why.
+    fn close(&self, reason: &str) {
+        tracing::error!(path = %self.path.display(), "{reason}; refusing further writes");
+        *lock(&self.closed) = Some(reason.to_owned());
+    }
 }
 
 fn gen_dir(path: &Path, generation: u64) -> PathBuf {
@@ -1234,8 +1237,7 @@ impl Writer {
     fn commit(&mut self, tx: Tx<'_>, mut group: Vec<Done>, done: &Sender<Vec<Done>>) {
         if let Err(reason) = self.appender.write_pending(&self.shared.segs) {
             drop(tx);
-            tracing::error!(path = %self.shared.path.display(), "{reason}; refusing further writes");
-            *lock(&self.shared.closed) = Some(reason.clone());
+            self.shared.close(&reason);
             for d in &mut group {
                 d.result = Err(QueueError::Closed {
                     reason: reason.clone(),
@@ -1247,8 +1249,7 @@ impl Writer {
         }
         commit_group(tx, group, done);
         if let Err(reason) = self.appender.release_retired(&self.shared.segs) {
-            tracing::error!(path = %self.shared.path.display(), "{reason}; refusing further writes");
-            *lock(&self.shared.closed) = Some(reason);
+            self.shared.close(&reason);
         }
     }
 
@@ -1363,10 +1364,7 @@ impl Writer {
             result = self.relocate(&shared, seg, lo, hi).map(|n| moved += n);
         }
         match result {
-            Err(QueueError::Closed { reason }) => {
-                tracing::error!(path = %shared.path.display(), "{reason}; refusing further writes");
-                *lock(&shared.closed) = Some(reason);
-            }
+            Err(QueueError::Closed { reason }) => shared.close(&reason),
             Err(e) => tracing::warn!(path = %shared.path.display(), "body relocation failed: {e}"),
             Ok(()) => {}
         }
@@ -1424,11 +1422,7 @@ impl Writer {
             if r.seg != seg || meta.pending == 0 {
                 continue;
             }
-            let Some(id) = k
-                .get(1..9)
-                .and_then(|b| <[u8; 8]>::try_from(b).ok())
-                .map(|b| MessageId(u64::from_be_bytes(b)))
-            else {
+            let Some(id) = codec::meta_id(&k) else {
                 return Err(tx.corrupt(&k, "bad message key".into()));
             };
             let body = match segments::read(&shared.seg_dir, r, meta.size) {
@@ -2268,8 +2262,7 @@ impl Syncer {
             if needs_sync {
                 if let Err(e) = self.sync() {
                     let reason = format!("flush/fsync failed: {e}");
-                    tracing::error!(path = %self.shared.path.display(), "{reason}; refusing further writes");
-                    *lock(&self.shared.closed) = Some(reason.clone());
+                    self.shared.close(&reason);
                     for d in group {
                         let _ = d.reply.send(Err(QueueError::Closed {
                             reason: reason.clone(),
@@ -2368,9 +2361,8 @@ fn recover(
 
     for item in metas {
         let (mk, mv) = item?;
-        let mid = codec::rid_from(&[&mk[1..], &[0u8; 4][..]].concat())
-            .map(|r| r.message)
-            .ok_or_else(|| corrupt(path, &mk, "bad message key".into()))?;
+        let mid =
+            codec::meta_id(&mk).ok_or_else(|| corrupt(path, &mk, "bad message key".into()))?;
         let mut meta = codec::decode_meta(&mv).map_err(|d| corrupt(path, &mk, d))?;
         max_id = max_id.max(mid.0);
         // Records of messages that have no metadata.

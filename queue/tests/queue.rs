@@ -832,17 +832,22 @@ fn dir_bytes(p: &std::path::Path) -> u64 {
         .sum()
 }
 
+/// Options that let a test-sized store (a few MiB) be compacted on its own.
+fn small_compaction_opts() -> QueueOptions {
+    QueueOptions {
+        compact_min_disk_bytes: 4 << 20,
+        ..opts()
+    }
+}
+
 /// A drained queue gives its disk space back: the writer compacts on its own once sled's
 /// files are much bigger than what is left, and everything still live (a scheduled message
-/// with a chunked body, a leased one, suppressions, idempotency keys) survives the copy and
-/// a reopen.
+/// with a big body in a segment file, a leased one, suppressions, idempotency keys) survives
+/// the copy and a reopen.
 #[test]
 fn drained_queue_is_compacted_and_keeps_live_data() {
     let dir = tempfile::tempdir().unwrap();
-    let o = QueueOptions {
-        compact_min_disk_bytes: 4 << 20,
-        ..opts()
-    };
+    let o = small_compaction_opts();
     let q = Queue::open(dir.path(), o.clone()).unwrap();
     let body = vec![b'x'; 3000];
     let batch: Vec<NewMessage> = (0..4000)
@@ -955,10 +960,7 @@ fn background_compaction_keeps_writes_made_while_it_copies() {
     use std::collections::HashMap;
     use std::sync::atomic::{AtomicBool, Ordering};
     let dir = tempfile::tempdir().unwrap();
-    let o = QueueOptions {
-        compact_min_disk_bytes: 4 << 20,
-        ..opts()
-    };
+    let o = small_compaction_opts();
     let q = Arc::new(Queue::open(dir.path(), o.clone()).unwrap());
     let body = vec![b'y'; 3000];
     for chunk in 0..12 {
