@@ -11,6 +11,8 @@ pub(crate) const P_VERSION: u8 = b'v';
 pub(crate) const P_META: u8 = b'm';
 pub(crate) const P_BODY: u8 = b'b';
 pub(crate) const P_RCPT: u8 = b'r';
+/// The on-disk schedule of stores written before the schedule moved into memory (see
+/// `schedule`); no longer written, removed on open.
 pub(crate) const P_SCHED: u8 = b's';
 /// The per-destination schedule of schema 1 stores; no longer written, removed on open.
 pub(crate) const P_DEST: u8 = b'd';
@@ -104,26 +106,16 @@ pub(crate) fn rcpt_key(id: RecipientId) -> [u8; 13] {
     k
 }
 
-/// `s ++ due_ms ++ rid`: the global schedule, oldest first.
-pub(crate) fn sched_key(due_ms: u64, id: RecipientId) -> [u8; 21] {
+/// `prefix ++ ms ++ rid`: an index ordered by time, then recipient.
+fn time_rid_key(prefix: u8, ms: u64, id: RecipientId) -> [u8; 21] {
     let mut k = [0u8; 21];
-    k[0] = P_SCHED;
-    k[1..9].copy_from_slice(&due_ms.to_be_bytes());
+    k[0] = prefix;
+    k[1..9].copy_from_slice(&ms.to_be_bytes());
     k[9..].copy_from_slice(&rid_bytes(id));
     k
 }
 
-/// Upper bound (exclusive) for schedule entries due at or before `now_ms`.
-pub(crate) fn sched_end(now_ms: u64) -> Vec<u8> {
-    let mut k = vec![P_SCHED];
-    match now_ms.checked_add(1) {
-        Some(n) => k.extend_from_slice(&n.to_be_bytes()),
-        None => k = vec![P_SCHED + 1],
-    }
-    k
-}
-
-/// Parses a schedule key (either index) tail `due_ms ++ rid`.
+/// Parses the tail `ms ++ rid` of a final-index key.
 pub(crate) fn parse_due_rid(tail: &[u8]) -> Option<(u64, RecipientId)> {
     let d: [u8; 8] = tail.get(..8)?.try_into().ok()?;
     Some((u64::from_be_bytes(d), rid_from(tail.get(8..)?)?))
@@ -131,9 +123,7 @@ pub(crate) fn parse_due_rid(tail: &[u8]) -> Option<(u64, RecipientId)> {
 
 /// `f ++ final_at_ms ++ rid`: final records by the time they became final (for purging).
 pub(crate) fn final_key(at_ms: u64, id: RecipientId) -> [u8; 21] {
-    let mut k = sched_key(at_ms, id);
-    k[0] = P_FINAL;
-    k
+    time_rid_key(P_FINAL, at_ms, id)
 }
 
 pub(crate) fn idem_key(key: &str) -> Vec<u8> {
@@ -470,7 +460,7 @@ mod tests {
     }
 
     #[test]
-    fn schedule_keys_sort_by_time_then_id() {
+    fn final_keys_sort_by_time_then_id() {
         let a = RecipientId {
             message: MessageId(9),
             index: 0,
@@ -479,10 +469,9 @@ mod tests {
             message: MessageId(1),
             index: 5,
         };
-        assert!(sched_key(1, a) < sched_key(2, b));
-        assert!(sched_key(2, b) < sched_key(2, a));
-        assert!(sched_key(256, b).as_slice() < sched_end(256).as_slice());
-        assert!(sched_key(257, b).as_slice() >= sched_end(256).as_slice());
-        assert_eq!(parse_due_rid(&sched_key(42, a)[1..]), Some((42, a)));
+        assert!(final_key(1, a) < final_key(2, b));
+        assert!(final_key(2, b) < final_key(2, a));
+        assert!(final_key(255, b) < final_key(256, a), "big-endian time");
+        assert_eq!(parse_due_rid(&final_key(42, a)[1..]), Some((42, a)));
     }
 }

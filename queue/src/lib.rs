@@ -7,7 +7,8 @@
 //! * one delivery record per recipient ([`RecipientRecord`]) with its [`RecipientState`]:
 //!   `Scheduled` → `Leased` (in flight) → `Delivered` / `Bounced` / `Expired` / `Suppressed`
 //!   / `Unknown` (final), or back to `Scheduled` (deferred, released);
-//! * the schedule index (due time → recipient);
+//! * the schedule (due time → recipient) and the leases, in memory: both are rebuilt from
+//!   the records at open (see "Schedule and leases" below);
 //! * the suppression list (addresses, lowercased);
 //! * idempotency keys (a retried enqueue returns the first message's id);
 //! * crash recovery: on [`Queue::open`] leases of a dead process return to `Scheduled`.
@@ -19,7 +20,7 @@
 //!
 //! Everything lives in sled's default tree, one key prefix per logical table, so that one
 //! sled `Batch` — atomic also across a crash, but limited to one tree — covers every write of
-//! a group of requests (a message's metadata, body, records, schedule entries and idempotency key land
+//! a group of requests (a message's metadata, body, records and idempotency key land
 //! together or not at all). Integers in keys are big-endian so byte order is numeric order.
 //!
 //! | key | value |
@@ -28,7 +29,7 @@
 //! | `m` id | message metadata: created, size, sender, idempotency key, recipient counts, and the body itself when it is at most 256 bytes, else where it is in a segment file |
 //! | `b` id chunk | a body over 4 KiB in 4 KiB chunks: stores written before segment files existed (still read, no longer written) |
 //! | `r` id index | recipient record (compact binary, format byte first) |
-//! | `s` due_ms id index | global schedule (value: created ms, so expiry needs no record read) |
+//! | `s` due_ms id index | the schedule of stores written before it moved into memory: removed on open |
 //! | `f` final_ms id index | final records by the time they became final, for purging |
 //! | `i` key | idempotency key → message id |
 //! | `x` address | suppression: reason and time |
@@ -64,9 +65,20 @@
 //! skipped: acknowledged data then survives a process crash (it is in the page cache) but not
 //! necessarily a power loss.
 //!
-//! Leases ([`Queue::take_due`]) are not synced by themselves (a lease lost in a crash is
-//! harmless, and one that survives is undone on open), but their reply waits behind any sync
-//! in progress, so a lease is never handed out for a message whose enqueue is not yet durable.
+//! # Schedule and leases
+//!
+//! Which recipients are due when, and which are leased, is kept in memory (`schedule.rs`),
+//! not in sled. The records are the truth: a `Scheduled` record has its `next_attempt`, and
+//! open rebuilds the schedule from them during the scan of every record that recovery does
+//! anyway. A lease is never written: on disk a leased recipient still reads `Scheduled`, which
+//! is what a crash must return it to. Reads ([`Queue::message`], [`Queue::list`]) show the
+//! lease. This takes three of the nine sled writes a delivered recipient used to cost (the
+//! schedule entry written at enqueue and removed at the lease, and the record rewritten for
+//! the lease); the price is memory, one `BTreeMap` entry per scheduled recipient.
+//!
+//! Leases ([`Queue::take_due`]) are not synced (there is nothing to sync), but their reply
+//! waits behind any sync in progress, so a lease is never handed out for a message whose
+//! enqueue is not yet durable.
 //! If a flush or fsync fails the queue refuses all further writes ([`QueueError::Closed`]):
 //! after a failed fsync the state of the unsynced writes is unknown.
 //!
@@ -116,6 +128,7 @@
 
 mod codec;
 mod error;
+mod schedule;
 mod segments;
 mod store;
 mod types;

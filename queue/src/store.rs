@@ -14,6 +14,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use sled::IVec;
 
 use crate::codec::{self, Body, Meta};
+use crate::schedule::{self, Schedule};
 use crate::types::{from_millis, to_millis};
 use crate::{lock, segments};
 use crate::{
@@ -83,6 +84,8 @@ struct Shared {
     /// copy them).
     seg_dir: PathBuf,
     segs: Mutex<segments::State>,
+    /// Due times and leases (in memory only; see `schedule`). Changed by the writer only.
+    sched: Mutex<Schedule>,
 }
 
 /// One generation of the sled store.
@@ -107,6 +110,18 @@ impl Shared {
     fn close(&self, reason: &str) {
         tracing::error!(path = %self.path.display(), "{reason}; refusing further writes");
         *lock(&self.closed) = Some(reason.to_owned());
+    }
+
+    /// A record as read from sled, with its lease if it has one: on disk a leased recipient
+    /// reads `Scheduled` (leases live in memory).
+    fn with_lease(&self, mut rec: RecipientRecord) -> RecipientRecord {
+        if rec.state == RecipientState::Scheduled {
+            if let Some(at) = lock(&self.sched).leased_at(rec.id) {
+                rec.state = RecipientState::Leased;
+                rec.updated = from_millis(at);
+            }
+        }
+        rec
     }
 }
 
@@ -484,6 +499,7 @@ impl Queue {
             closed: Mutex::new(None),
             seg_dir: seg_dir.clone(),
             segs: Mutex::new(segments::State::default()),
+            sched: Mutex::new(Schedule::default()),
         });
         let (last_id, seg_live, seg_ids) = recover(&shared, &seg_files)?;
         let durable = shared.opts.durable;
@@ -704,7 +720,7 @@ impl Queue {
         let mut recipients = Vec::new();
         for item in db.scan_prefix(codec::rcpt_prefix(id)) {
             let (k, v) = item?;
-            recipients.push(self.decode_record_kv(&k, &v)?);
+            recipients.push(self.shared.with_lease(self.decode_record_kv(&k, &v)?));
         }
         Ok(Some(MessageInfo {
             id,
@@ -725,7 +741,7 @@ impl Queue {
         }
         for item in self.shared.db().scan_prefix([codec::P_RCPT]) {
             let (k, v) = item?;
-            let rec = self.decode_record_kv(&k, &v)?;
+            let rec = self.shared.with_lease(self.decode_record_kv(&k, &v)?);
             if state.is_none_or(|s| s == rec.state) {
                 out.push(rec);
                 if out.len() >= limit {
@@ -764,8 +780,8 @@ impl Queue {
         }
     }
 
-    /// Counters kept in memory; `oldest_due` is one sled seek, `disk_bytes` a stat of sled's
-    /// files.
+    /// Counters kept in memory, like `oldest_due` (the in-memory schedule's first entry);
+    /// `disk_bytes` is a stat of sled's and the segments' files.
     pub fn stats(&self) -> Stats {
         let mut stats = Stats::default();
         {
@@ -782,10 +798,8 @@ impl Queue {
                 .map(|(k, v)| (k.clone(), *v))
                 .collect();
         }
+        stats.oldest_due = lock(&self.shared.sched).oldest_due().map(from_millis);
         let db = self.shared.db();
-        if let Some(Ok((k, _))) = db.scan_prefix([codec::P_SCHED]).next() {
-            stats.oldest_due = codec::parse_due_rid(&k[1..]).map(|(due, _)| from_millis(due));
-        }
         stats.disk_bytes = db
             .size_on_disk()
             .unwrap_or(0)
@@ -959,6 +973,10 @@ struct Tx<'a> {
     supp_delta: i64,
     /// Body segment reference changes (segment, ±1), applied once committed.
     seg_delta: Vec<segments::Delta>,
+    /// Schedule and lease changes. Unlike sled writes they are applied to `Shared::sched`
+    /// at once (so later requests of the group see them); this log undoes a failed request.
+    /// A failed commit closes the queue, so nothing is undone then.
+    sched_undo: Vec<schedule::Undo>,
 }
 
 /// Where a request started inside the group's `Tx`.
@@ -969,6 +987,7 @@ struct Savepoint {
     body_delta: i64,
     supp_delta: i64,
     seg_delta: usize,
+    sched_undo: usize,
 }
 
 fn apply_delta(n: &mut u64, delta: i64) {
@@ -991,6 +1010,7 @@ impl<'a> Tx<'a> {
             body_delta: 0,
             supp_delta: 0,
             seg_delta: Vec::new(),
+            sched_undo: Vec::new(),
         }
     }
 
@@ -1002,6 +1022,7 @@ impl<'a> Tx<'a> {
             body_delta: self.body_delta,
             supp_delta: self.supp_delta,
             seg_delta: self.seg_delta.len(),
+            sched_undo: self.sched_undo.len(),
         }
     }
 
@@ -1012,6 +1033,12 @@ impl<'a> Tx<'a> {
         self.body_delta = sp.body_delta;
         self.supp_delta = sp.supp_delta;
         self.seg_delta.truncate(sp.seg_delta);
+        if self.sched_undo.len() > sp.sched_undo {
+            let mut sched = lock(&self.shared.sched);
+            for u in self.sched_undo.drain(sp.sched_undo..).rev() {
+                sched.undo(u);
+            }
+        }
         while self.undo.len() > sp.undo {
             if let Some((k, prev)) = self.undo.pop() {
                 match prev {
@@ -1071,7 +1098,7 @@ impl<'a> Tx<'a> {
         match self.get(&k)? {
             None => Ok(None),
             Some(v) => codec::decode_record(id, &v)
-                .map(Some)
+                .map(|r| Some(self.shared.with_lease(r)))
                 .map_err(|d| self.corrupt(&k, d)),
         }
     }
@@ -1096,12 +1123,36 @@ impl<'a> Tx<'a> {
 
     fn schedule(&mut self, rec: &RecipientRecord) {
         let due = to_millis(rec.next_attempt);
-        let created = to_millis(rec.created).to_be_bytes();
-        self.insert_blind(&codec::sched_key(due, rec.id), &created);
+        let u = lock(&self.shared.sched).add(due, rec.id, to_millis(rec.created));
+        self.sched_undo.extend(u);
     }
 
     fn unschedule(&mut self, rec: &RecipientRecord) {
-        self.remove(&codec::sched_key(to_millis(rec.next_attempt), rec.id));
+        self.unschedule_at(to_millis(rec.next_attempt), rec.id);
+    }
+
+    fn unschedule_at(&mut self, due_ms: u64, id: RecipientId) {
+        let u = lock(&self.shared.sched).remove(due_ms, id);
+        self.sched_undo.extend(u);
+    }
+
+    /// Leases a scheduled recipient: in memory only, nothing is written to sled.
+    fn lease(&mut self, rec: &RecipientRecord, now_ms: u64) {
+        let due = to_millis(rec.next_attempt);
+        let mut sched = lock(&self.shared.sched);
+        self.sched_undo.extend(sched.remove(due, rec.id));
+        self.sched_undo.extend(sched.lease(rec.id, now_ms));
+        drop(sched);
+        self.changes.push(Change {
+            old: Some(RecipientState::Scheduled),
+            new: Some(RecipientState::Leased),
+            destination: rec.destination.clone(),
+        });
+    }
+
+    fn unlease(&mut self, id: RecipientId) {
+        let u = lock(&self.shared.sched).unlease(id);
+        self.sched_undo.extend(u);
     }
 
     /// The message's body is no longer needed (call only while it is stored, i.e. some
@@ -1138,23 +1189,22 @@ impl<'a> Tx<'a> {
 
     /// Applies everything as one sled batch: atomic, also across a crash.
     fn commit(self) -> Result<(), sled::Error> {
-        if self.ops.is_empty() {
-            return Ok(());
-        }
-        let mut batch = sled::Batch::default();
-        {
-            let mut dirty = lock(&self.shared.dirty);
-            for (k, v) in self.ops {
-                if let Some(d) = dirty.as_mut() {
-                    d.insert(k.clone());
-                }
-                match v {
-                    Some(v) => batch.insert(k, v),
-                    None => batch.remove(k),
+        if !self.ops.is_empty() {
+            let mut batch = sled::Batch::default();
+            {
+                let mut dirty = lock(&self.shared.dirty);
+                for (k, v) in self.ops {
+                    if let Some(d) = dirty.as_mut() {
+                        d.insert(k.clone());
+                    }
+                    match v {
+                        Some(v) => batch.insert(k, v),
+                        None => batch.remove(k),
+                    }
                 }
             }
+            self.db.apply_batch(batch)?;
         }
-        self.db.apply_batch(batch)?;
         if !self.seg_delta.is_empty() {
             lock(&self.shared.segs).apply(&self.seg_delta);
         }
@@ -1806,6 +1856,42 @@ impl Writer {
         created_ms.saturating_add(lifetime_ms(&self.shared.opts)) <= now_ms
     }
 
+    /// The schedule entries due at or before `now_ms`, in order, read a page at a time (the
+    /// caller changes the schedule as it goes; an entry it removed is simply not met again).
+    fn due_entries(&self, now_ms: u64) -> impl Iterator<Item = (u64, RecipientId, u64)> + '_ {
+        const PAGE: usize = 512;
+        let mut after = None;
+        let mut page = std::collections::VecDeque::new();
+        let mut done = false;
+        std::iter::from_fn(move || {
+            if page.is_empty() && !done {
+                page.extend(lock(&self.shared.sched).due(now_ms, after, PAGE));
+                done = page.len() < PAGE;
+                after = page.back().map(|&(due, rid, _)| (due, rid));
+            }
+            page.pop_front()
+        })
+    }
+
+    /// The record a schedule entry points to, if it is still scheduled at that time. An entry
+    /// that does not match its record (cannot normally happen) is dropped.
+    fn scheduled_record(
+        tx: &mut Tx<'_>,
+        due: u64,
+        rid: RecipientId,
+    ) -> Res<Option<RecipientRecord>> {
+        match tx.record(rid)? {
+            Some(r) if r.state == RecipientState::Scheduled && to_millis(r.next_attempt) == due => {
+                Ok(Some(r))
+            }
+            _ => {
+                tracing::warn!(recipient = %rid, due, "dropping a stale schedule entry");
+                tx.unschedule_at(due, rid);
+                Ok(None)
+            }
+        }
+    }
+
     fn take(
         &mut self,
         tx: &mut Tx<'_>,
@@ -1813,30 +1899,19 @@ impl Writer {
         now_ms: u64,
         limit: usize,
     ) -> Res<Vec<Lease>> {
-        let db = tx.db.clone();
         let mut senders: HashMap<MessageId, String> = HashMap::new();
         let mut leases = Vec::new();
-        let now = from_millis(now_ms);
-        for item in db.range(vec![codec::P_SCHED]..codec::sched_end(now_ms)) {
-            let (k, _) = item?;
-            let Some((due, rid)) = codec::parse_due_rid(&k[1..]) else {
-                return Err(tx.corrupt(&k, "bad schedule key".into()));
+        for (due, rid, created) in self.due_entries(now_ms) {
+            if leases.len() >= limit {
+                break;
+            }
+            if self.expired(created, now_ms) {
+                continue; // for `expire_due`
+            }
+            let Some(rec) = Self::scheduled_record(tx, due, rid)? else {
+                continue;
             };
-            let rec = match tx.record(rid)? {
-                Some(r)
-                    if r.state == RecipientState::Scheduled && to_millis(r.next_attempt) == due =>
-                {
-                    r
-                }
-                // A stale index entry (cannot normally happen): drop it.
-                _ => {
-                    tx.remove(&k);
-                    continue;
-                }
-            };
-            if self.expired(to_millis(rec.created), now_ms)
-                || destination.is_some_and(|d| d != rec.destination)
-            {
+            if destination.is_some_and(|d| d != rec.destination) {
                 continue;
             }
             let sender = match senders.get(&rid.message) {
@@ -1852,18 +1927,14 @@ impl Writer {
                     meta.sender
                 }
             };
-            tx.unschedule(&rec);
+            tx.lease(&rec, now_ms);
             let mut leased = rec;
             leased.state = RecipientState::Leased;
-            leased.updated = now;
-            tx.put_record(Some(RecipientState::Scheduled), &leased);
+            leased.updated = from_millis(now_ms);
             leases.push(Lease {
                 recipient: leased,
                 sender,
             });
-            if leases.len() >= limit {
-                break;
-            }
         }
         // Keep the due order, but put each (message, destination) group together so the
         // engine can send one transaction for several recipients.
@@ -1956,6 +2027,7 @@ impl Writer {
                 rec.attempts = rec.attempts.saturating_add(1);
             }
             rec.state = state;
+            tx.unlease(id);
             if state == RecipientState::Scheduled {
                 tx.schedule(&rec);
             } else {
@@ -1968,31 +2040,15 @@ impl Writer {
     }
 
     fn expire(&mut self, tx: &mut Tx<'_>, now_ms: u64) -> Res<Vec<RecipientRecord>> {
-        let db = tx.db.clone();
         let now = from_millis(now_ms);
         let mut out = Vec::new();
-        for item in db.range(vec![codec::P_SCHED]..codec::sched_end(now_ms)) {
-            let (k, v) = item?;
-            let created_ms = match <[u8; 8]>::try_from(v.as_ref()) {
-                Ok(b) => u64::from_be_bytes(b),
-                Err(_) => 0, // unreadable: look at the record
-            };
-            if !self.expired(created_ms, now_ms) {
+        let due: Vec<_> = self
+            .due_entries(now_ms)
+            .filter(|&(_, _, created)| self.expired(created, now_ms))
+            .collect();
+        for (due, rid, _) in due {
+            let Some(mut rec) = Self::scheduled_record(tx, due, rid)? else {
                 continue;
-            }
-            let Some((due, rid)) = codec::parse_due_rid(&k[1..]) else {
-                return Err(tx.corrupt(&k, "bad schedule key".into()));
-            };
-            let mut rec = match tx.record(rid)? {
-                Some(r)
-                    if r.state == RecipientState::Scheduled && to_millis(r.next_attempt) == due =>
-                {
-                    r
-                }
-                _ => {
-                    tx.remove(&k);
-                    continue;
-                }
             };
             if !self.expired(to_millis(rec.created), now_ms) {
                 continue;
@@ -2049,6 +2105,8 @@ impl Writer {
         for rec in Self::records_of(tx, id, &meta)? {
             if rec.state == RecipientState::Scheduled {
                 tx.unschedule(&rec);
+            } else if rec.state == RecipientState::Leased {
+                tx.unlease(rec.id);
             } else if rec.state.is_final() {
                 tx.remove(&codec::final_key(to_millis(rec.updated), rec.id));
             }
@@ -2350,14 +2408,13 @@ fn recover(
             _ => None,
         }
     };
-    // Removes an orphan record and its index entries.
+    // Removes an orphan record and its index entry.
     let drop_record = |fixes: &mut sled::Batch, n: &mut usize, rec: &RecipientRecord| {
-        let due = to_millis(rec.next_attempt);
         fixes.remove(&codec::rcpt_key(rec.id));
-        fixes.remove(&codec::sched_key(due, rec.id));
         fixes.remove(&codec::final_key(to_millis(rec.updated), rec.id));
-        *n += 3;
+        *n += 2;
     };
+    let mut sched = Schedule::default();
 
     for item in metas {
         let (mk, mv) = item?;
@@ -2410,15 +2467,14 @@ fn recover(
         }
         for rec in &mut group {
             if rec.state == RecipientState::Leased {
+                // Written by versions that stored leases.
                 rec.state = RecipientState::Scheduled;
-                let due = to_millis(rec.next_attempt);
                 fixes.insert(&codec::rcpt_key(rec.id), codec::encode_record(rec));
-                fixes.insert(
-                    &codec::sched_key(due, rec.id),
-                    &to_millis(rec.created).to_be_bytes(),
-                );
-                nfixes += 2;
+                nfixes += 1;
                 released += 1;
+            }
+            if rec.state == RecipientState::Scheduled {
+                sched.add(to_millis(rec.next_attempt), rec.id, to_millis(rec.created));
             }
             counters.add(rec.state, &rec.destination);
         }
@@ -2451,12 +2507,15 @@ fn recover(
         orphans += 1;
         flush_fixes(&mut fixes, &mut nfixes, false)?;
     }
-    // Schema-1 stores kept a per-destination schedule under `d`: no longer used.
-    for item in db.scan_prefix([codec::P_DEST]) {
-        let (k, _) = item?;
-        fixes.remove(k);
-        nfixes += 1;
-        flush_fixes(&mut fixes, &mut nfixes, false)?;
+    // Older stores kept the schedule in sled: under `d` per destination (schema 1), and
+    // under `s` until it moved into memory. No longer used.
+    for prefix in [codec::P_DEST, codec::P_SCHED] {
+        for item in db.scan_prefix([prefix]) {
+            let (k, _) = item?;
+            fixes.remove(k);
+            nfixes += 1;
+            flush_fixes(&mut fixes, &mut nfixes, false)?;
+        }
     }
     flush_fixes(&mut fixes, &mut nfixes, true)?;
     counters.suppressions = db.scan_prefix([codec::P_SUPP]).count() as u64;
@@ -2464,5 +2523,101 @@ fn recover(
         tracing::info!(path = %path.display(), released, removed = orphans, "queue recovered");
     }
     *lock(&shared.counters) = counters;
+    *lock(&shared.sched) = sched;
     Ok((max_id, seg_live, seg_ids))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn message() -> NewMessage {
+        NewMessage {
+            idempotency_key: None,
+            sender: "news@sender.test".into(),
+            recipients: vec!["a@one.test".into()],
+            body: b"Subject: hi\r\n\r\nhello\r\n".to_vec(),
+        }
+    }
+
+    /// Versions before the in-memory schedule wrote the schedule under `s` and leases into
+    /// the records. Open drops the former and turns the latter back into scheduled
+    /// recipients, due as before.
+    #[test]
+    fn on_disk_schedule_and_leases_of_older_stores_are_upgraded_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let rid;
+        let due;
+        {
+            let q = Queue::open(dir.path(), QueueOptions::default()).unwrap();
+            let e = q.enqueue(message()).unwrap();
+            rid = RecipientId {
+                message: e.id,
+                index: 0,
+            };
+            let db = q.shared.db();
+            let stored = db.get(codec::rcpt_key(rid)).unwrap().unwrap();
+            let mut rec = codec::decode_record(rid, &stored).unwrap();
+            assert_eq!(rec.state, RecipientState::Scheduled);
+            due = to_millis(rec.next_attempt);
+            rec.state = RecipientState::Leased;
+            db.insert(codec::rcpt_key(rid), codec::encode_record(&rec))
+                .unwrap();
+            let mut old_sched = codec::final_key(due, rid);
+            old_sched[0] = codec::P_SCHED;
+            db.insert(old_sched, &to_millis(rec.created).to_be_bytes())
+                .unwrap();
+            q.flush().unwrap();
+        }
+        let q = Queue::open(dir.path(), QueueOptions::default()).unwrap();
+        assert!(
+            q.shared.db().scan_prefix([codec::P_SCHED]).next().is_none(),
+            "old schedule entries removed"
+        );
+        let info = q.message(rid.message).unwrap().unwrap();
+        assert_eq!(info.recipients[0].state, RecipientState::Scheduled);
+        assert_eq!(q.stats().oldest_due, Some(from_millis(due)));
+        let leases = q
+            .take_due(SystemTime::now() + Duration::from_secs(1), 10)
+            .unwrap();
+        assert_eq!(leases.len(), 1);
+        assert_eq!(leases[0].recipient.id, rid);
+    }
+
+    /// A lease is in memory only; deleting its message drops it, and completing it then
+    /// finds nothing.
+    #[test]
+    fn lease_is_not_stored_and_goes_with_its_message() {
+        let dir = tempfile::tempdir().unwrap();
+        let q = Queue::open(dir.path(), QueueOptions::default()).unwrap();
+        let e = q.enqueue(message()).unwrap();
+        let leases = q
+            .take_due(SystemTime::now() + Duration::from_secs(1), 10)
+            .unwrap();
+        let rid = leases[0].recipient.id;
+        let stored = q.shared.db().get(codec::rcpt_key(rid)).unwrap().unwrap();
+        assert_eq!(
+            codec::decode_record(rid, &stored).unwrap().state,
+            RecipientState::Scheduled,
+            "on disk a leased recipient reads scheduled"
+        );
+        assert_eq!(
+            q.message(e.id).unwrap().unwrap().recipients[0].state,
+            RecipientState::Leased
+        );
+        assert_eq!(q.list(Some(RecipientState::Leased), 10).unwrap().len(), 1);
+        assert!(q.delete(e.id).unwrap());
+        assert_eq!(q.stats().by_state.get(&RecipientState::Leased), None);
+        assert!(lock(&q.shared.sched).leased_at(rid).is_none());
+        assert!(matches!(
+            q.complete(
+                rid,
+                Outcome::Delivered {
+                    reply: "250 ok".into()
+                }
+            ),
+            Err(QueueError::NotFound(_))
+        ));
+    }
 }

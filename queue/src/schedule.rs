@@ -1,0 +1,190 @@
+//! The schedule (which recipients are due when) and the leases, kept in memory.
+//!
+//! Both are derived state. The records on disk say which recipients are `Scheduled` and
+//! when their next attempt is; `recover` rebuilds this index from them at open, in the scan
+//! of every record that it does anyway. A lease lives only in memory: on disk a leased
+//! recipient still reads `Scheduled`, which is exactly what a crash must turn a lease back
+//! into. Keeping them out of sled saves, per delivered recipient, the schedule entry written
+//! at enqueue and removed at the lease, and the record rewritten for the lease: three of
+//! nine sled writes (BENCHMARKS.md, "Fourth session", has what that bought).
+//!
+//! Memory: one `BTreeMap` entry (32 bytes of key and value, plus the tree's overhead) per
+//! scheduled recipient, and one `HashMap` entry per lease.
+
+use std::collections::{BTreeMap, HashMap};
+
+use crate::RecipientId;
+
+/// Schedule order: due time, then recipient id.
+type Key = (u64, RecipientId);
+
+#[derive(Default)]
+pub(crate) struct Schedule {
+    /// (due ms, recipient) → created ms (for expiry without reading the record).
+    due: BTreeMap<Key, u64>,
+    /// Leased recipient → when it was leased (ms).
+    leased: HashMap<RecipientId, u64>,
+}
+
+/// One change, as the undo log of a request records it.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Undo {
+    /// `due` gained this entry (undo: remove it).
+    Added(u64, RecipientId),
+    /// `due` lost this entry, with its created time (undo: put it back).
+    Removed(u64, RecipientId, u64),
+    /// This recipient was leased (undo: release it).
+    Leased(RecipientId),
+    /// This lease, taken at the given time, was dropped (undo: take it again).
+    Unleased(RecipientId, u64),
+}
+
+impl Schedule {
+    /// Schedules `rid` at `due_ms`. Returns the undo entry, or `None` if it was already there.
+    pub(crate) fn add(&mut self, due_ms: u64, rid: RecipientId, created_ms: u64) -> Option<Undo> {
+        match self.due.insert((due_ms, rid), created_ms) {
+            None => Some(Undo::Added(due_ms, rid)),
+            Some(_) => None,
+        }
+    }
+
+    pub(crate) fn remove(&mut self, due_ms: u64, rid: RecipientId) -> Option<Undo> {
+        self.due
+            .remove(&(due_ms, rid))
+            .map(|created| Undo::Removed(due_ms, rid, created))
+    }
+
+    pub(crate) fn lease(&mut self, rid: RecipientId, at_ms: u64) -> Option<Undo> {
+        match self.leased.entry(rid) {
+            std::collections::hash_map::Entry::Occupied(_) => None,
+            std::collections::hash_map::Entry::Vacant(e) => {
+                e.insert(at_ms);
+                Some(Undo::Leased(rid))
+            }
+        }
+    }
+
+    pub(crate) fn unlease(&mut self, rid: RecipientId) -> Option<Undo> {
+        self.leased.remove(&rid).map(|at| Undo::Unleased(rid, at))
+    }
+
+    /// When `rid` was leased, if it is.
+    pub(crate) fn leased_at(&self, rid: RecipientId) -> Option<u64> {
+        self.leased.get(&rid).copied()
+    }
+
+    pub(crate) fn undo(&mut self, u: Undo) {
+        match u {
+            Undo::Added(due, rid) => {
+                self.due.remove(&(due, rid));
+            }
+            Undo::Removed(due, rid, created) => {
+                self.due.insert((due, rid), created);
+            }
+            Undo::Leased(rid) => {
+                self.leased.remove(&rid);
+            }
+            Undo::Unleased(rid, at) => {
+                self.leased.insert(rid, at);
+            }
+        }
+    }
+
+    /// Up to `max` entries due at or before `now_ms`, in schedule order, starting after
+    /// `after` (exclusive): `(due, recipient, created)`.
+    pub(crate) fn due(
+        &self,
+        now_ms: u64,
+        after: Option<Key>,
+        max: usize,
+    ) -> Vec<(u64, RecipientId, u64)> {
+        use std::ops::Bound::{Excluded, Unbounded};
+        let lower = match after {
+            Some(k) => Excluded(k),
+            None => Unbounded,
+        };
+        self.due
+            .range((lower, Unbounded))
+            .take_while(|((due, _), _)| *due <= now_ms)
+            .take(max)
+            .map(|(&(due, rid), &created)| (due, rid, created))
+            .collect()
+    }
+
+    /// The earliest due time.
+    pub(crate) fn oldest_due(&self) -> Option<u64> {
+        self.due.keys().next().map(|(due, _)| *due)
+    }
+
+    /// Scheduled entries.
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
+        self.due.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::MessageId;
+
+    fn rid(m: u64, i: u32) -> RecipientId {
+        RecipientId {
+            message: MessageId(m),
+            index: i,
+        }
+    }
+
+    #[test]
+    fn due_entries_come_in_order_and_in_pages() {
+        let mut s = Schedule::default();
+        s.add(30, rid(1, 0), 1);
+        s.add(10, rid(2, 1), 2);
+        s.add(10, rid(2, 0), 2);
+        s.add(99, rid(3, 0), 3);
+        let all = s.due(50, None, 10);
+        let order: Vec<_> = all.iter().map(|(d, r, _)| (*d, *r)).collect();
+        assert_eq!(
+            order,
+            vec![(10, rid(2, 0)), (10, rid(2, 1)), (30, rid(1, 0))],
+            "due ≤ 50 only, by (due, id)"
+        );
+        let first = s.due(50, None, 2);
+        assert_eq!(first.len(), 2);
+        let (d, r, _) = first[1];
+        let rest = s.due(50, Some((d, r)), 2);
+        assert_eq!(rest, vec![(30, rid(1, 0), 1)]);
+        assert_eq!(s.oldest_due(), Some(10));
+    }
+
+    #[test]
+    fn undo_reverses_every_change() {
+        let mut s = Schedule::default();
+        s.add(5, rid(1, 0), 1);
+        let mut log = Vec::new();
+        log.extend(s.remove(5, rid(1, 0)));
+        log.extend(s.lease(rid(1, 0), 7));
+        log.extend(s.add(9, rid(2, 0), 2));
+        log.extend(s.unlease(rid(1, 0)));
+        assert_eq!(log.len(), 4);
+        assert!(s.leased_at(rid(1, 0)).is_none());
+        while let Some(u) = log.pop() {
+            s.undo(u);
+        }
+        assert_eq!(s.due(100, None, 10), vec![(5, rid(1, 0), 1)]);
+        assert!(s.leased_at(rid(1, 0)).is_none());
+        assert_eq!(s.len(), 1);
+    }
+
+    #[test]
+    fn adding_twice_or_removing_what_is_absent_changes_nothing() {
+        let mut s = Schedule::default();
+        assert!(s.add(5, rid(1, 0), 1).is_some());
+        assert!(s.add(5, rid(1, 0), 1).is_none());
+        assert!(s.remove(6, rid(1, 0)).is_none());
+        assert!(s.lease(rid(1, 0), 1).is_some());
+        assert!(s.lease(rid(1, 0), 2).is_none());
+        assert_eq!(s.leased_at(rid(1, 0)), Some(1));
+        assert_eq!(s.len(), 1);
+    }
+}
