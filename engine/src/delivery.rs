@@ -765,11 +765,10 @@ impl Inner {
             return Vec::new();
         }
         let n = items.len();
-        let q = self.queue.clone();
-        let res = tokio::task::spawn_blocking(move || q.complete_batch(items)).await;
+        let res = self.queue.complete_batch_async(items).await;
         self.in_flight.fetch_sub(n, Ordering::AcqRel);
         match res {
-            Ok(Ok(v)) => v
+            Ok(v) => v
                 .into_iter()
                 .map(|r| match r {
                     Ok(c) => Some(c),
@@ -779,12 +778,8 @@ impl Inner {
                     }
                 })
                 .collect(),
-            Ok(Err(e)) => {
-                tracing::error!(error = %e, "cannot record outcomes; they stay leased until restart");
-                vec![None; n]
-            }
             Err(e) => {
-                tracing::error!(error = %e, "queue task failed");
+                tracing::error!(error = %e, "cannot record outcomes; they stay leased until restart");
                 vec![None; n]
             }
         }

@@ -1210,3 +1210,67 @@ fn torn_or_damaged_segment_body_is_caught() {
     q.flush().unwrap();
     assert!(segment_files(dir.path()).is_empty());
 }
+
+/// The async completion gives the same per-item results as the blocking one, and is durable
+/// on return like it (checked across a reopen).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn complete_batch_async_records_outcomes_durably() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = Arc::new(open(&dir));
+    let e = q.enqueue(msg(&["a@x.test", "b@x.test"])).unwrap();
+    let leases = q.take_due(later(1), 10).unwrap();
+    assert_eq!(leases.len(), 2);
+    let (a, b) = (leases[0].recipient.id, leases[1].recipient.id);
+    // Several at once from tasks, as the engine's workers do.
+    let mut tasks = Vec::new();
+    for (id, outcome) in [
+        (
+            a,
+            Outcome::Delivered {
+                reply: "250 2.0.0 ok".into(),
+            },
+        ),
+        (
+            b,
+            Outcome::Bounced {
+                reply: "550 5.1.1 no such user".into(),
+            },
+        ),
+    ] {
+        let q = Arc::clone(&q);
+        tasks.push(tokio::spawn(async move {
+            q.complete_batch_async(vec![(id, outcome)]).await
+        }));
+    }
+    for t in tasks {
+        let res = t.await.unwrap().unwrap();
+        assert!(matches!(res.as_slice(), [Ok(_)]), "{res:?}");
+    }
+    // Completing again: not leased any more, reported per item.
+    let again = q
+        .complete_batch_async(vec![(
+            a,
+            Outcome::Delivered {
+                reply: "250".into(),
+            },
+        )])
+        .await
+        .unwrap();
+    assert!(matches!(
+        again.as_slice(),
+        [Err(QueueError::NotLeased {
+            state: RecipientState::Delivered,
+            ..
+        })]
+    ));
+    assert!(q.complete_batch_async(Vec::new()).await.unwrap().is_empty());
+    drop(q);
+    let q = open(&dir);
+    assert_eq!(state(&q, a), RecipientState::Delivered);
+    assert_eq!(state(&q, b), RecipientState::Bounced);
+    assert_eq!(
+        q.body(e.id).unwrap(),
+        None,
+        "body gone with the last recipient"
+    );
+}
