@@ -1100,12 +1100,21 @@ fn spawnable_worker(
 }
 
 /// One connection worker of a destination.
+/// Transactions of one connection whose outcomes may still be being written to the queue
+/// while the connection carries the next one. A durable write waits for a group commit
+/// (an fdatasync, ~1–2 ms here), longer than a pipelined transaction on a fast link: with
+/// one, a connection spent most of its time waiting for its previous outcome. Each outcome's
+/// duplicate window stays one group commit long (see the queue's docs); a crash can re-send
+/// up to this many transactions per connection instead of one.
+const MAX_UNRECORDED: usize = 4;
+
 async fn worker(inner: Arc<Inner>, dest: Arc<Dest>) {
     let idle = inner.settings.smtp.timeouts.idle;
     let mut session: Option<(Session, String)> = None;
-    // The previous transaction's outcomes, still being written to the queue (durably) while
-    // this connection carries the next one. At most one per worker.
-    let mut recording: Option<tokio::task::JoinHandle<()>> = None;
+    // Earlier transactions' outcomes, still being written to the queue (durably) while this
+    // connection carries the next one: at most `MAX_UNRECORDED`.
+    let mut recording: std::collections::VecDeque<tokio::task::JoinHandle<()>> =
+        std::collections::VecDeque::new();
     loop {
         let Some(job) = next_job(&inner, &dest, idle).await else {
             break;
@@ -1271,17 +1280,19 @@ async fn worker(inner: Arc<Inner>, dest: Arc<Dest>) {
         let until_wall =
             until.map(|u| SystemTime::now() + u.saturating_duration_since(Instant::now()));
         let mx_name = mx.clone();
-        if let Some(r) = recording.take() {
-            let _ = r.await;
-        }
         // An unknown address must be on the suppression list before anything else is sent,
-        // and a reputation signal changes what happens next: record those in line. Otherwise
-        // the next transaction overlaps with this one's durable write (the lease is held until
-        // the write is done; a crash in between re-sends, as it would have before the write).
+        // and a reputation signal changes what happens next: record those in line, after
+        // everything before them. Otherwise the next transaction overlaps with this one's
+        // durable write (the lease is held until the write is done; a crash in between
+        // re-sends, as it would have before the write).
         let unknown = outcomes
             .iter()
             .any(|(_, c, _)| c.class == Class::InvalidRecipient);
+        recording.retain(|r| !r.is_finished());
         if unknown || reputation {
+            for r in recording.drain(..) {
+                let _ = r.await;
+            }
             inner
                 .record_with_pause(
                     &dest.key,
@@ -1292,8 +1303,13 @@ async fn worker(inner: Arc<Inner>, dest: Arc<Dest>) {
                 )
                 .await;
         } else {
+            while recording.len() >= MAX_UNRECORDED {
+                if let Some(r) = recording.pop_front() {
+                    let _ = r.await;
+                }
+            }
             let (i, d) = (inner.clone(), dest.clone());
-            recording = Some(inner.workers.spawn(async move {
+            recording.push_back(inner.workers.spawn(async move {
                 i.record_with_pause(
                     &d.key,
                     &d.metrics.outcomes,
@@ -1319,7 +1335,7 @@ async fn worker(inner: Arc<Inner>, dest: Arc<Dest>) {
             }
         }
     }
-    if let Some(r) = recording.take() {
+    for r in recording.drain(..) {
         let _ = r.await;
     }
     // Give the slot back before the (up to two QUIT timeouts long) close, and check under the
