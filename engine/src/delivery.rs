@@ -20,10 +20,11 @@
 //!   `max_messages_per_connection` transactions, and ends every connection with
 //!   [`Session::close`] (QUIT where the connection allows it).
 //! - Every outcome is written to the queue durably before its lease ends, then reported as an
-//!   event and a metric. A worker carries its next transaction while the previous one's
-//!   outcomes are being written (one write outstanding per worker), except after an unknown
-//!   address (its suppression must be durable before anything else is sent) or a reputation
-//!   signal, which are recorded before the worker goes on.
+//!   event and a metric. A worker carries its next transactions while earlier ones' outcomes
+//!   are being written (up to `MAX_UNRECORDED` writes outstanding per worker), except after an
+//!   unknown address (its suppression must be durable before anything else is sent) or a
+//!   reputation signal, which are recorded, after everything before them, before the worker
+//!   goes on.
 //! - Shutdown: the dispatcher stops leasing, workers finish the transaction in hand (never cut
 //!   off after the dot), QUIT, and ready-but-unsent recipients are released back to scheduled.
 
@@ -1099,7 +1100,6 @@ fn spawnable_worker(
     Box::pin(worker(inner, dest))
 }
 
-/// One connection worker of a destination.
 /// Transactions of one connection whose outcomes may still be being written to the queue
 /// while the connection carries the next one. A durable write waits for a group commit
 /// (an fdatasync, ~1–2 ms here), longer than a pipelined transaction on a fast link: with
@@ -1108,13 +1108,13 @@ fn spawnable_worker(
 /// up to this many transactions per connection instead of one.
 const MAX_UNRECORDED: usize = 4;
 
+/// One connection worker of a destination.
 async fn worker(inner: Arc<Inner>, dest: Arc<Dest>) {
     let idle = inner.settings.smtp.timeouts.idle;
     let mut session: Option<(Session, String)> = None;
     // Earlier transactions' outcomes, still being written to the queue (durably) while this
     // connection carries the next one: at most `MAX_UNRECORDED`.
-    let mut recording: std::collections::VecDeque<tokio::task::JoinHandle<()>> =
-        std::collections::VecDeque::new();
+    let mut recording: VecDeque<tokio::task::JoinHandle<()>> = VecDeque::new();
     loop {
         let Some(job) = next_job(&inner, &dest, idle).await else {
             break;

@@ -20,7 +20,11 @@ pub(crate) const P_FINAL: u8 = b'f';
 pub(crate) const P_IDEM: u8 = b'i';
 pub(crate) const P_SUPP: u8 = b'x';
 
-pub(crate) const SCHEMA_VERSION: &[u8] = b"bulksend-queue/1";
+/// Version 2: the schedule is no longer stored (see `schedule`). A version-1 store is
+/// upgraded at open; a binary that knows only version 1 refuses a version-2 store instead of
+/// finding nothing due in it, since it took the schedule from sled.
+pub(crate) const SCHEMA_VERSION: &[u8] = b"bulksend-queue/2";
+pub(crate) const SCHEMA_VERSION_1: &[u8] = b"bulksend-queue/1";
 
 /// Bodies are split into chunks this big. sled 0.34.7 writes a tree node bigger than
 /// segment_size / 4 (128 KiB by default) to a separate "blob" file; leaf nodes hold up to ~17

@@ -76,6 +76,11 @@
 //! schedule entry written at enqueue and removed at the lease, and the record rewritten for
 //! the lease); the price is memory, one `BTreeMap` entry per scheduled recipient.
 //!
+//! Reads on the caller's thread ([`Queue::message`], [`Queue::list`]) combine sled's committed
+//! records with the in-memory leases, which the writer changes while it handles a group,
+//! before the group's sled batch: for that moment a read can show a lease as already taken or
+//! already released.
+//!
 //! Leases ([`Queue::take_due`]) are not synced (there is nothing to sync), but their reply
 //! waits behind any sync in progress, so a lease is never handed out for a message whose
 //! enqueue is not yet durable.

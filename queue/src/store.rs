@@ -463,11 +463,13 @@ impl Queue {
         let seg_files = segments::list(&seg_dir).map_err(|e| open_err(path, e))?;
 
         let marker = path.join(MARKER);
+        let mut upgrade = false;
         match db
             .get(codec::version_key())
             .map_err(|e| open_err(path, e))?
         {
             Some(v) if v.as_ref() == codec::SCHEMA_VERSION => {}
+            Some(v) if v.as_ref() == codec::SCHEMA_VERSION_1 => upgrade = true,
             Some(v) => {
                 return Err(open_err(
                     path,
@@ -524,6 +526,14 @@ impl Queue {
             sched: Mutex::new(Schedule::default()),
         });
         let (last_id, seg_live, seg_ids) = recover(&shared, &seg_files)?;
+        if upgrade {
+            // `recover` removed the stored schedule; the first sync below makes both durable.
+            shared
+                .db()
+                .insert(codec::version_key(), codec::SCHEMA_VERSION)
+                .map_err(|e| open_err(path, e))?;
+            tracing::info!(path = %path.display(), "queue upgraded to {}", String::from_utf8_lossy(codec::SCHEMA_VERSION));
+        }
         let durable = shared.opts.durable;
         let next_seg = seg_files.keys().next_back().map_or(1, |s| s + 1);
         // Segments nothing refers to are deleted by the first sync below.
@@ -1049,8 +1059,8 @@ struct Tx<'a> {
     /// Body segment reference changes (segment, ±1), applied once committed.
     seg_delta: Vec<segments::Delta>,
     /// Schedule and lease changes. Unlike sled writes they are applied to `Shared::sched`
-    /// at once (so later requests of the group see them); this log undoes a failed request.
-    /// A failed commit closes the queue, so nothing is undone then.
+    /// at once (so later requests of the group see them); this log undoes a failed request,
+    /// and the whole group when its sled batch fails (then none of it reached sled).
     sched_undo: Vec<schedule::Undo>,
 }
 
@@ -1278,7 +1288,13 @@ impl<'a> Tx<'a> {
                     }
                 }
             }
-            self.db.apply_batch(batch)?;
+            if let Err(e) = self.db.apply_batch(batch) {
+                let mut sched = lock(&self.shared.sched);
+                for u in self.sched_undo.into_iter().rev() {
+                    sched.undo(u);
+                }
+                return Err(e);
+            }
         }
         if !self.seg_delta.is_empty() {
             lock(&self.shared.segs).apply(&self.seg_delta);
@@ -2615,9 +2631,9 @@ mod tests {
         }
     }
 
-    /// Versions before the in-memory schedule wrote the schedule under `s` and leases into
-    /// the records. Open drops the former and turns the latter back into scheduled
-    /// recipients, due as before.
+    /// Versions before the in-memory schedule (schema version 1) wrote the schedule under `s`
+    /// and leases into the records. Open drops the former, turns the latter back into
+    /// scheduled recipients, due as before, and marks the store version 2.
     #[test]
     fn on_disk_schedule_and_leases_of_older_stores_are_upgraded_at_open() {
         let dir = tempfile::tempdir().unwrap();
@@ -2642,12 +2658,19 @@ mod tests {
             old_sched[0] = codec::P_SCHED;
             db.insert(old_sched, &to_millis(rec.created).to_be_bytes())
                 .unwrap();
+            db.insert(codec::version_key(), codec::SCHEMA_VERSION_1)
+                .unwrap();
             q.flush().unwrap();
         }
         let q = Queue::open(dir.path(), QueueOptions::default()).unwrap();
         assert!(
             q.shared.db().scan_prefix([codec::P_SCHED]).next().is_none(),
             "old schedule entries removed"
+        );
+        assert_eq!(
+            q.shared.db().get(codec::version_key()).unwrap().as_deref(),
+            Some(codec::SCHEMA_VERSION),
+            "upgraded: a binary that knows only version 1 now refuses the store"
         );
         let info = q.message(rid.message).unwrap().unwrap();
         assert_eq!(info.recipients[0].state, RecipientState::Scheduled);
@@ -2657,6 +2680,27 @@ mod tests {
             .unwrap();
         assert_eq!(leases.len(), 1);
         assert_eq!(leases[0].recipient.id, rid);
+    }
+
+    /// A store written by a newer version than this one knows is refused, naming the path
+    /// and the version, rather than read wrongly.
+    #[test]
+    fn unknown_schema_version_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let q = Queue::open(dir.path(), QueueOptions::default()).unwrap();
+            q.shared
+                .db()
+                .insert(codec::version_key(), b"bulksend-queue/9".as_slice())
+                .unwrap();
+            q.flush().unwrap();
+        }
+        let err = Queue::open(dir.path(), QueueOptions::default())
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("bulksend-queue/9"), "{err}");
+        assert!(err.contains(&dir.path().display().to_string()), "{err}");
     }
 
     /// A lease is in memory only; deleting its message drops it, and completing it then

@@ -1211,8 +1211,10 @@ fn torn_or_damaged_segment_body_is_caught() {
     assert!(segment_files(dir.path()).is_empty());
 }
 
-/// The async completion gives the same per-item results as the blocking one, and is durable
-/// on return like it (checked across a reopen).
+/// The async completion gives the same per-item results as the blocking one, and what it
+/// recorded is there after a reopen. (A clean drop syncs, so this does not show that the
+/// reply waited for the fdatasync; the crash test does that for the blocking path, which
+/// shares the writer and syncer.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn complete_batch_async_records_outcomes_durably() {
     let dir = tempfile::tempdir().unwrap();
