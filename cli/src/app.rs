@@ -121,3 +121,26 @@ pub(crate) fn spawn_queue_gauges(queue: Arc<Queue>) -> tokio::task::JoinHandle<(
         }
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    /// Every queue key an operator sets reaches the queue (a key dropped here would be
+    /// silently ignored).
+    #[test]
+    fn queue_options_carry_the_config_keys() {
+        let mut settings = Settings::default();
+        settings.queue.cache_capacity_mb = 17;
+        settings.delivery.max_queue_lifetime = Duration::from_secs(3 * 3600);
+        settings.queue.final_retention = Duration::from_secs(90);
+        settings.queue.auto_compact = false;
+        let o = queue_options(&settings);
+        assert_eq!(o.cache_capacity_bytes, 17 << 20);
+        assert_eq!(o.max_queue_lifetime, Duration::from_secs(3 * 3600));
+        assert_eq!(o.final_retention, Duration::from_secs(90));
+        assert!(!o.auto_compact);
+        assert!(o.durable, "the service always runs durable");
+    }
+}

@@ -557,7 +557,9 @@ impl Queue {
                     Writer {
                         shared: s,
                         last_id,
-                        next_purge: Instant::now() + AUTO_PURGE_EVERY,
+                        // Purge at once: records may have aged past `final_retention`
+                        // while the process was down.
+                        next_purge: Instant::now(),
                         next_compact_check: Some(Instant::now() + COMPACT_CHECK_DELAY),
                         background: None,
                         compacted_size: 0,

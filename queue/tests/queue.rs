@@ -1276,3 +1276,47 @@ async fn complete_batch_async_records_outcomes_durably() {
         "body gone with the last recipient"
     );
 }
+
+/// Final records older than `final_retention` are purged by the writer on its own, the first
+/// time right after open (records can age while the process is down).
+#[test]
+fn final_records_past_retention_are_purged_after_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let short = QueueOptions {
+        final_retention: Duration::from_millis(1),
+        ..opts()
+    };
+    let kept = QueueOptions {
+        final_retention: Duration::from_secs(3600),
+        ..opts()
+    };
+    {
+        let q = Queue::open(dir.path(), kept.clone()).unwrap();
+        let e = q.enqueue(msg(&["a@x.test"])).unwrap();
+        let l = q.take_due(later(1), 10).unwrap();
+        q.complete(
+            l[0].recipient.id,
+            Outcome::Delivered {
+                reply: "250".into(),
+            },
+        )
+        .unwrap();
+        assert!(q.message(e.id).unwrap().is_some());
+    }
+    // Within the retention the record stays across an open.
+    {
+        let q = Queue::open(dir.path(), kept).unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+        assert_eq!(q.list(None, 10).unwrap().len(), 1, "kept: within retention");
+    }
+    let q = Queue::open(dir.path(), short).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !q.list(None, 10).unwrap().is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "final record not purged after open"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(q.stats().by_state.get(&RecipientState::Delivered), None);
+}
