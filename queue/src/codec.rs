@@ -110,24 +110,19 @@ pub(crate) fn rcpt_key(id: RecipientId) -> [u8; 13] {
     k
 }
 
-/// `prefix ++ ms ++ rid`: an index ordered by time, then recipient.
-fn time_rid_key(prefix: u8, ms: u64, id: RecipientId) -> [u8; 21] {
-    let mut k = [0u8; 21];
-    k[0] = prefix;
-    k[1..9].copy_from_slice(&ms.to_be_bytes());
-    k[9..].copy_from_slice(&rid_bytes(id));
-    k
-}
-
-/// Parses the tail `ms ++ rid` of a final-index key.
-pub(crate) fn parse_due_rid(tail: &[u8]) -> Option<(u64, RecipientId)> {
+/// Parses the tail `final_at_ms ++ rid` of a final-index key.
+pub(crate) fn parse_final_tail(tail: &[u8]) -> Option<(u64, RecipientId)> {
     let d: [u8; 8] = tail.get(..8)?.try_into().ok()?;
     Some((u64::from_be_bytes(d), rid_from(tail.get(8..)?)?))
 }
 
 /// `f ++ final_at_ms ++ rid`: final records by the time they became final (for purging).
 pub(crate) fn final_key(at_ms: u64, id: RecipientId) -> [u8; 21] {
-    time_rid_key(P_FINAL, at_ms, id)
+    let mut k = [0u8; 21];
+    k[0] = P_FINAL;
+    k[1..9].copy_from_slice(&at_ms.to_be_bytes());
+    k[9..].copy_from_slice(&rid_bytes(id));
+    k
 }
 
 pub(crate) fn idem_key(key: &str) -> Vec<u8> {
@@ -476,6 +471,6 @@ mod tests {
         assert!(final_key(1, a) < final_key(2, b));
         assert!(final_key(2, b) < final_key(2, a));
         assert!(final_key(255, b) < final_key(256, a), "big-endian time");
-        assert_eq!(parse_due_rid(&final_key(42, a)[1..]), Some((42, a)));
+        assert_eq!(parse_final_tail(&final_key(42, a)[1..]), Some((42, a)));
     }
 }

@@ -37,7 +37,8 @@
 //! Bodies over 256 bytes are not in sled: they are appended to *segment files*
 //! `bodies/NNN.seg` (at most 32 MiB each) and referenced by (segment, offset, CRC-32). sled's
 //! cost is per key and grows with the bytes it logs, caches and cleans: a 20 KB body in 4 KiB
-//! chunks cost more than the rest of its message, and sled kept rewriting and compacting it. A segment file is deleted as a whole once no message with a
+//! chunks cost more than the rest of its message, and sled kept rewriting and compacting it.
+//! A segment file is deleted as a whole once no message with a
 //! pending recipient refers to it (after the sync that made that durable). See
 //! `segments.rs` for the order of writes and syncs, and how opening the queue removes a
 //! message whose body a power cut cut short (never acknowledged). The few bodies still
@@ -71,15 +72,15 @@
 //! not in sled. The records are the truth: a `Scheduled` record has its `next_attempt`, and
 //! open rebuilds the schedule from them during the scan of every record that recovery does
 //! anyway. A lease is never written: on disk a leased recipient still reads `Scheduled`, which
-//! is what a crash must return it to. Reads ([`Queue::message`], [`Queue::list`]) show the
-//! lease. This takes three of the nine sled writes a delivered recipient used to cost (the
-//! schedule entry written at enqueue and removed at the lease, and the record rewritten for
-//! the lease); the price is memory, one `BTreeMap` entry per scheduled recipient.
+//! is what a crash must return it to. This takes three of the nine sled writes a delivered
+//! recipient used to cost (the schedule entry written at enqueue and removed at the lease, and
+//! the record rewritten for the lease); the price is memory, one `BTreeMap` entry per
+//! scheduled recipient.
 //!
-//! Reads on the caller's thread ([`Queue::message`], [`Queue::list`]) combine sled's committed
+//! Reads ([`Queue::message`], [`Queue::list`]) show the lease: they combine sled's committed
 //! records with the in-memory leases, which the writer changes while it handles a group,
-//! before the group's sled batch: for that moment a read can show a lease as already taken or
-//! already released.
+//! before the group's sled batch, so for that moment a read can show a lease as already taken
+//! or already released.
 //!
 //! Leases ([`Queue::take_due`]) are not synced (there is nothing to sync), but their reply
 //! waits behind any sync in progress, so a lease is never handed out for a message whose

@@ -73,6 +73,16 @@ impl Schedule {
         self.leased.get(&rid).copied()
     }
 
+    /// Undoes a log of changes, newest first.
+    pub(crate) fn undo_all(
+        &mut self,
+        log: impl IntoIterator<Item = Undo, IntoIter: DoubleEndedIterator>,
+    ) {
+        for u in log.into_iter().rev() {
+            self.undo(u);
+        }
+    }
+
     pub(crate) fn undo(&mut self, u: Undo) {
         match u {
             Undo::Added(due, rid) => {
@@ -168,9 +178,7 @@ mod tests {
         log.extend(s.unlease(rid(1, 0)));
         assert_eq!(log.len(), 4);
         assert!(s.leased_at(rid(1, 0)).is_none());
-        while let Some(u) = log.pop() {
-            s.undo(u);
-        }
+        s.undo_all(log);
         assert_eq!(s.due(100, None, 10), vec![(5, rid(1, 0), 1)]);
         assert!(s.leased_at(rid(1, 0)).is_none());
         assert_eq!(s.len(), 1);

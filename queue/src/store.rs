@@ -1121,10 +1121,7 @@ impl<'a> Tx<'a> {
         self.supp_delta = sp.supp_delta;
         self.seg_delta.truncate(sp.seg_delta);
         if self.sched_undo.len() > sp.sched_undo {
-            let mut sched = lock(&self.shared.sched);
-            for u in self.sched_undo.drain(sp.sched_undo..).rev() {
-                sched.undo(u);
-            }
+            lock(&self.shared.sched).undo_all(self.sched_undo.drain(sp.sched_undo..));
         }
         while self.undo.len() > sp.undo {
             if let Some((k, prev)) = self.undo.pop() {
@@ -1291,10 +1288,7 @@ impl<'a> Tx<'a> {
                 }
             }
             if let Err(e) = self.db.apply_batch(batch) {
-                let mut sched = lock(&self.shared.sched);
-                for u in self.sched_undo.into_iter().rev() {
-                    sched.undo(u);
-                }
+                lock(&self.shared.sched).undo_all(self.sched_undo);
                 return Err(e);
             }
         }
@@ -2224,7 +2218,7 @@ impl Writer {
             let (k, _) = item?;
             tx.remove(&k);
             n += 1;
-            let Some((_, rid)) = codec::parse_due_rid(&k[1..]) else {
+            let Some((_, rid)) = codec::parse_final_tail(&k[1..]) else {
                 continue;
             };
             if let Some(rec) = tx.record(rid)? {
