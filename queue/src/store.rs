@@ -26,8 +26,11 @@ use crate::{
 const MAX_ADDRESS: usize = 320;
 const MAX_IDEMPOTENCY_KEY: usize = 512;
 /// Purge at most this many final records per sled batch, so one purge never builds a
-/// batch as big as the queue.
-const PURGE_CHUNK: usize = 10_000;
+/// batch as big as the queue. sled keeps every node copy a batch replaces until the batch
+/// ends, so the batch size is also a peak of memory: 10,000 records per batch left RSS at
+/// 435 MiB after purging 1,000,000 records, 1,000 at 333 MiB (BENCHMARKS.md, "Fifth
+/// session").
+const PURGE_CHUNK: usize = 1_000;
 /// How often the writer purges final records older than `final_retention` on its own.
 const AUTO_PURGE_EVERY: Duration = Duration::from_secs(60);
 /// Recovery applies its fixes in batches of this many writes.

@@ -1328,3 +1328,60 @@ fn final_records_past_retention_are_purged_after_open() {
     }
     assert_eq!(q.stats().by_state.get(&RecipientState::Delivered), None);
 }
+
+/// A purge bigger than one sled batch (1,000 records per batch) removes every final record,
+/// message and idempotency key, and leaves the pending ones alone.
+#[test]
+fn purge_spanning_several_batches_removes_everything_final() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = open(&dir);
+    let n = 2_500;
+    let batch: Vec<NewMessage> = (0..n)
+        .map(|i| {
+            let mut m = msg(&[&format!("u{i}@x.test")]);
+            m.idempotency_key = Some(format!("k{i}"));
+            m
+        })
+        .collect();
+    let ids: Vec<MessageId> = q
+        .enqueue_batch(batch.clone())
+        .unwrap()
+        .into_iter()
+        .map(|r| r.unwrap().id)
+        .collect();
+    let pending = q.enqueue(msg(&["still@x.test"])).unwrap().id;
+    let leases = q.take_due(later(1), n + 1).unwrap();
+    assert_eq!(leases.len(), n + 1);
+    let done: Vec<_> = leases
+        .iter()
+        .filter(|l| l.recipient.id.message != pending)
+        .map(|l| {
+            (
+                l.recipient.id,
+                Outcome::Delivered {
+                    reply: "250".into(),
+                },
+            )
+        })
+        .collect();
+    assert_eq!(done.len(), n);
+    for r in q.complete_batch(done).unwrap() {
+        r.unwrap();
+    }
+    assert_eq!(q.purge_final(later(1)).unwrap(), n);
+    assert_eq!(q.purge_final(later(1)).unwrap(), 0);
+    for id in [ids[0], ids[999], ids[1000], ids[n - 1]] {
+        assert!(q.message(id).unwrap().is_none());
+    }
+    assert_eq!(
+        q.list(None, 10).unwrap().len(),
+        1,
+        "only the leased one left"
+    );
+    assert_eq!(q.stats().by_state[&RecipientState::Leased], 1);
+    let delivered = q.stats().by_state.get(&RecipientState::Delivered).copied();
+    assert_eq!(delivered.unwrap_or(0), 0, "no delivered record left");
+    // The idempotency keys went with their messages: the same keys are new messages again.
+    let again = q.enqueue_batch(batch).unwrap();
+    assert!(again.iter().all(|r| !r.as_ref().unwrap().duplicate));
+}
