@@ -6,7 +6,7 @@ use std::ffi::OsString;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -321,7 +321,7 @@ struct Request {
 
 /// Where a request's reply goes: a thread blocked in a call, or a task awaiting an async call.
 enum ReplyTo {
-    Blocking(Sender<Res<Reply>>),
+    Blocking(SlotSender),
     Async(tokio::sync::oneshot::Sender<Res<Reply>>),
     /// Nobody waits (the writer's own syncs).
     Nobody,
@@ -330,14 +330,66 @@ enum ReplyTo {
 impl ReplyTo {
     fn send(self, r: Res<Reply>) {
         match self {
-            ReplyTo::Blocking(tx) => {
-                let _ = tx.send(r);
-            }
+            ReplyTo::Blocking(tx) => tx.send(r),
             ReplyTo::Async(tx) => {
                 let _ = tx.send(r);
             }
             ReplyTo::Nobody => {}
         }
+    }
+}
+
+/// The reply of one blocking call. The caller parks on the condition variable at once: a
+/// `crossbeam_channel::bounded(1)` spins and calls `sched_yield` before it parks, and with 64
+/// callers each waiting a group commit (~1–2 ms) those yields were the most frequent
+/// context switch of the whole queue benchmark (BENCHMARKS.md, "Fifth session").
+struct Slot {
+    reply: Mutex<Option<Res<Reply>>>,
+    ready: Condvar,
+}
+
+impl Slot {
+    fn pair() -> (SlotSender, Arc<Slot>) {
+        let slot = Arc::new(Slot {
+            reply: Mutex::new(None),
+            ready: Condvar::new(),
+        });
+        (SlotSender(Some(Arc::clone(&slot))), slot)
+    }
+
+    fn wait(&self) -> Res<Reply> {
+        let mut reply = lock(&self.reply);
+        loop {
+            if let Some(r) = reply.take() {
+                return r;
+            }
+            reply = self.ready.wait(reply).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+}
+
+/// Fills its [`Slot`] once; dropped unfilled (the writer or syncer gone with the request),
+/// it fills it with [`QueueError::Closed`] so that the caller never waits forever.
+struct SlotSender(Option<Arc<Slot>>);
+
+impl SlotSender {
+    fn send(mut self, r: Res<Reply>) {
+        self.fill(r);
+    }
+
+    fn fill(&mut self, r: Res<Reply>) {
+        if let Some(slot) = self.0.take() {
+            *lock(&slot.reply) = Some(r);
+            slot.ready.notify_one();
+        }
+    }
+}
+
+impl Drop for SlotSender {
+    fn drop(&mut self) {
+        self.fill(Err(QueueError::Closed {
+            reason: "writer thread stopped".into(),
+        }));
     }
 }
 
@@ -594,7 +646,7 @@ impl Queue {
         let closed = || QueueError::Closed {
             reason: "writer thread stopped".into(),
         };
-        let (tx, rx) = crossbeam_channel::bounded(1);
+        let (tx, slot) = Slot::pair();
         self.requests
             .as_ref()
             .ok_or_else(closed)?
@@ -603,7 +655,7 @@ impl Queue {
                 reply: ReplyTo::Blocking(tx),
             })
             .map_err(|_| closed())?;
-        rx.recv().map_err(|_| closed())?
+        slot.wait()
     }
 
     /// [`Queue::call`] for async callers: no thread waits for the reply. The request is
