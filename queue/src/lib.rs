@@ -134,6 +134,7 @@
 
 mod codec;
 mod error;
+mod filter;
 mod schedule;
 mod segments;
 mod store;

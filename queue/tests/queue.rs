@@ -391,6 +391,12 @@ fn suppression() {
     assert!(q.suppressed("bob@x.test").unwrap().is_none());
     let e3 = q.enqueue(msg(&["bob@x.test"])).unwrap();
     assert!(e3.suppressed.is_empty());
+    // The list is read again at open.
+    assert!(q.suppress_add("carol@x.test", "5.1.1").unwrap());
+    drop(q);
+    let q = open(&dir);
+    let e4 = q.enqueue(msg(&["carol@x.test", "bob@x.test"])).unwrap();
+    assert_eq!(e4.suppressed, vec!["carol@x.test".to_string()]);
     assert!(matches!(
         q.suppress_add("bob\r\n@x.test", "x").unwrap_err(),
         QueueError::InvalidInput(_)
@@ -1384,4 +1390,43 @@ fn purge_spanning_several_batches_removes_everything_final() {
     // The idempotency keys went with their messages: the same keys are new messages again.
     let again = q.enqueue_batch(batch).unwrap();
     assert!(again.iter().all(|r| !r.as_ref().unwrap().duplicate));
+}
+
+/// The writer keeps an in-memory filter of the suppression list and rebuilds it when it has
+/// grown past what it was sized for (4,096 keys at first): no suppressed address may slip
+/// through, before, during or after the rebuilds.
+#[test]
+fn many_suppressions_are_all_found_at_enqueue() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = Arc::new(open(&dir));
+    let threads: Vec<_> = (0..16)
+        .map(|t| {
+            let q = Arc::clone(&q);
+            std::thread::spawn(move || {
+                for i in 0..400 {
+                    assert!(q
+                        .suppress_add(&format!("s{t}-{i}@x.test"), "5.1.1")
+                        .unwrap());
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    assert_eq!(q.suppress_list().unwrap().len(), 16 * 400);
+    let mut batch = Vec::new();
+    for t in 0..16 {
+        for i in (0..400).step_by(7) {
+            batch.push(msg(&[
+                &format!("S{t}-{i}@X.test"),
+                &format!("n{t}-{i}@x.test"),
+            ]));
+        }
+    }
+    for e in q.enqueue_batch(batch).unwrap() {
+        let e = e.unwrap();
+        assert_eq!(e.suppressed.len(), 1, "{:?}", e.suppressed);
+        assert!(e.suppressed[0].starts_with('S'));
+    }
 }
