@@ -664,7 +664,8 @@ impl Queue {
 
     /// [`Queue::call`] for async callers: no thread waits for the reply. The request is
     /// handed over without blocking; only if the writer is 4096 requests behind does a
-    /// blocking thread wait for room.
+    /// blocking thread wait for room (tokio's blocking pool, or the polling thread itself
+    /// outside a tokio runtime).
     async fn call_async(&self, op: Op) -> Res<Reply> {
         if let Some(reason) = lock(&self.shared.closed).clone() {
             return Err(QueueError::Closed { reason });
@@ -681,12 +682,20 @@ impl Queue {
         match requests.try_send(req) {
             Ok(()) => {}
             Err(crossbeam_channel::TrySendError::Full(req)) => {
-                let requests = requests.clone();
-                tokio::task::spawn_blocking(move || requests.send(req).is_ok())
-                    .await
-                    .ok()
-                    .filter(|sent| *sent)
-                    .ok_or_else(closed)?;
+                let sent = match tokio::runtime::Handle::try_current() {
+                    Ok(rt) => {
+                        let requests = requests.clone();
+                        rt.spawn_blocking(move || requests.send(req).is_ok())
+                            .await
+                            .unwrap_or(false)
+                    }
+                    // Polled outside a tokio runtime: wait for room on this thread, as
+                    // `call` does (the writer frees room within a group commit).
+                    Err(_) => requests.send(req).is_ok(),
+                };
+                if !sent {
+                    return Err(closed());
+                }
             }
             Err(crossbeam_channel::TrySendError::Disconnected(_)) => return Err(closed()),
         }
