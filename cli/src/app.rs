@@ -36,6 +36,7 @@ pub(crate) fn queue_options(settings: &Settings) -> QueueOptions {
         max_queue_lifetime: settings.delivery.max_queue_lifetime,
         final_retention: settings.queue.final_retention,
         auto_compact: settings.queue.auto_compact,
+        lease_timeout: Some(settings.queue.lease_timeout).filter(|t| !t.is_zero()),
         ..QueueOptions::default()
     }
 }
@@ -136,11 +137,15 @@ mod tests {
         settings.delivery.max_queue_lifetime = Duration::from_secs(3 * 3600);
         settings.queue.final_retention = Duration::from_secs(90);
         settings.queue.auto_compact = false;
+        settings.queue.lease_timeout = Duration::from_secs(7200);
         let o = queue_options(&settings);
+        assert_eq!(o.lease_timeout, Some(Duration::from_secs(7200)));
         assert_eq!(o.cache_capacity_bytes, 17 << 20);
         assert_eq!(o.max_queue_lifetime, Duration::from_secs(3 * 3600));
         assert_eq!(o.final_retention, Duration::from_secs(90));
         assert!(!o.auto_compact);
         assert!(o.durable, "the service always runs durable");
+        settings.queue.lease_timeout = Duration::ZERO;
+        assert_eq!(queue_options(&settings).lease_timeout, None, "0s: off");
     }
 }

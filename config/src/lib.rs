@@ -85,6 +85,12 @@ pub struct QueueSettings {
     /// Compact the store on its own (in the background) when its files are mostly dead
     /// space, e.g. after a drain. sled never shrinks its files otherwise.
     pub auto_compact: bool,
+    /// A lease not completed or renewed within this time returns to scheduled (a safety net
+    /// for a lost lease; the engine renews the leases of jobs it keeps waiting). `0s`: off,
+    /// leases return only with a restart. At least `delivery.shutdown_grace`, which bounds a
+    /// transaction in hand.
+    #[serde(with = "humantime_serde")]
+    pub lease_timeout: Duration,
 }
 
 impl Default for QueueSettings {
@@ -94,6 +100,7 @@ impl Default for QueueSettings {
             cache_capacity_mb: 64,
             final_retention: Duration::from_secs(7 * 86400),
             auto_compact: true,
+            lease_timeout: Duration::from_secs(3600),
         }
     }
 }
@@ -552,6 +559,15 @@ impl Settings {
             }
         }
         let d = &self.delivery;
+        let lease = self.queue.lease_timeout;
+        if !lease.is_zero() && lease < d.shutdown_grace {
+            return Err(format!(
+                "queue.lease_timeout ({}) is shorter than delivery.shutdown_grace ({}): a lease \
+                 must outlive any transaction (0s turns the timeout off)",
+                humantime::format_duration(lease),
+                humantime::format_duration(d.shutdown_grace)
+            ));
+        }
         if d.max_in_flight < 4 {
             return Err("delivery.max_in_flight: must be at least 4".into());
         }
@@ -728,6 +744,13 @@ max_queue_lifetime = "3d"
         let err = Settings::load_with_env(None, env(&[("BULKSEND_SMTP__TIMEOUTS__QUIT", "0s")]))
             .unwrap_err();
         assert!(err.to_string().contains("smtp.timeouts.quit"), "{err}");
+
+        let f = file("[queue]\nlease_timeout = \"5m\"\n");
+        let err = Settings::load_with_env(Some(f.path()), env(&[])).unwrap_err();
+        assert!(err.to_string().contains("queue.lease_timeout"), "{err}");
+        let f = file("[queue]\nlease_timeout = \"0s\"\n");
+        let s = Settings::load_with_env(Some(f.path()), env(&[])).unwrap();
+        assert!(s.queue.lease_timeout.is_zero());
 
         let f = file("[routes]\n\"a.test\" = \"nohost\"\n");
         let err = Settings::load_with_env(Some(f.path()), env(&[])).unwrap_err();

@@ -264,6 +264,7 @@ impl Engine {
         *lock(&inner.stop) = CancellationToken::new();
         inner.workers.reopen();
         let mut last_expire: Option<Instant> = None;
+        let mut last_renew = Instant::now();
         let mut last_gauges: Option<Instant> = None;
         loop {
             if shutdown.is_cancelled() {
@@ -277,6 +278,12 @@ impl Engine {
                     .count();
                 metrics::gauge!(m::DESTINATIONS_PAUSED).set(paused as f64);
                 last_gauges = Some(Instant::now());
+            }
+            if let Some(timeout) = inner.queue.lease_timeout() {
+                if last_renew.elapsed() >= (timeout / 4).min(Duration::from_secs(60)) {
+                    inner.renew_ready_leases();
+                    last_renew = Instant::now();
+                }
             }
             if last_expire.is_none_or(|t| t.elapsed() >= EXPIRE_EVERY) {
                 inner.expire_sweep().await;
@@ -724,6 +731,27 @@ impl Inner {
         });
         dests.insert(route.destination.clone(), dest.clone());
         dest
+    }
+
+    /// Renews the leases of every job waiting in a ready queue: a slow or rate-limited
+    /// destination may hold its jobs longer than the queue's lease timeout, which would
+    /// otherwise hand them out a second time while they wait here. A job in a worker's hands
+    /// is covered by the timeout itself, which must outlive a transaction (config check).
+    fn renew_ready_leases(&self) {
+        let dests: Vec<Arc<Dest>> = lock(&self.dests).values().cloned().collect();
+        let ids: Vec<RecipientId> = dests
+            .iter()
+            .flat_map(|d| {
+                lock(&d.state)
+                    .ready
+                    .iter()
+                    .flat_map(|j| j.rcpts.iter().map(|r| r.id))
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        if !ids.is_empty() {
+            self.queue.renew_leases(&ids, SystemTime::now());
+        }
     }
 
     async fn expire_sweep(&self) {

@@ -11,7 +11,9 @@
 //!   the records at open (see "Schedule and leases" below);
 //! * the suppression list (addresses, lowercased);
 //! * idempotency keys (a retried enqueue returns the first message's id);
-//! * crash recovery: on [`Queue::open`] leases of a dead process return to `Scheduled`.
+//! * crash recovery: on [`Queue::open`] leases of a dead process return to `Scheduled`; in a
+//!   running process, a lease neither completed nor renewed ([`Queue::renew_leases`]) within
+//!   `QueueOptions::lease_timeout` returns at the next [`Queue::take_due`].
 //!
 //! Callers (the engine, the CLI) see only [`Queue`] and plain value types; sled stays behind
 //! this interface so another store can be swapped in.

@@ -68,6 +68,26 @@ impl Schedule {
         self.leased.remove(&rid).map(|at| Undo::Unleased(rid, at))
     }
 
+    /// The recipients leased before `cutoff_ms`.
+    pub(crate) fn leased_before(&self, cutoff_ms: u64) -> Vec<RecipientId> {
+        self.leased
+            .iter()
+            .filter(|(_, at)| **at < cutoff_ms)
+            .map(|(rid, _)| *rid)
+            .collect()
+    }
+
+    /// Restarts the clock of `rid`'s lease, if it is leased.
+    pub(crate) fn renew(&mut self, rid: RecipientId, at_ms: u64) -> bool {
+        match self.leased.get_mut(&rid) {
+            Some(at) => {
+                *at = (*at).max(at_ms);
+                true
+            }
+            None => false,
+        }
+    }
+
     /// When `rid` was leased, if it is.
     pub(crate) fn leased_at(&self, rid: RecipientId) -> Option<u64> {
         self.leased.get(&rid).copied()

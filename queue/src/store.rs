@@ -625,6 +625,7 @@ impl Queue {
                         compact_not_before: Instant::now(),
                         appender: segments::Appender::new(&seg_dir, next_seg, durable),
                         supp_filter,
+                        next_lease_check_ms: 0,
                     }
                     .run(req_rx, done_tx)
                 })
@@ -772,6 +773,21 @@ impl Queue {
             Reply::Leases(v) => Ok(v),
             _ => Err(unexpected()),
         }
+    }
+
+    /// Restarts the lease timeout (`QueueOptions::lease_timeout`) of these leased recipients,
+    /// for a holder that keeps them longer than the timeout on purpose (the engine's ready
+    /// queue of a slow destination). Returns how many were leased. In memory only, like the
+    /// leases: nothing is written.
+    pub fn renew_leases(&self, ids: &[RecipientId], now: SystemTime) -> usize {
+        let now_ms = to_millis(now);
+        let mut sched = lock(&self.shared.sched);
+        ids.iter().filter(|id| sched.renew(**id, now_ms)).count()
+    }
+
+    /// `QueueOptions::lease_timeout`: how long a lease lasts without being renewed.
+    pub fn lease_timeout(&self) -> Option<Duration> {
+        self.shared.opts.lease_timeout
     }
 
     /// The message body, or `None` once every recipient is final (or the message is unknown).
@@ -1434,6 +1450,9 @@ struct Writer {
     compact_not_before: Instant,
     /// Appends bodies over 256 bytes to segment files.
     appender: segments::Appender,
+    /// When (ms, on the clock of the `take_due` calls) to look for leases past
+    /// `lease_timeout` next.
+    next_lease_check_ms: u64,
     /// Which addresses may be suppressed: an enqueue reads sled only for those. The two
     /// sled reads per message (this one and the idempotency key's) were ~18 % of the
     /// writer's time in the 64-producer enqueue (BENCHMARKS.md, "Fifth session").
@@ -2066,6 +2085,7 @@ impl Writer {
         now_ms: u64,
         limit: usize,
     ) -> Res<Vec<Lease>> {
+        self.reclaim_stale_leases(tx, now_ms)?;
         let mut senders: HashMap<MessageId, String> = HashMap::new();
         let mut leases = Vec::new();
         for (due, rid, created) in self.due_entries(now_ms) {
@@ -2118,6 +2138,36 @@ impl Writer {
         let mut with_rank: Vec<(usize, Lease)> = keys.into_iter().zip(leases).collect();
         with_rank.sort_by_key(|(r, _)| *r);
         Ok(with_rank.into_iter().map(|(_, l)| l).collect())
+    }
+
+    /// Releases the leases older than `lease_timeout` (looked for at most once a second, or
+    /// twice per timeout if that is shorter): their recipients are due again at once.
+    fn reclaim_stale_leases(&mut self, tx: &mut Tx<'_>, now_ms: u64) -> Res<()> {
+        let Some(timeout) = self.shared.opts.lease_timeout else {
+            return Ok(());
+        };
+        if now_ms < self.next_lease_check_ms {
+            return Ok(());
+        }
+        let timeout_ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
+        self.next_lease_check_ms = now_ms.saturating_add((timeout_ms / 2).clamp(1, 1000));
+        let stale = lock(&self.shared.sched).leased_before(now_ms.saturating_sub(timeout_ms));
+        if stale.is_empty() {
+            return Ok(());
+        }
+        tracing::warn!(
+            recipients = stale.len(),
+            timeout_secs = timeout.as_secs(),
+            "leases held past the lease timeout were taken back; their recipients are due again"
+        );
+        let items = stale
+            .into_iter()
+            .map(|rid| (rid, Outcome::Released))
+            .collect();
+        for r in self.complete(tx, items, now_ms)? {
+            r?;
+        }
+        Ok(())
     }
 
     fn complete(

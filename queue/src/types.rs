@@ -37,6 +37,12 @@ pub struct QueueOptions {
     /// 30 % slower with twice the peak RSS), so the automatic compaction waits until a drain
     /// is nearly done. Default 256 MiB.
     pub compact_max_live_bytes: u64,
+    /// A lease older than this is taken back by the next [`crate::Queue::take_due`], as if
+    /// released: its recipient is due again. A safety net for a lease its holder lost (a task
+    /// that panicked or hung); it must outlive the longest transaction, since a holder that
+    /// completes after it may have caused a second delivery. `None`: leases return only with
+    /// a restart. Default 1 hour.
+    pub lease_timeout: Option<Duration>,
 }
 
 impl Default for QueueOptions {
@@ -49,6 +55,7 @@ impl Default for QueueOptions {
             auto_compact: true,
             compact_min_disk_bytes: 16 * 1024 * 1024,
             compact_max_live_bytes: 256 * 1024 * 1024,
+            lease_timeout: Some(Duration::from_secs(3600)),
         }
     }
 }

@@ -1430,3 +1430,81 @@ fn many_suppressions_are_all_found_at_enqueue() {
         assert!(e.suppressed[0].starts_with('S'));
     }
 }
+
+/// A lease held past `lease_timeout` is taken back by a later `take_due`, as if released: its
+/// recipient is leased again in that same call, with no attempt counted; a lease within the
+/// timeout and a completed one are left alone.
+#[test]
+fn lease_past_the_timeout_is_taken_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = Queue::open(
+        dir.path(),
+        QueueOptions {
+            lease_timeout: Some(Duration::from_secs(600)),
+            ..opts()
+        },
+    )
+    .unwrap();
+    q.enqueue(msg(&["a@x.test", "b@x.test"])).unwrap();
+    let t0 = SystemTime::now();
+    let leases = q.take_due(t0, 10).unwrap();
+    assert_eq!(leases.len(), 2);
+    let (lost, done) = (leases[0].recipient.id, leases[1].recipient.id);
+    q.complete(
+        done,
+        Outcome::Delivered {
+            reply: "250".into(),
+        },
+    )
+    .unwrap();
+    assert!(q
+        .take_due(t0 + Duration::from_secs(599), 10)
+        .unwrap()
+        .is_empty());
+    assert_eq!(state(&q, lost), RecipientState::Leased);
+
+    let again = q.take_due(t0 + Duration::from_secs(601), 10).unwrap();
+    assert_eq!(again.len(), 1);
+    assert_eq!(again[0].recipient.id, lost);
+    assert_eq!(
+        again[0].recipient.attempts, 0,
+        "a taken-back lease is no attempt"
+    );
+    assert_eq!(state(&q, lost), RecipientState::Leased);
+    assert_eq!(state(&q, done), RecipientState::Delivered);
+    assert_eq!(q.stats().by_state[&RecipientState::Leased], 1);
+    // The new lease is an ordinary one.
+    q.complete(
+        lost,
+        Outcome::Delivered {
+            reply: "250".into(),
+        },
+    )
+    .unwrap();
+    assert!(q
+        .take_due(t0 + Duration::from_secs(1300), 10)
+        .unwrap()
+        .is_empty());
+}
+
+/// With no lease timeout a lease stays until it is completed (or the process restarts).
+#[test]
+fn without_a_lease_timeout_leases_stay() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = Queue::open(
+        dir.path(),
+        QueueOptions {
+            lease_timeout: None,
+            ..opts()
+        },
+    )
+    .unwrap();
+    q.enqueue(msg(&["a@x.test"])).unwrap();
+    let t0 = SystemTime::now();
+    let id = q.take_due(t0, 10).unwrap()[0].recipient.id;
+    assert!(q
+        .take_due(t0 + Duration::from_secs(86_400), 10)
+        .unwrap()
+        .is_empty());
+    assert_eq!(state(&q, id), RecipientState::Leased);
+}

@@ -47,9 +47,13 @@ struct Rig {
 }
 
 fn rig(dir: tempfile::TempDir, settings: Settings) -> Rig {
+    rig_with(dir, settings, QueueOptions::default())
+}
+
+fn rig_with(dir: tempfile::TempDir, settings: Settings, opts: QueueOptions) -> Rig {
     let opts = QueueOptions {
         max_queue_lifetime: settings.delivery.max_queue_lifetime,
-        ..QueueOptions::default()
+        ..opts
     };
     let queue = Arc::new(Queue::open(&settings.queue.path, opts).unwrap());
     let router = Arc::new(Router::new(
@@ -851,4 +855,60 @@ async fn pooled_connection_closed_by_the_server_is_not_reused() {
         0,
         "the idle 421 paused the destination"
     );
+}
+
+/// The engine renews the leases of jobs waiting in a slow destination's ready queue, so the
+/// queue's lease timeout never hands them out a second time while they wait: with a 1 s
+/// timeout and ~6 s of work queued behind one slow connection, every message arrives once.
+#[tokio::test]
+async fn jobs_waiting_longer_than_the_lease_timeout_are_not_sent_twice() {
+    let slow = ScriptedServer::start(Script::default().with_handler(|c| {
+        (c.line == "<DOT>").then(|| {
+            std::thread::sleep(Duration::from_millis(300));
+            reply("250 2.0.0 Ok")
+        })
+    }))
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = base_settings(dir.path(), &[("slow.test", slow.addr)]);
+    s.destinations.insert(
+        "slow.test".into(),
+        bulksend_config::DestinationOverrides {
+            max_connections: Some(1),
+            ..Default::default()
+        },
+    );
+    let r = rig_with(
+        dir,
+        s,
+        QueueOptions {
+            lease_timeout: Some(Duration::from_secs(1)),
+            ..QueueOptions::default()
+        },
+    );
+    for i in 0..20 {
+        r.queue
+            .enqueue(msg("b@esp.test", &[format!("u{i}@slow.test")], i))
+            .unwrap();
+    }
+    let q = &r.queue;
+    run_until(&r.engine, Duration::from_secs(30), || {
+        state_count(q, RecipientState::Delivered) == 20
+    })
+    .await;
+    assert_eq!(state_count(&r.queue, RecipientState::Delivered), 20);
+    let got = slow.messages();
+    let mut seqs: Vec<String> = got
+        .iter()
+        .filter_map(|m| {
+            String::from_utf8_lossy(m)
+                .lines()
+                .find(|l| l.starts_with("X-Seq: "))
+                .map(str::to_owned)
+        })
+        .collect();
+    seqs.sort();
+    seqs.dedup();
+    assert_eq!(seqs.len(), 20);
+    assert_eq!(got.len(), 20, "some messages were sent twice");
 }
