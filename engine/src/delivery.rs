@@ -1155,6 +1155,13 @@ async fn worker(inner: Arc<Inner>, dest: Arc<Dest>) {
                 s.next_send = at + rate.per / rate.count;
                 at
             };
+            // The job is out of the ready queue while it waits for its slot, so the periodic
+            // renewal does not see it: hold its leases until the slot (plus the timeout).
+            let wait = at.saturating_duration_since(Instant::now());
+            if !wait.is_zero() {
+                let ids: Vec<RecipientId> = job.rcpts.iter().map(|r| r.id).collect();
+                inner.queue.renew_leases(&ids, SystemTime::now() + wait);
+            }
             let stop = inner.stop_token();
             tokio::select! {
                 _ = tokio::time::sleep_until(at.into()) => {}

@@ -912,3 +912,44 @@ async fn jobs_waiting_longer_than_the_lease_timeout_are_not_sent_twice() {
     assert_eq!(seqs.len(), 20);
     assert_eq!(got.len(), 20, "some messages were sent twice");
 }
+
+/// A job waiting in a worker for its rate-limit slot holds its leases until the slot: at one
+/// message per 2 s each job waits ~2 s for its turn, past a 1 s lease timeout, and is still
+/// sent once.
+#[tokio::test]
+async fn jobs_waiting_for_a_rate_limit_slot_are_not_sent_twice() {
+    let server = ScriptedServer::start(Script::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = base_settings(dir.path(), &[("rated.test", server.addr)]);
+    s.destinations.insert(
+        "rated.test".into(),
+        bulksend_config::DestinationOverrides {
+            max_connections: Some(2),
+            rate_limit: Some("30/min".into()),
+            ..Default::default()
+        },
+    );
+    let r = rig_with(
+        dir,
+        s,
+        QueueOptions {
+            lease_timeout: Some(Duration::from_secs(1)),
+            ..QueueOptions::default()
+        },
+    );
+    for i in 0..5 {
+        r.queue
+            .enqueue(msg("b@esp.test", &[format!("u{i}@rated.test")], i))
+            .unwrap();
+    }
+    // Drain: run until nothing is due or in flight, so a second copy would be sent too.
+    let summary = tokio::time::timeout(
+        Duration::from_secs(60),
+        r.engine.run(CancellationToken::new(), true),
+    )
+    .await
+    .unwrap();
+    assert_eq!(summary.delivered, 5, "{summary:?}");
+    assert_eq!(state_count(&r.queue, RecipientState::Delivered), 5);
+    assert_eq!(server.messages().len(), 5, "some messages were sent twice");
+}
