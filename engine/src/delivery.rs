@@ -735,20 +735,16 @@ impl Inner {
 
     /// Renews the leases of every job waiting in a ready queue: a slow or rate-limited
     /// destination may hold its jobs longer than the queue's lease timeout, which would
-    /// otherwise hand them out a second time while they wait here. A job in a worker's hands
-    /// is covered by the timeout itself, which must outlive a transaction (config check).
+    /// otherwise hand them out a second time while they wait here. A job waiting in a worker
+    /// for its rate-limit slot renews its own; one in a transaction is covered by the
+    /// timeout itself, which must outlive a transaction (config check).
     fn renew_ready_leases(&self) {
         let dests: Vec<Arc<Dest>> = lock(&self.dests).values().cloned().collect();
-        let ids: Vec<RecipientId> = dests
-            .iter()
-            .flat_map(|d| {
-                lock(&d.state)
-                    .ready
-                    .iter()
-                    .flat_map(|j| j.rcpts.iter().map(|r| r.id))
-                    .collect::<Vec<_>>()
-            })
-            .collect();
+        let mut ids: Vec<RecipientId> = Vec::new();
+        for d in &dests {
+            let s = lock(&d.state);
+            ids.extend(s.ready.iter().flat_map(|j| j.rcpts.iter().map(|r| r.id)));
+        }
         if !ids.is_empty() {
             self.queue.renew_leases(&ids, SystemTime::now());
         }

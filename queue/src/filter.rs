@@ -36,9 +36,13 @@ impl SuppressionFilter {
         }
     }
 
-    /// The filter of every key of sled's suppression list (`prefix`).
-    pub(crate) fn build(db: &sled::Db, prefix: u8) -> Result<SuppressionFilter, sled::Error> {
-        let keys = db.scan_prefix([prefix]).keys().count() as u64;
+    /// The filter of every key of sled's suppression list (`prefix`), which holds about
+    /// `keys` keys (the queue's count; it only sizes the filter).
+    pub(crate) fn build(
+        db: &sled::Db,
+        prefix: u8,
+        keys: u64,
+    ) -> Result<SuppressionFilter, sled::Error> {
         let mut f = SuppressionFilter::with_room_for(keys);
         for k in db.scan_prefix([prefix]).keys() {
             f.insert(&k?);
@@ -119,7 +123,7 @@ mod tests {
                 .unwrap();
         }
         db.insert(b"other", &[]).unwrap();
-        let f = SuppressionFilter::build(&db, b'x').unwrap();
+        let f = SuppressionFilter::build(&db, b'x', 1_000).unwrap();
         for i in 0..1_000u32 {
             assert!(f.may_contain(&[&[b'x'][..], &i.to_be_bytes()].concat()));
         }

@@ -388,9 +388,11 @@ impl SlotSender {
 
 impl Drop for SlotSender {
     fn drop(&mut self) {
-        self.fill(Err(QueueError::Closed {
-            reason: "writer thread stopped".into(),
-        }));
+        if self.0.is_some() {
+            self.fill(Err(QueueError::Closed {
+                reason: "writer thread stopped".into(),
+            }));
+        }
     }
 }
 
@@ -602,8 +604,9 @@ impl Queue {
             .and_then(|d| d.sync_all())
             .map_err(|e| open_err(path, e))?;
 
-        let supp_filter =
-            SuppressionFilter::build(&shared.db(), codec::P_SUPP).map_err(|e| open_err(path, e))?;
+        let suppressions = lock(&shared.counters).suppressions;
+        let supp_filter = SuppressionFilter::build(&shared.db(), codec::P_SUPP, suppressions)
+            .map_err(|e| open_err(path, e))?;
         let (req_tx, req_rx) = crossbeam_channel::bounded::<Request>(REQUEST_QUEUE);
         let (done_tx, done_rx) = crossbeam_channel::unbounded::<Vec<Done>>();
         let mut threads = Vec::new();
@@ -1482,7 +1485,8 @@ impl Writer {
         if self.supp_filter.is_full() {
             // Everything it was filled from is committed now. On an error the old filter
             // stays: it still finds every key, with more false positives.
-            match SuppressionFilter::build(&self.shared.db(), codec::P_SUPP) {
+            let suppressions = lock(&self.shared.counters).suppressions;
+            match SuppressionFilter::build(&self.shared.db(), codec::P_SUPP, suppressions) {
                 Ok(f) => self.supp_filter = f,
                 Err(e) => tracing::warn!("cannot rebuild the suppression filter: {e}"),
             }

@@ -71,6 +71,15 @@ fn rig_with(dir: tempfile::TempDir, settings: Settings, opts: QueueOptions) -> R
     }
 }
 
+/// A rig whose queue takes back leases after 1 s (the default is an hour).
+fn rig_with_one_second_leases(dir: tempfile::TempDir, settings: Settings) -> Rig {
+    let opts = QueueOptions {
+        lease_timeout: Some(Duration::from_secs(1)),
+        ..QueueOptions::default()
+    };
+    rig_with(dir, settings, opts)
+}
+
 fn msg(from: &str, to: &[String], i: usize) -> NewMessage {
     NewMessage {
         idempotency_key: None,
@@ -878,14 +887,7 @@ async fn jobs_waiting_longer_than_the_lease_timeout_are_not_sent_twice() {
             ..Default::default()
         },
     );
-    let r = rig_with(
-        dir,
-        s,
-        QueueOptions {
-            lease_timeout: Some(Duration::from_secs(1)),
-            ..QueueOptions::default()
-        },
-    );
+    let r = rig_with_one_second_leases(dir, s);
     for i in 0..20 {
         r.queue
             .enqueue(msg("b@esp.test", &[format!("u{i}@slow.test")], i))
@@ -929,14 +931,7 @@ async fn jobs_waiting_for_a_rate_limit_slot_are_not_sent_twice() {
             ..Default::default()
         },
     );
-    let r = rig_with(
-        dir,
-        s,
-        QueueOptions {
-            lease_timeout: Some(Duration::from_secs(1)),
-            ..QueueOptions::default()
-        },
-    );
+    let r = rig_with_one_second_leases(dir, s);
     for i in 0..5 {
         r.queue
             .enqueue(msg("b@esp.test", &[format!("u{i}@rated.test")], i))
