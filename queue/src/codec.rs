@@ -20,10 +20,13 @@ pub(crate) const P_FINAL: u8 = b'f';
 pub(crate) const P_IDEM: u8 = b'i';
 pub(crate) const P_SUPP: u8 = b'x';
 
-/// Version 2: the schedule is no longer stored (see `schedule`). A version-1 store is
-/// upgraded at open; a binary that knows only version 1 refuses a version-2 store instead of
-/// finding nothing due in it, since it took the schedule from sled.
-pub(crate) const SCHEMA_VERSION: &[u8] = b"bulksend-queue/2";
+/// Version 3: the record of a message's only recipient lives in its metadata (see
+/// `Meta::record`). Version 2: the schedule is no longer stored (see `schedule`). Older
+/// stores are upgraded at open; a binary that knows only an older version refuses a newer
+/// store instead of misreading it (a version-2 binary cannot decode format-4 metadata, a
+/// version-1 binary took the schedule from sled and would find nothing due).
+pub(crate) const SCHEMA_VERSION: &[u8] = b"bulksend-queue/3";
+pub(crate) const SCHEMA_VERSION_2: &[u8] = b"bulksend-queue/2";
 pub(crate) const SCHEMA_VERSION_1: &[u8] = b"bulksend-queue/1";
 
 /// Bodies are split into chunks this big. sled 0.34.7 writes a tree node bigger than
@@ -41,9 +44,11 @@ pub(crate) const BODY_CHUNK: usize = 4096;
 pub(crate) const INLINE_BODY_MAX: usize = 256;
 
 const FORMAT: u8 = 1;
-/// Metadata format 2 added the inline body, format 3 the segment reference; values of
-/// formats 1 (no body field) and 2 are still read.
-const META_FORMAT: u8 = 3;
+/// Metadata format 2 added the inline body, format 3 the segment reference, format 4 the
+/// record of a message's only recipient; values of formats 1 (no body field), 2 and 3 are
+/// still read.
+const META_FORMAT: u8 = 4;
+const META_FORMAT_SEGMENT: u8 = 3;
 const META_FORMAT_INLINE: u8 = 2;
 
 pub(crate) fn version_key() -> [u8; 1] {
@@ -166,6 +171,12 @@ pub(crate) struct Meta {
     pub(crate) idempotency_key: Option<String>,
     /// Where the body is. Reset to `Chunks` (nothing) when the last recipient becomes final.
     pub(crate) body: Body,
+    /// The encoded record (see [`encode_record`]) of recipient 0 when it is kept here
+    /// instead of under its own `r` key: for messages of one recipient, the common case in
+    /// bulk mail, so that an enqueue writes two sled keys instead of three, and an outcome
+    /// two instead of three (sled's per-key insert cost is what limits the queue, see
+    /// BENCHMARKS.md).
+    pub(crate) record: Option<Vec<u8>>,
 }
 
 struct Writer(Vec<u8>);
@@ -255,7 +266,7 @@ impl<'a> Reader<'a> {
                 let n = self.u32()? as usize;
                 Ok(Body::Inline(self.take(n)?.to_vec()))
             }
-            2 if format >= META_FORMAT => Ok(Body::Segment(SegRef {
+            2 if format >= META_FORMAT_SEGMENT => Ok(Body::Segment(SegRef {
                 seg: self.u64()?,
                 offset: self.u64()?,
                 crc: self.u32()?,
@@ -283,7 +294,8 @@ pub(crate) fn encode_meta(m: &Meta) -> Vec<u8> {
         Body::Inline(b) => b.len(),
         _ => 20,
     };
-    let mut w = Writer(Vec::with_capacity(64 + m.sender.len() + inline));
+    let record = m.record.as_ref().map_or(0, Vec::len);
+    let mut w = Writer(Vec::with_capacity(72 + m.sender.len() + inline + record));
     w.u8(META_FORMAT);
     w.u64(m.created_ms);
     w.u64(m.size);
@@ -293,16 +305,24 @@ pub(crate) fn encode_meta(m: &Meta) -> Vec<u8> {
     w.str(&m.sender);
     w.opt_str(m.idempotency_key.as_deref());
     w.body(&m.body);
+    match &m.record {
+        Some(r) => {
+            w.u8(1);
+            w.u32(u32::try_from(r.len()).unwrap_or(u32::MAX));
+            w.0.extend_from_slice(r);
+        }
+        None => w.u8(0),
+    }
     w.0
 }
 
 pub(crate) fn decode_meta(v: &[u8]) -> Result<Meta, String> {
     let mut r = Reader(v);
     let format = r.u8()?;
-    if ![FORMAT, META_FORMAT_INLINE, META_FORMAT].contains(&format) {
+    if ![FORMAT, META_FORMAT_INLINE, META_FORMAT_SEGMENT, META_FORMAT].contains(&format) {
         return Err(format!("unknown value format {format}"));
     }
-    let m = Meta {
+    let mut m = Meta {
         created_ms: r.u64()?,
         size: r.u64()?,
         recipients: r.u32()?,
@@ -315,7 +335,18 @@ pub(crate) fn decode_meta(v: &[u8]) -> Result<Meta, String> {
         } else {
             r.body(format)?
         },
+        record: None,
     };
+    if format >= META_FORMAT {
+        m.record = match r.u8()? {
+            0 => None,
+            1 => {
+                let n = r.u32()? as usize;
+                Some(r.take(n)?.to_vec())
+            }
+            t => return Err(format!("bad record tag {t}")),
+        };
+    }
     r.end()?;
     Ok(m)
 }
@@ -420,12 +451,26 @@ mod tests {
             sender: "a@b".into(),
             idempotency_key: Some("k".into()),
             body: Body::Inline(b"Subject: x\r\n\r\nhi\r\n".to_vec()),
+            record: None,
         };
         assert_eq!(decode_meta(&encode_meta(&meta)).unwrap(), meta);
-        // Format 2 (inline bodies, no segments) still reads.
+        let with_record = Meta {
+            recipients: 1,
+            record: Some(encode_record(&rec)),
+            ..meta.clone()
+        };
+        let v = encode_meta(&with_record);
+        assert_eq!(decode_meta(&v).unwrap(), with_record);
+        assert!(decode_meta(&v[..v.len() - 1]).is_err(), "truncated record");
+        // Formats 2 (inline bodies, no segments) and 3 (no record) still read.
         let mut v2 = encode_meta(&meta);
         v2[0] = META_FORMAT_INLINE;
+        v2.pop();
         assert_eq!(decode_meta(&v2).unwrap(), meta);
+        let mut v3 = encode_meta(&meta);
+        v3[0] = META_FORMAT_SEGMENT;
+        v3.pop();
+        assert_eq!(decode_meta(&v3).unwrap(), meta);
         let segment = Meta {
             body: Body::Segment(SegRef {
                 seg: 3,
@@ -438,6 +483,7 @@ mod tests {
         // A segment reference is not valid in a format-2 value.
         let mut bad = encode_meta(&segment);
         bad[0] = META_FORMAT_INLINE;
+        bad.pop();
         assert!(decode_meta(&bad).is_err());
         let chunked = Meta {
             body: Body::Chunks,
@@ -447,7 +493,7 @@ mod tests {
         // A schema-1 value (format 1, no body field) still reads.
         let mut v1 = encode_meta(&chunked);
         v1[0] = FORMAT;
-        v1.pop();
+        v1.truncate(v1.len() - 2);
         assert_eq!(decode_meta(&v1).unwrap(), chunked);
     }
 

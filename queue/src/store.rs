@@ -527,7 +527,12 @@ impl Queue {
             .map_err(|e| open_err(path, e))?
         {
             Some(v) if v.as_ref() == codec::SCHEMA_VERSION => {}
-            Some(v) if v.as_ref() == codec::SCHEMA_VERSION_1 => upgrade = true,
+            Some(v)
+                if v.as_ref() == codec::SCHEMA_VERSION_1
+                    || v.as_ref() == codec::SCHEMA_VERSION_2 =>
+            {
+                upgrade = true
+            }
             Some(v) => {
                 return Err(open_err(
                     path,
@@ -892,6 +897,14 @@ impl Queue {
         };
         let meta = codec::decode_meta(&v).map_err(|d| self.corrupt(&mk, d))?;
         let mut recipients = Vec::new();
+        if let Some(v) = &meta.record {
+            let rid = RecipientId {
+                message: id,
+                index: 0,
+            };
+            let rec = codec::decode_record(rid, v).map_err(|d| self.corrupt(&mk, d))?;
+            recipients.push(self.shared.with_lease(rec));
+        }
         for item in db.scan_prefix(codec::rcpt_prefix(id)) {
             let (k, v) = item?;
             recipients.push(self.shared.with_lease(self.decode_record_kv(&k, &v)?));
@@ -913,13 +926,33 @@ impl Queue {
         if limit == 0 {
             return Ok(out);
         }
-        for item in self.shared.db().scan_prefix([codec::P_RCPT]) {
-            let (k, v) = item?;
-            let rec = self.shared.with_lease(self.decode_record_kv(&k, &v)?);
+        let db = self.shared.db();
+        let mut keep = |rec: RecipientRecord| {
+            let rec = self.shared.with_lease(rec);
             if state.is_none_or(|s| s == rec.state) {
                 out.push(rec);
-                if out.len() >= limit {
+            }
+            out.len() >= limit
+        };
+        for item in db.scan_prefix([codec::P_META]) {
+            let (mk, mv) = item?;
+            let id =
+                codec::meta_id(&mk).ok_or_else(|| self.corrupt(&mk, "bad message key".into()))?;
+            let meta = codec::decode_meta(&mv).map_err(|d| self.corrupt(&mk, d))?;
+            if let Some(v) = &meta.record {
+                let rid = RecipientId {
+                    message: id,
+                    index: 0,
+                };
+                let rec = codec::decode_record(rid, v).map_err(|d| self.corrupt(&mk, d))?;
+                if keep(rec) {
                     break;
+                }
+            }
+            for item in db.scan_prefix(codec::rcpt_prefix(id)) {
+                let (k, v) = item?;
+                if keep(self.decode_record_kv(&k, &v)?) {
+                    return Ok(out);
                 }
             }
         }
@@ -1264,7 +1297,25 @@ impl<'a> Tx<'a> {
         self.insert(&codec::meta_key(id), codec::encode_meta(m).into());
     }
 
+    /// The message's metadata if it holds the record of recipient `id` (see `Meta::record`).
+    fn meta_with_record(&self, id: RecipientId) -> Res<Option<Meta>> {
+        if id.index != 0 {
+            return Ok(None);
+        }
+        Ok(self.meta(id.message)?.filter(|m| m.record.is_some()))
+    }
+
+    /// A recipient's record: in its message's metadata for a message of one recipient, under
+    /// its own `r` key otherwise.
     fn record(&self, id: RecipientId) -> Res<Option<RecipientRecord>> {
+        if let Some(Meta {
+            record: Some(v), ..
+        }) = self.meta_with_record(id)?
+        {
+            return codec::decode_record(id, &v)
+                .map(|r| Some(self.shared.with_lease(r)))
+                .map_err(|d| self.corrupt(&codec::meta_key(id.message), d));
+        }
         let k = codec::rcpt_key(id);
         match self.get(&k)? {
             None => Ok(None),
@@ -1274,21 +1325,42 @@ impl<'a> Tx<'a> {
         }
     }
 
-    fn put_record(&mut self, old: Option<RecipientState>, rec: &RecipientRecord) {
-        self.insert(&codec::rcpt_key(rec.id), codec::encode_record(rec).into());
-        self.changes.push(Change {
-            old,
-            new: Some(rec.state),
-            destination: rec.destination.clone(),
-        });
+    fn put_record(&mut self, old: Option<RecipientState>, rec: &RecipientRecord) -> Res<()> {
+        match self.meta_with_record(rec.id)? {
+            Some(mut meta) => {
+                meta.record = Some(codec::encode_record(rec));
+                self.put_meta(rec.id.message, &meta);
+            }
+            None => self.insert(&codec::rcpt_key(rec.id), codec::encode_record(rec).into()),
+        }
+        self.count(old, Some(rec.state), &rec.destination);
+        Ok(())
     }
 
-    fn remove_record(&mut self, rec: &RecipientRecord) {
-        self.remove(&codec::rcpt_key(rec.id));
+    fn remove_record(&mut self, rec: &RecipientRecord) -> Res<()> {
+        match self.meta_with_record(rec.id)? {
+            Some(mut meta) => {
+                meta.record = None;
+                self.put_meta(rec.id.message, &meta);
+            }
+            None => self.remove(&codec::rcpt_key(rec.id)),
+        }
+        self.count(Some(rec.state), None, &rec.destination);
+        Ok(())
+    }
+
+    /// Counts a recipient going from state `old` to `new` (`None`: not stored) when the group
+    /// commits.
+    fn count(
+        &mut self,
+        old: Option<RecipientState>,
+        new: Option<RecipientState>,
+        destination: &str,
+    ) {
         self.changes.push(Change {
-            old: Some(rec.state),
-            new: None,
-            destination: rec.destination.clone(),
+            old,
+            new,
+            destination: destination.to_string(),
         });
     }
 
@@ -1314,11 +1386,11 @@ impl<'a> Tx<'a> {
         self.sched_undo.extend(sched.remove(due, rec.id));
         self.sched_undo.extend(sched.lease(rec.id, now_ms));
         drop(sched);
-        self.changes.push(Change {
-            old: Some(RecipientState::Scheduled),
-            new: Some(RecipientState::Leased),
-            destination: rec.destination.clone(),
-        });
+        self.count(
+            Some(RecipientState::Scheduled),
+            Some(RecipientState::Leased),
+            &rec.destination,
+        );
     }
 
     fn unlease(&mut self, id: RecipientId) {
@@ -1971,6 +2043,7 @@ impl Writer {
             let id = self.next_id();
             let n = u32::try_from(msg.recipients.len()).unwrap_or(u32::MAX);
             let mut suppressed = Vec::new();
+            let mut record = None;
             for (i, (address, (lower, destination))) in
                 msg.recipients.into_iter().zip(normalized).enumerate()
             {
@@ -2000,7 +2073,12 @@ impl Writer {
                 } else {
                     tx.schedule(&rec);
                 }
-                tx.put_record(None, &rec);
+                tx.count(None, Some(rec.state), &rec.destination);
+                if n == 1 {
+                    record = Some(codec::encode_record(&rec));
+                } else {
+                    tx.insert(&codec::rcpt_key(rec.id), codec::encode_record(&rec).into());
+                }
             }
             let pending = n - u32::try_from(suppressed.len()).unwrap_or(n);
             let size = msg.body.len() as u64;
@@ -2031,6 +2109,7 @@ impl Writer {
                     sender: msg.sender,
                     idempotency_key: msg.idempotency_key,
                     body,
+                    record,
                 },
             );
             out.push(Ok(Enqueued {
@@ -2254,7 +2333,7 @@ impl Writer {
             } else {
                 tx.finalized(&rec)?;
             }
-            tx.put_record(Some(RecipientState::Leased), &rec);
+            tx.put_record(Some(RecipientState::Leased), &rec)?;
             out.push(Ok(Completed { state }));
         }
         Ok(out)
@@ -2281,7 +2360,7 @@ impl Writer {
                 rec.last_reply = Some(EXPIRED_REPLY.into());
             }
             tx.finalized(&rec)?;
-            tx.put_record(Some(RecipientState::Scheduled), &rec);
+            tx.put_record(Some(RecipientState::Scheduled), &rec)?;
             out.push(rec);
         }
         Ok(out)
@@ -2314,7 +2393,7 @@ impl Writer {
             tx.unschedule(&rec);
             rec.next_attempt = from_millis(now_ms);
             tx.schedule(&rec);
-            tx.put_record(Some(RecipientState::Scheduled), &rec);
+            tx.put_record(Some(RecipientState::Scheduled), &rec)?;
         }
         Ok(n)
     }
@@ -2331,7 +2410,7 @@ impl Writer {
             } else if rec.state.is_final() {
                 tx.remove(&codec::final_key(to_millis(rec.updated), rec.id));
             }
-            tx.remove_record(&rec);
+            tx.remove_record(&rec)?;
         }
         if meta.pending > 0 {
             tx.remove_body(id, &meta);
@@ -2360,7 +2439,7 @@ impl Writer {
                 if !rec.state.is_final() {
                     continue;
                 }
-                tx.remove_record(&rec);
+                tx.remove_record(&rec)?;
                 if let Some(mut meta) = tx.meta(rid.message)? {
                     meta.live = meta.live.saturating_sub(1);
                     if meta.live == 0 {
@@ -2655,6 +2734,14 @@ fn recover(
             }
         }
         let mut group = Vec::new();
+        if let Some(v) = &meta.record {
+            let rid = RecipientId {
+                message: mid,
+                index: 0,
+            };
+            group.push(codec::decode_record(rid, v).map_err(|d| corrupt(path, &mk, d))?);
+        }
+        let mut rewrite_meta = false;
         while peek_msg(&mut records) == Some(mid) {
             if let Some(rec) = next_record(&mut records)? {
                 group.push(rec);
@@ -2691,8 +2778,13 @@ fn recover(
             if rec.state == RecipientState::Leased {
                 // Written by versions that stored leases.
                 rec.state = RecipientState::Scheduled;
-                fixes.insert(&codec::rcpt_key(rec.id), codec::encode_record(rec));
-                nfixes += 1;
+                if rec.id.index == 0 && meta.record.is_some() {
+                    meta.record = Some(codec::encode_record(rec));
+                    rewrite_meta = true;
+                } else {
+                    fixes.insert(&codec::rcpt_key(rec.id), codec::encode_record(rec));
+                    nfixes += 1;
+                }
                 released += 1;
             }
             if rec.state == RecipientState::Scheduled {
@@ -2713,7 +2805,7 @@ fn recover(
                 _ => counters.body_bytes += meta.size,
             }
         }
-        if meta.pending != pending || meta.live != live {
+        if meta.pending != pending || meta.live != live || rewrite_meta {
             meta.pending = pending;
             meta.live = live;
             if pending == 0 {
@@ -2763,9 +2855,127 @@ mod tests {
         }
     }
 
+    /// The stored record of `rid`, wherever it is (metadata or `r` key), without the lease
+    /// overlay.
+    fn stored_record(db: &sled::Db, rid: RecipientId) -> RecipientRecord {
+        let meta =
+            codec::decode_meta(&db.get(codec::meta_key(rid.message)).unwrap().unwrap()).unwrap();
+        match (rid.index, meta.record) {
+            (0, Some(v)) => codec::decode_record(rid, &v).unwrap(),
+            _ => {
+                codec::decode_record(rid, &db.get(codec::rcpt_key(rid)).unwrap().unwrap()).unwrap()
+            }
+        }
+    }
+
+    /// Moves the record of a one-recipient message out of its metadata to an `r` key, as
+    /// stores of schema versions 1 and 2 have it, with `state`.
+    fn to_record_key(db: &sled::Db, rid: RecipientId, state: RecipientState) {
+        let mk = codec::meta_key(rid.message);
+        let mut meta = codec::decode_meta(&db.get(mk).unwrap().unwrap()).unwrap();
+        let mut rec = codec::decode_record(rid, &meta.record.take().unwrap()).unwrap();
+        rec.state = state;
+        db.insert(codec::rcpt_key(rid), codec::encode_record(&rec))
+            .unwrap();
+        db.insert(mk, codec::encode_meta(&meta)).unwrap();
+    }
+
+    /// A message of one recipient is stored as one key (plus its idempotency key): the
+    /// record is in the metadata, through every state change, a reopen and the purge. A
+    /// message of several recipients keeps a key per record.
+    #[test]
+    fn one_recipient_message_keeps_its_record_in_its_metadata() {
+        let dir = tempfile::tempdir().unwrap();
+        let (one, two);
+        {
+            let q = Queue::open(dir.path(), QueueOptions::default()).unwrap();
+            one = q.enqueue(message()).unwrap().id;
+            let mut m = message();
+            m.recipients.push("b@two.test".into());
+            two = q.enqueue(m).unwrap().id;
+            let db = q.shared.db();
+            let r_keys: Vec<RecipientId> = db
+                .scan_prefix([codec::P_RCPT])
+                .map(|kv| codec::rid_from(&kv.unwrap().0[1..]).unwrap())
+                .collect();
+            assert!(r_keys.iter().all(|r| r.message == two), "{r_keys:?}");
+            assert_eq!(r_keys.len(), 2);
+            let meta =
+                |id| codec::decode_meta(&db.get(codec::meta_key(id)).unwrap().unwrap()).unwrap();
+            assert!(meta(one).record.is_some());
+            assert!(meta(two).record.is_none());
+
+            let now = SystemTime::now() + Duration::from_secs(1);
+            let later = now + Duration::from_secs(60);
+            let leases = q.take_due(now, 10).unwrap();
+            assert_eq!(leases.len(), 3);
+            for l in &leases {
+                q.complete(
+                    l.recipient.id,
+                    Outcome::Deferred {
+                        reply: "451 4.7.1 later".into(),
+                        next_attempt: later,
+                    },
+                )
+                .unwrap();
+            }
+            let rid = RecipientId {
+                message: one,
+                index: 0,
+            };
+            let rec = stored_record(&db, rid);
+            assert_eq!(
+                (rec.state, rec.attempts, to_millis(rec.next_attempt)),
+                (RecipientState::Scheduled, 1, to_millis(later))
+            );
+            assert!(db.get(codec::rcpt_key(rid)).unwrap().is_none());
+            let leases = q.take_due(later, 10).unwrap();
+            assert_eq!(leases.len(), 3);
+            for l in &leases {
+                q.complete(
+                    l.recipient.id,
+                    Outcome::Delivered {
+                        reply: "250 ok".into(),
+                    },
+                )
+                .unwrap();
+            }
+            assert_eq!(meta(one).pending, 0);
+            assert_eq!(
+                meta(one).body,
+                Body::Chunks,
+                "body gone with the last pending"
+            );
+        }
+        let q = Queue::open(dir.path(), QueueOptions::default()).unwrap();
+        let info = q.message(one).unwrap().unwrap();
+        assert_eq!(info.recipients.len(), 1);
+        let rec = &info.recipients[0];
+        assert_eq!((rec.state, rec.attempts), (RecipientState::Delivered, 2));
+        assert_eq!(rec.last_reply.as_deref(), Some("250 ok"));
+        assert_eq!(rec.address, "a@one.test");
+        assert_eq!(q.message(two).unwrap().unwrap().recipients.len(), 2);
+        let listed = q.list(Some(RecipientState::Delivered), 10).unwrap();
+        assert_eq!(
+            listed.iter().map(|r| r.id.message).collect::<Vec<_>>(),
+            vec![one, two, two]
+        );
+        assert_eq!(q.list(None, 2).unwrap().len(), 2, "limit");
+        assert_eq!(q.stats().by_state.get(&RecipientState::Delivered), Some(&3));
+        assert_eq!(
+            q.purge_final(SystemTime::now() + Duration::from_secs(1))
+                .unwrap(),
+            3
+        );
+        assert!(q.message(one).unwrap().is_none());
+        assert!(q.shared.db().scan_prefix([codec::P_META]).next().is_none());
+        assert_eq!(q.stats().by_state.get(&RecipientState::Delivered), None);
+    }
+
     /// Versions before the in-memory schedule (schema version 1) wrote the schedule under `s`
-    /// and leases into the records. Open drops the former, turns the latter back into
-    /// scheduled recipients, due as before, and marks the store version 2.
+    /// and leases into the records, and versions before schema 3 kept every record under its
+    /// own key. Open drops the schedule, turns leases back into scheduled recipients, due as
+    /// before, marks the store version 3, and works with such a record as it is.
     #[test]
     fn on_disk_schedule_and_leases_of_older_stores_are_upgraded_at_open() {
         let dir = tempfile::tempdir().unwrap();
@@ -2779,13 +2989,10 @@ mod tests {
                 index: 0,
             };
             let db = q.shared.db();
-            let stored = db.get(codec::rcpt_key(rid)).unwrap().unwrap();
-            let mut rec = codec::decode_record(rid, &stored).unwrap();
+            let rec = stored_record(&db, rid);
             assert_eq!(rec.state, RecipientState::Scheduled);
             due = to_millis(rec.next_attempt);
-            rec.state = RecipientState::Leased;
-            db.insert(codec::rcpt_key(rid), codec::encode_record(&rec))
-                .unwrap();
+            to_record_key(&db, rid, RecipientState::Leased);
             let mut old_sched = codec::final_key(due, rid);
             old_sched[0] = codec::P_SCHED;
             db.insert(old_sched, &to_millis(rec.created).to_be_bytes())
@@ -2812,6 +3019,68 @@ mod tests {
             .unwrap();
         assert_eq!(leases.len(), 1);
         assert_eq!(leases[0].recipient.id, rid);
+        q.complete(
+            rid,
+            Outcome::Bounced {
+                reply: "550 5.1.1 unknown".into(),
+            },
+        )
+        .unwrap();
+        let rec = stored_record(&q.shared.db(), rid);
+        assert_eq!((rec.state, rec.attempts), (RecipientState::Bounced, 1));
+        assert!(q.shared.db().get(codec::rcpt_key(rid)).unwrap().is_some());
+        assert_eq!(
+            q.purge_final(SystemTime::now() + Duration::from_secs(1))
+                .unwrap(),
+            1
+        );
+        assert!(q.shared.db().scan_prefix([codec::P_RCPT]).next().is_none());
+        assert!(q.message(rid.message).unwrap().is_none());
+    }
+
+    /// A schema-2 store (every record under its own key) opens, is marked version 3, and its
+    /// records are read and changed where they are.
+    #[test]
+    fn schema_2_store_is_upgraded_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let rid;
+        {
+            let q = Queue::open(dir.path(), QueueOptions::default()).unwrap();
+            rid = RecipientId {
+                message: q.enqueue(message()).unwrap().id,
+                index: 0,
+            };
+            let db = q.shared.db();
+            to_record_key(&db, rid, RecipientState::Scheduled);
+            db.insert(codec::version_key(), codec::SCHEMA_VERSION_2)
+                .unwrap();
+            q.flush().unwrap();
+        }
+        let q = Queue::open(dir.path(), QueueOptions::default()).unwrap();
+        assert_eq!(
+            q.shared.db().get(codec::version_key()).unwrap().as_deref(),
+            Some(codec::SCHEMA_VERSION)
+        );
+        let leases = q
+            .take_due(SystemTime::now() + Duration::from_secs(1), 10)
+            .unwrap();
+        assert_eq!(leases.len(), 1);
+        assert_eq!(leases[0].recipient.address, "a@one.test");
+        q.complete(
+            rid,
+            Outcome::Delivered {
+                reply: "250 ok".into(),
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            q.message(rid.message).unwrap().unwrap().recipients[0].state,
+            RecipientState::Delivered
+        );
+        assert_eq!(
+            stored_record(&q.shared.db(), rid).state,
+            RecipientState::Delivered
+        );
     }
 
     /// A store written by a newer version than this one knows is refused, naming the path
@@ -2846,9 +3115,8 @@ mod tests {
             .take_due(SystemTime::now() + Duration::from_secs(1), 10)
             .unwrap();
         let rid = leases[0].recipient.id;
-        let stored = q.shared.db().get(codec::rcpt_key(rid)).unwrap().unwrap();
         assert_eq!(
-            codec::decode_record(rid, &stored).unwrap().state,
+            stored_record(&q.shared.db(), rid).state,
             RecipientState::Scheduled,
             "on disk a leased recipient reads scheduled"
         );
