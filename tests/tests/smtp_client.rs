@@ -808,3 +808,56 @@ async fn server_closing_after_dot_is_unknown() {
     session.close().await;
     assert_eq!(server.connections()[0].messages.len(), 1);
 }
+
+/// Before a pooled connection carries another message, `probe_stale` looks whether the
+/// server has spoken unprompted (here "421 4.4.2 idle timeout" right after the reply to the
+/// first message's dot): then the connection is dead, and closing it sends no QUIT into a
+/// closing server. A quiet connection is reused.
+#[tokio::test]
+async fn probe_finds_an_idle_connection_the_server_gave_up() {
+    for unprompted in [false, true] {
+        let script = if unprompted {
+            Script::default().with_handler(|c| {
+                (c.line == "<DOT>" && c.messages == 1).then(|| {
+                    Action::Raw(b"250 2.0.0 Ok: queued\r\n421 4.4.2 idle timeout\r\n".to_vec())
+                })
+            })
+        } else {
+            Script::default()
+        };
+        let server = ScriptedServer::start(script).await;
+        let mut session = connect(&server, settings()).await.unwrap();
+        let data = prepare(BODY, usize::MAX).unwrap();
+        let tx = session
+            .send(Some(&addr("a@esp.test")), &rcpts(1), &data)
+            .await;
+        assert!(tx.ended.is_none(), "{tx:?}");
+        assert!(
+            matches!(tx.recipients[0], RcptResult::Delivered(_)),
+            "{tx:?}"
+        );
+        // The unprompted reply follows the 250 in the same write, but give it time to land.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let stale = loop {
+            let stale = session.probe_stale().await;
+            if stale == unprompted || Instant::now() > deadline {
+                break stale;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        assert_eq!(stale, unprompted, "unprompted={unprompted}");
+        assert_eq!(session.is_usable(), !unprompted);
+        if !unprompted {
+            // Probing consumed nothing: the next transaction reads its own replies.
+            let tx = session
+                .send(Some(&addr("a@esp.test")), &rcpts(2), &data)
+                .await;
+            assert!(tx.ended.is_none(), "{tx:?}");
+            assert_eq!(tx.recipients.len(), 2);
+        }
+        session.close().await;
+        let c = &server.connections()[0];
+        assert_eq!(c.messages.len(), if unprompted { 1 } else { 2 });
+        assert_eq!(c.quit, !unprompted, "QUIT only on a live connection");
+    }
+}
