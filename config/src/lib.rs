@@ -240,6 +240,11 @@ pub struct DeliverySettings {
     /// (bounds memory). One destination's ready queue may hold at most a quarter of it, so a
     /// slow destination cannot starve the others.
     pub max_in_flight: usize,
+    /// Most bytes of prepared message bodies held in memory for leased recipients (bounds
+    /// memory when messages are big: `max_in_flight` counts recipients). No more is taken
+    /// from the queue while it is reached; a take is sized from the bodies seen so far, and
+    /// one message is always let through, so a body bigger than this still goes.
+    pub max_in_flight_bytes: usize,
     /// Default rate limit per destination: "100/s", "3000/min", "50000/h"; none if unset.
     pub rate_limit: Option<String>,
     #[serde(with = "humantime_serde")]
@@ -274,6 +279,7 @@ impl Default for DeliverySettings {
         Self {
             max_connections_per_destination: 20,
             max_in_flight: 5000,
+            max_in_flight_bytes: 256 * 1024 * 1024,
             rate_limit: None,
             min_backoff: Duration::from_secs(5 * 60),
             max_backoff: Duration::from_secs(4 * 3600),
@@ -570,6 +576,9 @@ impl Settings {
         }
         if d.max_in_flight < 4 {
             return Err("delivery.max_in_flight: must be at least 4".into());
+        }
+        if d.max_in_flight_bytes == 0 {
+            return Err("delivery.max_in_flight_bytes: must be at least 1".into());
         }
         if d.max_connections_per_destination == 0 {
             return Err("delivery.max_connections_per_destination: must be at least 1".into());

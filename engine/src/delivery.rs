@@ -138,6 +138,52 @@ pub struct Engine {
     inner: Arc<Inner>,
 }
 
+/// The prepared bodies held in memory for leased recipients, against
+/// `delivery.max_in_flight_bytes`.
+#[derive(Default)]
+struct BodyBudget {
+    held: AtomicUsize,
+    /// Told when a body is dropped (the take loop may wait for room).
+    freed: Notify,
+    /// Bytes per message of the last batch taken: sizes the next take.
+    per_message: AtomicUsize,
+}
+
+/// A prepared body, counted in its [`BodyBudget`] for as long as any job holds it.
+struct HeldBody {
+    data: MessageData,
+    budget: Arc<BodyBudget>,
+}
+
+impl HeldBody {
+    fn new(data: MessageData, budget: &Arc<BodyBudget>) -> HeldBody {
+        budget.held.fetch_add(data.wire.len(), Ordering::AcqRel);
+        HeldBody {
+            data,
+            budget: Arc::clone(budget),
+        }
+    }
+}
+
+impl std::ops::Deref for HeldBody {
+    type Target = MessageData;
+    fn deref(&self) -> &MessageData {
+        &self.data
+    }
+}
+
+impl Drop for HeldBody {
+    fn drop(&mut self) {
+        self.budget
+            .held
+            .fetch_sub(self.data.wire.len(), Ordering::AcqRel);
+        self.budget.freed.notify_one();
+    }
+}
+
+/// What the first take of a run assumes a body weighs, before any was seen.
+const FIRST_BODY_ESTIMATE: usize = 1024 * 1024;
+
 struct Inner {
     settings: Arc<Settings>,
     queue: Arc<Queue>,
@@ -150,6 +196,7 @@ struct Inner {
     unrouted: m::OutcomeMetrics,
     dests: Mutex<HashMap<DestinationKey, Arc<Dest>>>,
     in_flight: AtomicUsize,
+    bodies: Arc<BodyBudget>,
     /// Cancelled at shutdown: workers take no new transaction. Renewed by each run.
     stop: Mutex<CancellationToken>,
     workers: TaskTracker,
@@ -163,7 +210,7 @@ struct Inner {
 struct Job {
     message: MessageId,
     sender: Option<Address>,
-    data: Arc<MessageData>,
+    data: Arc<HeldBody>,
     rcpts: Vec<JobRcpt>,
     /// When it entered the ready queue (for the head-of-line check).
     queued: Instant,
@@ -241,6 +288,10 @@ impl Engine {
                 unrouted: m::OutcomeMetrics::new("-".into()),
                 dests: Mutex::default(),
                 in_flight: AtomicUsize::new(0),
+                bodies: Arc::new(BodyBudget {
+                    per_message: AtomicUsize::new(FIRST_BODY_ESTIMATE),
+                    ..BodyBudget::default()
+                }),
                 stop: Mutex::new(CancellationToken::new()),
                 workers: TaskTracker::new(),
                 wake: Notify::new(),
@@ -277,6 +328,8 @@ impl Engine {
                     .filter(|d| d.paused_until.is_some())
                     .count();
                 metrics::gauge!(m::DESTINATIONS_PAUSED).set(paused as f64);
+                metrics::gauge!(m::IN_FLIGHT_BYTES)
+                    .set(inner.bodies.held.load(Ordering::Relaxed) as f64);
                 last_gauges = Some(Instant::now());
             }
             if let Some(timeout) = inner.queue.lease_timeout() {
@@ -291,10 +344,19 @@ impl Engine {
             }
             let max = inner.settings.delivery.max_in_flight;
             let room = max.saturating_sub(inner.in_flight.load(Ordering::Acquire));
+            let held = inner.bodies.held.load(Ordering::Acquire);
+            let bytes_room = inner
+                .settings
+                .delivery
+                .max_in_flight_bytes
+                .saturating_sub(held);
             let mut took = 0;
-            if room > 0 {
+            if room > 0 && bytes_room > 0 {
                 let q = inner.queue.clone();
-                let limit = room.min(TAKE_BATCH);
+                // Sized so the bodies fit what is left of the byte budget, as far as the last
+                // batch's sizes tell; at least one message, however big.
+                let per_message = inner.bodies.per_message.load(Ordering::Relaxed).max(1);
+                let limit = room.min(TAKE_BATCH).min((bytes_room / per_message).max(1));
                 match tokio::task::spawn_blocking(move || q.take_due(SystemTime::now(), limit))
                     .await
                 {
@@ -326,6 +388,7 @@ impl Engine {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 _ = inner.wake.notified() => {}
+                _ = inner.bodies.freed.notified(), if bytes_room == 0 => {}
                 _ = tokio::time::sleep(Duration::from_millis(if drain { 20 } else { 250 })) => {}
             }
         }
@@ -388,6 +451,11 @@ impl Engine {
     pub fn in_flight(&self) -> usize {
         self.inner.in_flight.load(Ordering::Acquire)
     }
+
+    /// Bytes of prepared message bodies in memory now (see `delivery.max_in_flight_bytes`).
+    pub fn in_flight_bytes(&self) -> usize {
+        self.inner.bodies.held.load(Ordering::Acquire)
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -433,12 +501,13 @@ impl Inner {
         let q = self.queue.clone();
         let ids = order.clone();
         let max = self.settings.smtp.max_message_size;
+        let budget = Arc::clone(&self.bodies);
         let bodies = tokio::task::spawn_blocking(move || {
             ids.into_iter()
                 .map(|id| {
                     let data = match q.body(id) {
                         Ok(Some(b)) => prepare(&b, max)
-                            .map(Arc::new)
+                            .map(|d| Arc::new(HeldBody::new(d, &budget)))
                             .map_err(|e| (Class::Permanent, e.to_string())),
                         Ok(None) => Err((
                             Class::Permanent,
@@ -456,6 +525,13 @@ impl Inner {
         })
         .await
         .unwrap_or_default();
+        let (n, bytes) = bodies
+            .values()
+            .filter_map(|b| b.as_ref().ok())
+            .fold((0, 0), |(n, bytes), b| (n + 1, bytes + b.wire.len()));
+        if let Some(per_message) = bytes.checked_div(n) {
+            self.bodies.per_message.store(per_message, Ordering::Relaxed);
+        }
 
         // Route every distinct domain of the batch at once: one slow or silent DNS zone must
         // not make the others wait its timeout in turn.

@@ -26,6 +26,7 @@ pub const QUEUE_RECIPIENTS: &str = "bulksend_queue_recipients";
 pub const CONNECTIONS_OPEN: &str = "bulksend_connections_open";
 pub const CONCURRENCY_LIMIT: &str = "bulksend_destination_concurrency_limit";
 pub const DESTINATIONS_PAUSED: &str = "bulksend_destinations_paused";
+pub const IN_FLIGHT_BYTES: &str = "bulksend_in_flight_body_bytes";
 /// Labels: destination, reason ("reputation", "harvest", "unreachable").
 pub const DESTINATION_PAUSES: &str = "bulksend_destination_pauses_total";
 /// One transaction, envelope to the reply after the dot.
@@ -81,6 +82,11 @@ pub fn describe() {
         "Current connection limit (AIMD), by destination."
     );
     describe_gauge!(DESTINATIONS_PAUSED, "Destinations currently paused.");
+    describe_gauge!(
+        IN_FLIGHT_BYTES,
+        Unit::Bytes,
+        "Prepared message bodies held in memory for leased recipients (bounded by delivery.max_in_flight_bytes)."
+    );
     describe_counter!(DESTINATION_PAUSES, "Destination pauses, by reason.");
     describe_counter!(
         CONNECTIONS_TOTAL,

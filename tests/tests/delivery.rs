@@ -948,3 +948,47 @@ async fn jobs_waiting_for_a_rate_limit_slot_are_not_sent_twice() {
     assert_eq!(state_count(&r.queue, RecipientState::Delivered), 5);
     assert_eq!(server.messages().len(), 5, "some messages were sent twice");
 }
+
+/// `delivery.max_in_flight_bytes` bounds the prepared bodies held in memory: with 50 KB
+/// messages, a slow receiver and room for about two bodies, the engine never holds much more
+/// than that (one message always goes), and still delivers everything.
+#[tokio::test]
+async fn prepared_bodies_stay_within_the_byte_budget() {
+    let server = ScriptedServer::start(Script::default().with_handler(|c| {
+        (c.line == "<DOT>").then(|| {
+            std::thread::sleep(Duration::from_millis(40));
+            reply("250 2.0.0 Ok")
+        })
+    }))
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = base_settings(dir.path(), &[("dest.test", server.addr)]);
+    const BODY: usize = 50_000;
+    const BUDGET: usize = 120_000;
+    s.delivery.max_in_flight_bytes = BUDGET;
+    let r = rig(dir, s);
+    let n = 30;
+    for i in 0..n {
+        let mut m = msg("b@esp.test", &[format!("u{i}@dest.test")], i);
+        for _ in 0..BODY / 80 {
+            m.body.extend_from_slice(&[b'x'; 78]);
+            m.body.extend_from_slice(b"\r\n");
+        }
+        r.queue.enqueue(m).unwrap();
+    }
+    let most = std::sync::atomic::AtomicUsize::new(0);
+    let (e, srv) = (&r.engine, &server);
+    run_until(&r.engine, Duration::from_secs(60), || {
+        most.fetch_max(e.in_flight_bytes(), Ordering::Relaxed);
+        srv.messages().len() == n
+    })
+    .await;
+    assert_eq!(server.messages().len(), n, "everything delivered");
+    let most = most.into_inner();
+    assert!(most > 0, "the bodies were seen in flight");
+    assert!(
+        most <= BUDGET + BODY + 1_000,
+        "held {most} bytes of bodies, budget {BUDGET}"
+    );
+    assert_eq!(r.engine.in_flight_bytes(), 0, "all released after the run");
+}
