@@ -373,7 +373,7 @@ impl Engine {
                     Err(e) => tracing::error!(error = %e, "queue task failed"),
                 }
             }
-            if room == 0 {
+            if room == 0 || bytes_room == 0 {
                 inner.rebalance().await;
             }
             if took > 0 {
@@ -530,7 +530,9 @@ impl Inner {
             .filter_map(|b| b.as_ref().ok())
             .fold((0, 0), |(n, bytes), b| (n + 1, bytes + b.wire.len()));
         if let Some(per_message) = bytes.checked_div(n) {
-            self.bodies.per_message.store(per_message, Ordering::Relaxed);
+            self.bodies
+                .per_message
+                .store(per_message, Ordering::Relaxed);
         }
 
         // Route every distinct domain of the batch at once: one slow or silent DNS zone must
@@ -660,7 +662,8 @@ impl Inner {
     }
 
     /// Head-of-line isolation: a destination that is not keeping up (its oldest ready job has
-    /// waited [`STUCK_AFTER`]) and holds more than its share of the in-flight budget gives the
+    /// waited [`STUCK_AFTER`]) and holds more than its share of the in-flight budgets (recipients,
+    /// body bytes) gives the
     /// newest overflow back to the queue, due again shortly (not counted as an attempt), so
     /// the budget serves other destinations meanwhile. A fast destination never has old jobs,
     /// so a single-destination bulk run is never churned.
@@ -676,15 +679,19 @@ impl Inner {
             })
             .collect();
         // Together, destinations that are not keeping up keep at most one quarter of the
-        // budget, however many of them there are.
+        // budgets (recipients and body bytes), however many of them there are. A body shared
+        // with another destination's job counts for each.
         let share = stuck.len().max(1);
+        let byte_cap = (self.settings.delivery.max_in_flight_bytes / 4 / share).max(1);
         let mut evicted: Vec<RecipientId> = Vec::new();
         for d in stuck {
             let mut s = lock(&d.state);
             let cap = (d.ready_cap / share).max(1);
-            while s.ready_rcpts > cap {
+            let mut bytes: usize = s.ready.iter().map(|j| j.data.wire.len()).sum();
+            while s.ready_rcpts > cap || (bytes > byte_cap && s.ready.len() > 1) {
                 let Some(job) = s.ready.pop_back() else { break };
                 s.ready_rcpts = s.ready_rcpts.saturating_sub(job.rcpts.len());
+                bytes = bytes.saturating_sub(job.data.wire.len());
                 evicted.extend(job.rcpts.iter().map(|r| r.id));
             }
         }

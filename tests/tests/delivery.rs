@@ -992,3 +992,63 @@ async fn prepared_bodies_stay_within_the_byte_budget() {
     );
     assert_eq!(r.engine.in_flight_bytes(), 0, "all released after the run");
 }
+
+/// Head-of-line isolation also holds for body bytes: a slow destination (1.5 s a message,
+/// so its ready jobs wait past `STUCK_AFTER`) whose big messages fill
+/// `delivery.max_in_flight_bytes` gives its overflow back, so a fast destination's mail,
+/// due after all of the slow one's, is taken and delivered meanwhile.
+// Multi-threaded: the slow server's handler blocks the thread it runs on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn slow_destination_does_not_hold_the_byte_budget() {
+    let slow = ScriptedServer::start(Script::default().with_handler(|c| {
+        (c.line == "<DOT>").then(|| {
+            std::thread::sleep(Duration::from_millis(1500));
+            reply("250 2.0.0 Ok")
+        })
+    }))
+    .await;
+    let fast = ScriptedServer::start(Script::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = base_settings(
+        dir.path(),
+        &[("slow.test", slow.addr), ("fast.test", fast.addr)],
+    );
+    // Room for ~10 bodies; the recipient budget is no limit here.
+    s.delivery.max_in_flight_bytes = 500_000;
+    s.destinations.insert(
+        "slow.test".into(),
+        bulksend_config::DestinationOverrides {
+            max_connections: Some(1),
+            ..Default::default()
+        },
+    );
+    let r = rig(dir, s);
+    let big = |to: String, i: usize| {
+        let mut m = msg("b@esp.test", &[to], i);
+        for _ in 0..600 {
+            m.body.extend_from_slice(&[b'x'; 78]);
+            m.body.extend_from_slice(b"\r\n");
+        }
+        m
+    };
+    // Oldest first: every slow recipient is due before any fast one.
+    for i in 0..40 {
+        r.queue.enqueue(big(format!("u{i}@slow.test"), i)).unwrap();
+    }
+    for i in 0..30 {
+        r.queue.enqueue(big(format!("u{i}@fast.test"), i)).unwrap();
+    }
+    let f = &fast;
+    // Without the byte-aware give-back, the fast mail waits for all 40 slow messages (60 s).
+    run_until(&r.engine, Duration::from_secs(40), || {
+        f.messages().len() == 30
+    })
+    .await;
+    assert_eq!(
+        fast.messages().len(),
+        30,
+        "the fast destination was held up"
+    );
+    let total: u64 = r.queue.stats().by_state.values().sum();
+    assert_eq!(total, 70);
+}
