@@ -18,6 +18,7 @@
 //! ```text
 //! CARGO_TARGET_DIR=target-pf cargo bench -p bulksend-benches --bench smtp -- \
 //!     [--n 20000] [--sizes 2048,20480] [--connections 20] [--skip-postfix]
+//!     [--max-in-flight-bytes B]
 //! ```
 //! `--n` may also come from `BULKSEND_BENCH_N`. Needs root and Postfix (`apt-get install
 //! postfix`) for the sink, the ceiling and the Postfix run; without Postfix, only bulksend's
@@ -45,6 +46,8 @@ struct Args {
     sizes: Vec<usize>,
     connections: usize,
     skip_postfix: bool,
+    /// `delivery.max_in_flight_bytes`; the default if unset.
+    max_in_flight_bytes: Option<usize>,
 }
 
 fn parse_args() -> Args {
@@ -56,6 +59,7 @@ fn parse_args() -> Args {
         sizes: vec![2048, 20480],
         connections: 20,
         skip_postfix: false,
+        max_in_flight_bytes: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -65,6 +69,7 @@ fn parse_args() -> Args {
             "--connections" => a.connections = val().parse().unwrap_or(a.connections),
             "--sizes" => a.sizes = val().split(',').filter_map(|s| s.parse().ok()).collect(),
             "--skip-postfix" => a.skip_postfix = true,
+            "--max-in-flight-bytes" => a.max_in_flight_bytes = val().parse().ok(),
             "--bench" => {}
             other => eprintln!("ignoring argument {other:?}"),
         }
@@ -131,6 +136,7 @@ async fn bulksend_run(
     n: usize,
     size: usize,
     connections: usize,
+    max_in_flight_bytes: Option<usize>,
     sink: SocketAddr,
 ) -> anyhow::Result<Row> {
     let dir = tempfile::tempdir()?;
@@ -140,6 +146,9 @@ async fn bulksend_run(
     s.smtp.helo_name = "bulksend.test".into();
     s.smtp.tls = TlsPolicy::Disabled;
     s.delivery.max_connections_per_destination = connections;
+    if let Some(b) = max_in_flight_bytes {
+        s.delivery.max_in_flight_bytes = b;
+    }
     // Durable, as in production: every outcome is flushed and fdatasynced before it counts
     // (Postfix fsyncs its queue files too).
     let queue = Arc::new(Queue::open(&s.queue.path, QueueOptions::default())?);
@@ -324,7 +333,16 @@ async fn main() -> anyhow::Result<()> {
         if have_postfix {
             let (mut sink, addr) = start_sink()?;
             let res = async {
-                rows.push(bulksend_run(args.n, size, args.connections, addr).await?);
+                rows.push(
+                    bulksend_run(
+                        args.n,
+                        size,
+                        args.connections,
+                        args.max_in_flight_bytes,
+                        addr,
+                    )
+                    .await?,
+                );
                 let (secs, cpu) = smtp_source(args.n, size, addr, Duration::from_secs(3600))?;
                 rows.push(Row {
                     name: "raw ceiling (smtp-source -d -s 20)".into(),
@@ -349,7 +367,14 @@ async fn main() -> anyhow::Result<()> {
                 bulksend_engine::sink::SinkOptions::default(),
             )
             .await?;
-            let mut r = bulksend_run(args.n, size, args.connections, sink.addr).await?;
+            let mut r = bulksend_run(
+                args.n,
+                size,
+                args.connections,
+                args.max_in_flight_bytes,
+                sink.addr,
+            )
+            .await?;
             r.name = "bulksend (in-process sink)".into();
             rows.push(r);
         }
