@@ -662,10 +662,9 @@ impl Inner {
     }
 
     /// Head-of-line isolation: a destination that is not keeping up (its oldest ready job has
-    /// waited [`STUCK_AFTER`]) and holds more than its share of the in-flight budgets (recipients,
-    /// body bytes) gives the
-    /// newest overflow back to the queue, due again shortly (not counted as an attempt), so
-    /// the budget serves other destinations meanwhile. A fast destination never has old jobs,
+    /// waited [`STUCK_AFTER`]) and holds more than its share of the in-flight budgets
+    /// (recipients, body bytes) gives the newest overflow back to the queue, due again shortly
+    /// (not counted as an attempt), so the budgets serve other destinations meanwhile. A fast destination never has old jobs,
     /// so a single-destination bulk run is never churned.
     async fn rebalance(&self) {
         let dests: Vec<Arc<Dest>> = lock(&self.dests).values().cloned().collect();

@@ -367,6 +367,23 @@ pub(crate) fn encode_record(rec: &RecipientRecord) -> Vec<u8> {
     w.0
 }
 
+/// The record that `meta` holds for recipient 0 of message `id`, if it holds one (see
+/// [`Meta::record`]).
+pub(crate) fn inline_record(id: MessageId, meta: &Meta) -> Result<Option<RecipientRecord>, String> {
+    meta.record
+        .as_deref()
+        .map(|v| {
+            decode_record(
+                RecipientId {
+                    message: id,
+                    index: 0,
+                },
+                v,
+            )
+        })
+        .transpose()
+}
+
 pub(crate) fn decode_record(id: RecipientId, v: &[u8]) -> Result<RecipientRecord, String> {
     let mut r = Reader(v);
     r.format()?;

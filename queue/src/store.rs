@@ -897,12 +897,7 @@ impl Queue {
         };
         let meta = codec::decode_meta(&v).map_err(|d| self.corrupt(&mk, d))?;
         let mut recipients = Vec::new();
-        if let Some(v) = &meta.record {
-            let rid = RecipientId {
-                message: id,
-                index: 0,
-            };
-            let rec = codec::decode_record(rid, v).map_err(|d| self.corrupt(&mk, d))?;
+        if let Some(rec) = codec::inline_record(id, &meta).map_err(|d| self.corrupt(&mk, d))? {
             recipients.push(self.shared.with_lease(rec));
         }
         for item in db.scan_prefix(codec::rcpt_prefix(id)) {
@@ -939,12 +934,7 @@ impl Queue {
             let id =
                 codec::meta_id(&mk).ok_or_else(|| self.corrupt(&mk, "bad message key".into()))?;
             let meta = codec::decode_meta(&mv).map_err(|d| self.corrupt(&mk, d))?;
-            if let Some(v) = &meta.record {
-                let rid = RecipientId {
-                    message: id,
-                    index: 0,
-                };
-                let rec = codec::decode_record(rid, v).map_err(|d| self.corrupt(&mk, d))?;
+            if let Some(rec) = codec::inline_record(id, &meta).map_err(|d| self.corrupt(&mk, d))? {
                 if keep(rec) {
                     break;
                 }
@@ -1112,7 +1102,6 @@ impl Drop for Queue {
     }
 }
 
-/// Hands replies to the syncer, all in one message (one wake-up per group, not per request).
 /// The writer's end of the line to the syncer. It counts the groups handed over and not yet
 /// answered, so that the writer can tell whether a sync is under way (see `Writer::run`).
 struct ToSyncer {
@@ -1164,6 +1153,7 @@ impl FromWriter {
     }
 }
 
+/// Hands replies to the syncer, all in one message (one wake-up per group, not per request).
 fn forward_all(done: &ToSyncer, group: Vec<Done>) {
     if group.is_empty() {
         return;
@@ -1361,12 +1351,9 @@ impl<'a> Tx<'a> {
     /// A recipient's record: in its message's metadata for a message of one recipient, under
     /// its own `r` key otherwise.
     fn record(&self, id: RecipientId) -> Res<Option<RecipientRecord>> {
-        if let Some(Meta {
-            record: Some(v), ..
-        }) = self.meta_with_record(id)?
-        {
-            return codec::decode_record(id, &v)
-                .map(|r| Some(self.shared.with_lease(r)))
+        if let Some(meta) = self.meta_with_record(id)? {
+            return codec::inline_record(id.message, &meta)
+                .map(|r| r.map(|r| self.shared.with_lease(r)))
                 .map_err(|d| self.corrupt(&codec::meta_key(id.message), d));
         }
         let k = codec::rcpt_key(id);
@@ -2827,14 +2814,10 @@ fn recover(
                 orphans += 1;
             }
         }
-        let mut group = Vec::new();
-        if let Some(v) = &meta.record {
-            let rid = RecipientId {
-                message: mid,
-                index: 0,
-            };
-            group.push(codec::decode_record(rid, v).map_err(|d| corrupt(path, &mk, d))?);
-        }
+        let mut group: Vec<RecipientRecord> = codec::inline_record(mid, &meta)
+            .map_err(|d| corrupt(path, &mk, d))?
+            .into_iter()
+            .collect();
         let mut rewrite_meta = false;
         while peek_msg(&mut records) == Some(mid) {
             if let Some(rec) = next_record(&mut records)? {
@@ -2954,8 +2937,8 @@ mod tests {
     fn stored_record(db: &sled::Db, rid: RecipientId) -> RecipientRecord {
         let meta =
             codec::decode_meta(&db.get(codec::meta_key(rid.message)).unwrap().unwrap()).unwrap();
-        match (rid.index, meta.record) {
-            (0, Some(v)) => codec::decode_record(rid, &v).unwrap(),
+        match codec::inline_record(rid.message, &meta).unwrap() {
+            Some(rec) if rid.index == 0 => rec,
             _ => {
                 codec::decode_record(rid, &db.get(codec::rcpt_key(rid)).unwrap().unwrap()).unwrap()
             }
@@ -3001,18 +2984,21 @@ mod tests {
 
             let now = SystemTime::now() + Duration::from_secs(1);
             let later = now + Duration::from_secs(60);
-            let leases = q.take_due(now, 10).unwrap();
-            assert_eq!(leases.len(), 3);
-            for l in &leases {
-                q.complete(
-                    l.recipient.id,
-                    Outcome::Deferred {
-                        reply: "451 4.7.1 later".into(),
-                        next_attempt: later,
-                    },
-                )
-                .unwrap();
-            }
+            // Takes all three recipients due at `at` and completes each with `outcome`.
+            let take_and_complete = |at: SystemTime, outcome: Outcome| {
+                let leases = q.take_due(at, 10).unwrap();
+                assert_eq!(leases.len(), 3);
+                for l in &leases {
+                    q.complete(l.recipient.id, outcome.clone()).unwrap();
+                }
+            };
+            take_and_complete(
+                now,
+                Outcome::Deferred {
+                    reply: "451 4.7.1 later".into(),
+                    next_attempt: later,
+                },
+            );
             let rid = RecipientId {
                 message: one,
                 index: 0,
@@ -3023,17 +3009,12 @@ mod tests {
                 (RecipientState::Scheduled, 1, to_millis(later))
             );
             assert!(db.get(codec::rcpt_key(rid)).unwrap().is_none());
-            let leases = q.take_due(later, 10).unwrap();
-            assert_eq!(leases.len(), 3);
-            for l in &leases {
-                q.complete(
-                    l.recipient.id,
-                    Outcome::Delivered {
-                        reply: "250 ok".into(),
-                    },
-                )
-                .unwrap();
-            }
+            take_and_complete(
+                later,
+                Outcome::Delivered {
+                    reply: "250 ok".into(),
+                },
+            );
             assert_eq!(meta(one).pending, 0);
             assert_eq!(
                 meta(one).body,

@@ -90,6 +90,40 @@ fn msg(from: &str, to: &[String], i: usize) -> NewMessage {
     }
 }
 
+/// `m` with `lines` more body lines of 78 octets (80 with CRLF).
+fn padded(mut m: NewMessage, lines: usize) -> NewMessage {
+    for _ in 0..lines {
+        m.body.extend_from_slice(&[b'x'; 78]);
+        m.body.extend_from_slice(b"\r\n");
+    }
+    m
+}
+
+/// A slow destination ("slow.test": one connection, `delay` before each reply to the dot)
+/// and a fast one ("fast.test"), both routed in settings based on `base_settings`.
+async fn slow_and_fast(
+    dir: &std::path::Path,
+    delay: Duration,
+) -> (ScriptedServer, ScriptedServer, Settings) {
+    let slow = ScriptedServer::start(Script::default().with_handler(move |c| {
+        (c.line == "<DOT>").then(|| {
+            std::thread::sleep(delay);
+            reply("250 2.0.0 Ok")
+        })
+    }))
+    .await;
+    let fast = ScriptedServer::start(Script::default()).await;
+    let mut s = base_settings(dir, &[("slow.test", slow.addr), ("fast.test", fast.addr)]);
+    s.destinations.insert(
+        "slow.test".into(),
+        bulksend_config::DestinationOverrides {
+            max_connections: Some(1),
+            ..Default::default()
+        },
+    );
+    (slow, fast, s)
+}
+
 /// Runs the engine (not draining) until `done` holds or `limit` passes, then shuts it down.
 async fn run_until(engine: &Engine, limit: Duration, done: impl Fn() -> bool) -> RunSummary {
     let token = CancellationToken::new();
@@ -628,27 +662,9 @@ async fn mx_preference_fallback_implicit_and_null_mx() {
 /// in-flight budget; its overflow is postponed and the fast destination goes ahead.
 #[tokio::test]
 async fn slow_destination_does_not_hold_up_others() {
-    let slow = ScriptedServer::start(Script::default().with_handler(|c| {
-        (c.line == "<DOT>").then(|| {
-            std::thread::sleep(Duration::from_millis(300));
-            reply("250 2.0.0 Ok")
-        })
-    }))
-    .await;
-    let fast = ScriptedServer::start(Script::default()).await;
     let dir = tempfile::tempdir().unwrap();
-    let mut s = base_settings(
-        dir.path(),
-        &[("slow.test", slow.addr), ("fast.test", fast.addr)],
-    );
+    let (slow, fast, mut s) = slow_and_fast(dir.path(), Duration::from_millis(300)).await;
     s.delivery.max_in_flight = 40;
-    s.destinations.insert(
-        "slow.test".into(),
-        bulksend_config::DestinationOverrides {
-            max_connections: Some(1),
-            ..Default::default()
-        },
-    );
     let r = rig(dir, s);
     // Oldest first: every slow recipient is due before any fast one.
     for i in 0..100 {
@@ -969,14 +985,13 @@ async fn prepared_bodies_stay_within_the_byte_budget() {
     let r = rig(dir, s);
     let n = 30;
     for i in 0..n {
-        let mut m = msg("b@esp.test", &[format!("u{i}@dest.test")], i);
-        for _ in 0..BODY / 80 {
-            m.body.extend_from_slice(&[b'x'; 78]);
-            m.body.extend_from_slice(b"\r\n");
-        }
+        let m = padded(
+            msg("b@esp.test", &[format!("u{i}@dest.test")], i),
+            BODY / 80,
+        );
         r.queue.enqueue(m).unwrap();
     }
-    let most = std::sync::atomic::AtomicUsize::new(0);
+    let most = AtomicUsize::new(0);
     let (e, srv) = (&r.engine, &server);
     run_until(&r.engine, Duration::from_secs(60), || {
         most.fetch_max(e.in_flight_bytes(), Ordering::Relaxed);
@@ -1000,37 +1015,12 @@ async fn prepared_bodies_stay_within_the_byte_budget() {
 // Multi-threaded: the slow server's handler blocks the thread it runs on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn slow_destination_does_not_hold_the_byte_budget() {
-    let slow = ScriptedServer::start(Script::default().with_handler(|c| {
-        (c.line == "<DOT>").then(|| {
-            std::thread::sleep(Duration::from_millis(1500));
-            reply("250 2.0.0 Ok")
-        })
-    }))
-    .await;
-    let fast = ScriptedServer::start(Script::default()).await;
     let dir = tempfile::tempdir().unwrap();
-    let mut s = base_settings(
-        dir.path(),
-        &[("slow.test", slow.addr), ("fast.test", fast.addr)],
-    );
+    let (_slow, fast, mut s) = slow_and_fast(dir.path(), Duration::from_millis(1500)).await;
     // Room for ~10 bodies; the recipient budget is no limit here.
     s.delivery.max_in_flight_bytes = 500_000;
-    s.destinations.insert(
-        "slow.test".into(),
-        bulksend_config::DestinationOverrides {
-            max_connections: Some(1),
-            ..Default::default()
-        },
-    );
     let r = rig(dir, s);
-    let big = |to: String, i: usize| {
-        let mut m = msg("b@esp.test", &[to], i);
-        for _ in 0..600 {
-            m.body.extend_from_slice(&[b'x'; 78]);
-            m.body.extend_from_slice(b"\r\n");
-        }
-        m
-    };
+    let big = |to: String, i: usize| padded(msg("b@esp.test", &[to], i), 600);
     // Oldest first: every slow recipient is due before any fast one.
     for i in 0..40 {
         r.queue.enqueue(big(format!("u{i}@slow.test"), i)).unwrap();
