@@ -45,7 +45,7 @@ use crate::events::{rfc3339, Event, EventKind, EventSink};
 use crate::metrics as m;
 use crate::route::{DestinationKey, Route, RouteError, Router};
 use crate::smtp::{
-    prepare, Address, ClientSettings, MessageData, RcptResult, Session, SessionError,
+    prepare, Address, ClientSettings, Envelope, MessageData, RcptResult, Session, SessionError,
 };
 
 /// Most recipients leased per queue read.
@@ -79,6 +79,9 @@ pub struct RunSummary {
     pub expired: u64,
     pub unknown: u64,
     pub connections: u64,
+    /// Transactions whose envelope went out behind the previous transaction's dot
+    /// (`smtp.pipeline_transactions`).
+    pub pipelined: u64,
 }
 
 #[derive(Debug, Default)]
@@ -90,6 +93,7 @@ struct Counters {
     expired: AtomicU64,
     unknown: AtomicU64,
     connections: AtomicU64,
+    pipelined: AtomicU64,
 }
 
 impl Counters {
@@ -102,6 +106,7 @@ impl Counters {
             expired: self.expired.load(Ordering::Relaxed),
             unknown: self.unknown.load(Ordering::Relaxed),
             connections: self.connections.load(Ordering::Relaxed),
+            pipelined: self.pipelined.load(Ordering::Relaxed),
         }
     }
 }
@@ -116,6 +121,7 @@ impl RunSummary {
             expired: self.expired - before.expired,
             unknown: self.unknown - before.unknown,
             connections: self.connections - before.connections,
+            pipelined: self.pipelined - before.pipelined,
         }
     }
 }
@@ -231,6 +237,8 @@ struct Limits {
     messages_per_connection: usize,
     recipients_per_transaction: usize,
     rate: Option<RateLimit>,
+    /// `smtp.pipeline_transactions`: the next envelope goes out behind the dot.
+    pipeline: bool,
 }
 
 /// A destination: the worker pool for one MX host set.
@@ -785,6 +793,9 @@ impl Inner {
                 .unwrap_or(s.smtp.max_recipients_per_transaction)
                 .max(1),
             rate,
+            pipeline: o
+                .pipeline_transactions
+                .unwrap_or(s.smtp.pipeline_transactions),
         };
         let metrics = m::DestinationMetrics::new(self.labels.label(&route.destination.0));
         metrics
@@ -1221,130 +1232,160 @@ async fn worker(inner: Arc<Inner>, dest: Arc<Dest>) {
     // Earlier transactions' outcomes, still being written to the queue (durably) while this
     // connection carries the next one: at most `MAX_UNRECORDED`.
     let mut recording: VecDeque<tokio::task::JoinHandle<()>> = VecDeque::new();
+    // The job whose envelope went out behind the last dot on `session`: that session's next
+    // transaction, whatever happens (a server in DATA mode reads anything else as content).
+    let mut sent: Option<(Job, Envelope)> = None;
+    // A job taken to go out that way and not sent: the next one to start.
+    let mut carried: Option<Job> = None;
+    // A reputation signal or a pause came while an envelope was sent ahead: finish that
+    // transaction, then stop.
+    let mut wind_down = false;
     loop {
-        let Some(job) = next_job(&inner, &dest, idle).await else {
-            break;
-        };
-        // Rate limit: space message starts evenly.
-        if let Some(rate) = dest.limits.rate {
-            let at = {
-                let mut s = lock(&dest.state);
-                let at = s.next_send.max(Instant::now());
-                s.next_send = at + rate.per / rate.count;
-                at
-            };
-            // The job is out of the ready queue while it waits for its slot, so the periodic
-            // renewal does not see it: hold its leases until the slot (plus the timeout).
-            let wait = at.saturating_duration_since(Instant::now());
-            if !wait.is_zero() {
-                let ids: Vec<RecipientId> = job.rcpts.iter().map(|r| r.id).collect();
-                inner.queue.renew_leases(&ids, SystemTime::now() + wait);
-            }
-            let stop = inner.stop_token();
-            tokio::select! {
-                _ = tokio::time::sleep_until(at.into()) => {}
-                _ = stop.cancelled() => {
-                    // Shutting down: this job was never started.
-                    let items = job.rcpts.iter().map(|r| (r.id, Outcome::Released)).collect();
-                    inner.complete(items).await;
-                    break;
-                }
-            }
-        }
-        // Another connection may have paused the destination (or shutdown begun) while this
-        // job waited: then it must not be sent now.
-        if let Some((until, reason)) = dest.pause() {
-            dest.defer_paused(&inner, vec![job], until, reason).await;
-            break;
-        }
-        if inner.stop_token().is_cancelled() {
-            let items = job
-                .rcpts
-                .iter()
-                .map(|r| (r.id, Outcome::Released))
-                .collect();
-            inner.complete(items).await;
-            break;
-        }
-        // Suppression, right before sending.
-        let (job, suppressed, unreadable) = split_suppressed(&inner, job).await;
-        if !unreadable.is_empty() {
-            let due = SystemTime::now() + Duration::from_secs(60);
-            let items = unreadable
-                .iter()
-                .map(|r| {
-                    let reason = "suppression list unreadable".to_owned();
-                    (
-                        r.id,
-                        Outcome::Postponed {
-                            reason,
-                            next_attempt: due,
-                        },
-                    )
-                })
-                .collect();
-            inner.complete(items).await;
-        }
-        if !suppressed.is_empty() {
-            let c = local(Class::Permanent, "address is on the suppression list");
-            let outcomes = suppressed
-                .into_iter()
-                .map(|r| (r, c.clone(), true))
-                .collect();
-            inner
-                .record_with_pause(&dest.key, &dest.metrics.outcomes, None, outcomes, None)
-                .await;
-        }
-        let Some(job) = job else { continue };
-        let stale = match session.as_mut() {
-            Some((s, _)) => s.probe_stale().await,
-            None => true,
-        };
-        if stale {
-            if let Some((s, _)) = session.take() {
-                s.close().await;
-            }
-            match connect(&inner, &dest).await {
-                Ok(s) => session = Some(s),
-                Err(e) => {
-                    // No MX host would talk to us (refused, timed out, or refused us at the
-                    // greeting/EHLO/TLS, 5xx included, as Postfix's smtp_skip_5xx_greeting):
-                    // the recipients wait, and the destination backs off. Never a bounce.
-                    let mut c = inner.classifier.classify(&RcptResult::Failed(e));
-                    let reason = if c.class == Class::Reputation || c.reputation_signal {
-                        c.class = Class::Reputation;
-                        "reputation"
-                    } else {
-                        c.class = Class::Unreachable;
-                        "unreachable"
+        let (job, env) = if let Some((job, env)) = sent.take() {
+            (job, Some(env))
+        } else {
+            let job = match carried.take() {
+                Some(job) => job,
+                None => {
+                    let Some(job) = next_job(&inner, &dest, idle).await else {
+                        break;
                     };
-                    let until = dest.back_off(&inner, reason).await;
-                    let until_wall =
-                        Some(SystemTime::now() + until.saturating_duration_since(Instant::now()));
-                    let outcomes = job
-                        .rcpts
-                        .into_iter()
-                        .map(|r| (r, c.clone(), false))
-                        .collect();
-                    inner
-                        .record_with_pause(
-                            &dest.key,
-                            &dest.metrics.outcomes,
-                            None,
-                            outcomes,
-                            until_wall,
-                        )
-                        .await;
-                    break;
+                    // Rate limit: space message starts evenly.
+                    if let Some(rate) = dest.limits.rate {
+                        let at = {
+                            let mut s = lock(&dest.state);
+                            let at = s.next_send.max(Instant::now());
+                            s.next_send = at + rate.per / rate.count;
+                            at
+                        };
+                        // The job is out of the ready queue while it waits for its slot, so the periodic
+                        // renewal does not see it: hold its leases until the slot (plus the timeout).
+                        let wait = at.saturating_duration_since(Instant::now());
+                        if !wait.is_zero() {
+                            let ids: Vec<RecipientId> = job.rcpts.iter().map(|r| r.id).collect();
+                            inner.queue.renew_leases(&ids, SystemTime::now() + wait);
+                        }
+                        let stop = inner.stop_token();
+                        tokio::select! {
+                            _ = tokio::time::sleep_until(at.into()) => {}
+                            _ = stop.cancelled() => {
+                                // Shutting down: this job was never started.
+                                let items = job.rcpts.iter().map(|r| (r.id, Outcome::Released)).collect();
+                                inner.complete(items).await;
+                                break;
+                            }
+                        }
+                    }
+                    job
+                }
+            };
+            match screen(&inner, &dest, job).await {
+                Screened::Send(job) => (job, None),
+                Screened::Skip => continue,
+                Screened::Stop => break,
+            }
+        };
+        if env.is_none() {
+            let stale = match session.as_mut() {
+                Some((s, _)) => s.probe_stale().await,
+                None => true,
+            };
+            if stale {
+                if let Some((s, _)) = session.take() {
+                    s.close().await;
+                }
+                match connect(&inner, &dest).await {
+                    Ok(s) => session = Some(s),
+                    Err(e) => {
+                        // No MX host would talk to us (refused, timed out, or refused us at the
+                        // greeting/EHLO/TLS, 5xx included, as Postfix's smtp_skip_5xx_greeting):
+                        // the recipients wait, and the destination backs off. Never a bounce.
+                        let mut c = inner.classifier.classify(&RcptResult::Failed(e));
+                        let reason = if c.class == Class::Reputation || c.reputation_signal {
+                            c.class = Class::Reputation;
+                            "reputation"
+                        } else {
+                            c.class = Class::Unreachable;
+                            "unreachable"
+                        };
+                        let until = dest.back_off(&inner, reason).await;
+                        let until_wall = Some(
+                            SystemTime::now() + until.saturating_duration_since(Instant::now()),
+                        );
+                        let outcomes = job
+                            .rcpts
+                            .into_iter()
+                            .map(|r| (r, c.clone(), false))
+                            .collect();
+                        inner
+                            .record_with_pause(
+                                &dest.key,
+                                &dest.metrics.outcomes,
+                                None,
+                                outcomes,
+                                until_wall,
+                            )
+                            .await;
+                        break;
+                    }
                 }
             }
         }
         let Some((s, mx)) = session.as_mut() else {
+            // Only after a failed connect, which ends the loop: a sent-ahead job always has
+            // its session.
             break;
         };
         let started = Instant::now();
         let addrs: Vec<Address> = job.rcpts.iter().map(|r| r.address.clone()).collect();
-        let tx = s.send(job.sender.as_ref(), &addrs, &job.data).await;
+        let this = match env {
+            Some(env) => Ok(env),
+            None => s.envelope(job.sender.as_ref(), &addrs, &job.data),
+        };
+        // The next job of this connection, if its envelope can go out behind this dot.
+        let after_this = s.transactions() + usize::from(matches!(&this, Ok(e) if !e.is_sent()));
+        let next = if dest.limits.pipeline
+            && dest.limits.rate.is_none()
+            && !wind_down
+            && after_this < dest.limits.messages_per_connection
+            && this.is_ok()
+        {
+            let popped = lock(&dest.state).pop();
+            match popped {
+                Some(next) => match screen(&inner, &dest, next).await {
+                    Screened::Send(next) => Some(next),
+                    Screened::Skip | Screened::Stop => None,
+                },
+                None => None,
+            }
+        } else {
+            None
+        };
+        let next_env = next
+            .as_ref()
+            .filter(|n| !shares_address(&job, n))
+            .and_then(|n| {
+                let to: Vec<Address> = n.rcpts.iter().map(|r| r.address.clone()).collect();
+                s.envelope(n.sender.as_ref(), &to, &n.data).ok()
+            });
+        let tx = match this {
+            Ok(env) => {
+                let (tx, ahead) = s.transact(env, &job.data, next_env).await;
+                match (next, ahead) {
+                    (Some(n), Some(env)) => {
+                        inner.counters.pipelined.fetch_add(1, Ordering::Relaxed);
+                        dest.metrics.pipelined();
+                        sent = Some((n, env));
+                    }
+                    (n, _) => carried = n,
+                }
+                tx
+            }
+            Err(tx) => {
+                carried = next;
+                tx
+            }
+        };
         tracing::debug!(message = %job.message, destination = %dest.key.0, mx = %mx, recipients = addrs.len(), ended = ?tx.ended, "transaction");
         dest.metrics
             .transaction_seconds(started.elapsed().as_secs_f64());
@@ -1435,18 +1476,28 @@ async fn worker(inner: Arc<Inner>, dest: Arc<Dest>) {
         }
         dest.on_transaction(&inner, delivered && !reputation, tried, unknown_users)
             .await;
-        let done = tx.ended.is_some()
-            || s.transactions() >= dest.limits.messages_per_connection
-            || reputation
-            || dest.is_paused();
+        let stop = reputation || wind_down || dest.is_paused();
+        if sent.is_some() {
+            // The next transaction is already under way on this connection: it comes first.
+            wind_down = stop;
+            continue;
+        }
+        let done =
+            tx.ended.is_some() || s.transactions() >= dest.limits.messages_per_connection || stop;
         if done {
             if let Some((s, _)) = session.take() {
                 s.close().await;
             }
-            if reputation || dest.is_paused() {
+            if stop {
                 break;
             }
         }
+    }
+    // Taken for this connection and never started (a sent-ahead one only if the loop left
+    // without its session, which it does not).
+    let unstarted = carried.into_iter().chain(sent.map(|(job, _)| job));
+    for job in unstarted {
+        give_back(&inner, &dest, job).await;
     }
     for r in recording.drain(..) {
         let _ = r.await;
@@ -1514,6 +1565,94 @@ impl Harvest {
         }
         (self.tried, self.unknown)
     }
+}
+
+/// What [`screen`] decided about a job.
+enum Screened {
+    /// Send it, to the recipients left.
+    Send(Job),
+    /// Nobody left to send it to (all suppressed or held back); take the next job.
+    Skip,
+    /// The destination is paused or bulksend is stopping: the job was deferred or released,
+    /// and the worker should take no more.
+    Stop,
+}
+
+/// The checks right before a job goes out: the destination not paused (another connection
+/// may have paused it while the job waited), bulksend not stopping, and no recipient on the
+/// suppression list (recorded as suppressed) or with an unreadable entry (held back).
+async fn screen(inner: &Arc<Inner>, dest: &Dest, job: Job) -> Screened {
+    if let Some((until, reason)) = dest.pause() {
+        dest.defer_paused(inner, vec![job], until, reason).await;
+        return Screened::Stop;
+    }
+    if inner.stop_token().is_cancelled() {
+        let items = job
+            .rcpts
+            .iter()
+            .map(|r| (r.id, Outcome::Released))
+            .collect();
+        inner.complete(items).await;
+        return Screened::Stop;
+    }
+    let (job, suppressed, unreadable) = split_suppressed(inner, job).await;
+    if !unreadable.is_empty() {
+        let due = SystemTime::now() + Duration::from_secs(60);
+        let items = unreadable
+            .iter()
+            .map(|r| {
+                let reason = "suppression list unreadable".to_owned();
+                (
+                    r.id,
+                    Outcome::Postponed {
+                        reason,
+                        next_attempt: due,
+                    },
+                )
+            })
+            .collect();
+        inner.complete(items).await;
+    }
+    if !suppressed.is_empty() {
+        let c = local(Class::Permanent, "address is on the suppression list");
+        let outcomes = suppressed
+            .into_iter()
+            .map(|r| (r, c.clone(), true))
+            .collect();
+        inner
+            .record_with_pause(&dest.key, &dest.metrics.outcomes, None, outcomes, None)
+            .await;
+    }
+    match job {
+        Some(job) => Screened::Send(job),
+        None => Screened::Skip,
+    }
+}
+
+/// A job a worker took and will not start: deferred to the end of the destination's pause
+/// if there is one, else back to scheduled as it was (no attempt counted).
+async fn give_back(inner: &Arc<Inner>, dest: &Dest, job: Job) {
+    if let Some((until, reason)) = dest.pause() {
+        dest.defer_paused(inner, vec![job], until, reason).await;
+    } else {
+        let items = job
+            .rcpts
+            .iter()
+            .map(|r| (r.id, Outcome::Released))
+            .collect();
+        inner.complete(items).await;
+    }
+}
+
+/// Whether two jobs have a recipient in common. The second one's envelope would go out
+/// before the first one's reply to the dot, which may say (for a single recipient) that
+/// the address does not exist: it must not be sent to again before that is recorded.
+fn shares_address(a: &Job, b: &Job) -> bool {
+    a.rcpts.iter().any(|x| {
+        b.rcpts
+            .iter()
+            .any(|y| x.address.as_str() == y.address.as_str())
+    })
 }
 
 /// The next job for a worker: waits up to `idle` for one; `None` when the worker should end.

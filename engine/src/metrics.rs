@@ -36,6 +36,8 @@ pub const SMTP_TRANSACTION_SECONDS: &str = "bulksend_smtp_transaction_seconds";
 pub const SMTP_PHASE_SECONDS: &str = "bulksend_smtp_phase_seconds";
 pub const DELIVERY_LATENCY_SECONDS: &str = "bulksend_delivery_latency_seconds";
 pub const CONNECTIONS_TOTAL: &str = "bulksend_connections_total";
+/// Labels: destination. Transactions whose envelope went out behind the previous dot.
+pub const SMTP_PIPELINED_TRANSACTIONS: &str = "bulksend_smtp_pipelined_transactions_total";
 pub const EVENTS_DROPPED: &str = "bulksend_events_dropped_total";
 
 pub const MAX_DESTINATION_LABELS: usize = 200;
@@ -91,6 +93,10 @@ pub fn describe() {
     describe_counter!(
         CONNECTIONS_TOTAL,
         "SMTP connections attempted, by destination and result."
+    );
+    describe_counter!(
+        SMTP_PIPELINED_TRANSACTIONS,
+        "SMTP transactions whose envelope went out behind the previous message's dot, by destination."
     );
     describe_histogram!(
         SMTP_PHASE_SECONDS,
@@ -219,6 +225,7 @@ pub struct DestinationMetrics {
     /// By [`PAUSE_REASONS`].
     pauses: [OnceLock<Counter>; PAUSE_REASONS.len()],
     transaction_seconds: OnceLock<Histogram>,
+    pipelined: OnceLock<Counter>,
 }
 
 impl DestinationMetrics {
@@ -231,6 +238,7 @@ impl DestinationMetrics {
             connections: Default::default(),
             pauses: Default::default(),
             transaction_seconds: OnceLock::new(),
+            pipelined: OnceLock::new(),
         }
     }
 
@@ -271,6 +279,15 @@ impl DestinationMetrics {
             None => metrics::counter!(DESTINATION_PAUSES, "destination" => self.label(), "reason" => reason)
                 .increment(1),
         }
+    }
+
+    /// Counts one transaction in [`SMTP_PIPELINED_TRANSACTIONS`].
+    pub fn pipelined(&self) {
+        self.pipelined
+            .get_or_init(
+                || metrics::counter!(SMTP_PIPELINED_TRANSACTIONS, "destination" => self.label()),
+            )
+            .increment(1);
     }
 
     /// Records one transaction's time in [`SMTP_TRANSACTION_SECONDS`] (unlabelled).

@@ -51,6 +51,9 @@ pub struct ConnLog {
     pub tls: bool,
     /// The client closed the connection (EOF or error) rather than the server.
     pub client_closed: bool,
+    /// For each message: the command lines that had arrived behind its final dot when the
+    /// server replied to it (sent by the client without waiting for that reply).
+    pub behind_dot: Vec<Vec<String>>,
 }
 
 impl ConnLog {
@@ -99,6 +102,10 @@ pub struct Script {
     pub recv_buffer: Option<u32>,
     /// While receiving data: pause this long after each read of up to `trickle_chunk` bytes.
     pub trickle: Option<(Duration, usize)>,
+    /// Before replying to the dot of each of the first this many messages of a connection,
+    /// wait (up to 5 s) until a DATA command has arrived behind it: a client that does not
+    /// pipeline the next envelope behind the dot waits those 5 s.
+    pub hold_dot_reply: usize,
 }
 
 impl Default for Script {
@@ -115,6 +122,7 @@ impl Default for Script {
             tls: None,
             recv_buffer: None,
             trickle: None,
+            hold_dot_reply: 0,
         }
     }
 }
@@ -129,6 +137,10 @@ impl Script {
     }
     pub fn without(mut self, ext: &str) -> Self {
         self.extensions.retain(|e| !e.starts_with(ext));
+        self
+    }
+    pub fn holding_dot_reply(mut self, messages: usize) -> Self {
+        self.hold_dot_reply = messages;
         self
     }
     pub fn with_ext(mut self, ext: &str) -> Self {
@@ -356,6 +368,20 @@ async fn serve(
             if verb == "DATA" && matches!(&action, Action::Reply(r) if r.starts_with("354")) {
                 push_batch(&log, &mut batch);
                 let body = read_data(&mut stream, &mut buf, &script).await?;
+                if messages < script.hold_dot_reply {
+                    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+                    while find(&buf, b"DATA\r\n").is_none() {
+                        match tokio::time::timeout_at(deadline, stream.read(&mut chunk)).await {
+                            Ok(Ok(n)) if n > 0 => buf.extend_from_slice(&chunk[..n]),
+                            _ => break,
+                        }
+                    }
+                }
+                let behind: Vec<String> = String::from_utf8_lossy(&buf)
+                    .split_inclusive("\r\n")
+                    .filter_map(|l| l.strip_suffix("\r\n").map(str::to_owned))
+                    .collect();
+                log.lock().unwrap().behind_dot.push(behind);
                 messages += 1;
                 rcpt_ok = 0;
                 log.lock().unwrap().messages.push(body.clone());

@@ -197,6 +197,15 @@ impl PostfixInstance {
             // session, not one 4xx per pipelined RCPT (which would count towards
             // smtpd_hard_error_limit).
             ("smtpd_delay_reject".into(), "no".into()),
+            // The strictest pipelining checks Postfix has: a client that sends a command
+            // where RFC 2920 does not allow it is disconnected ("SMTP protocol
+            // synchronization"), and its message rejected at DATA. bulksend's next envelope
+            // goes out behind the dot, which must pass these.
+            ("smtpd_forbid_unauth_pipelining".into(), "yes".into()),
+            (
+                "smtpd_data_restrictions".into(),
+                "reject_unauth_pipelining".into(),
+            ),
             (
                 "smtpd_client_restrictions".into(),
                 format!("check_client_access cidr:{r}/etc/clients"),
@@ -487,6 +496,7 @@ pub const BAD_CLIENT_MARKERS: &[&str] = &[
     "lost connection after",
     "timeout after",
     "improper command pipelining",
+    "protocol synchronization",
     "too many errors",
     "non-SMTP command",
 ];

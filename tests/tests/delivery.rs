@@ -1042,3 +1042,60 @@ async fn slow_destination_does_not_hold_the_byte_budget() {
     let total: u64 = r.queue.stats().by_state.values().sum();
     assert_eq!(total, 70);
 }
+
+/// A reputation deferral in reply to a dot that already has the next envelope behind it: the
+/// connection still carries that transaction (the server will answer its DATA with 354, and
+/// anything but the message would be read as content), sends nothing more ahead, QUITs, and
+/// the destination pauses. Nothing is lost or sent twice.
+#[tokio::test]
+async fn reputation_reply_to_a_dot_with_an_envelope_behind_it() {
+    let deferred = Arc::new(AtomicBool::new(false));
+    let d = deferred.clone();
+    let server = ScriptedServer::start(Script::default().holding_dot_reply(2).with_handler(
+        move |c| {
+            (c.line == "<DOT>" && c.conn == 0 && c.messages == 2).then(|| {
+                d.store(true, Ordering::SeqCst);
+                reply("451 4.7.650 The mail server has been temporarily rate limited due to IP reputation")
+            })
+        },
+    ))
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = base_settings(dir.path(), &[("dest.test", server.addr)]);
+    s.delivery.max_connections_per_destination = 1;
+    let r = rig(dir, s);
+    for i in 0..6 {
+        r.queue
+            .enqueue(msg("b@esp.test", &[format!("u{i}@dest.test")], i))
+            .unwrap();
+    }
+    let q = r.queue.clone();
+    let summary = run_until(&r.engine, Duration::from_secs(30), || {
+        state_count(&q, RecipientState::Delivered) == 6
+    })
+    .await;
+    assert!(deferred.load(Ordering::SeqCst));
+    assert_eq!(
+        state_count(&r.queue, RecipientState::Delivered),
+        6,
+        "{summary:?}"
+    );
+    // The refused message, and those waiting when the destination paused.
+    assert!(summary.deferred >= 1, "{summary:?}");
+    assert!(summary.pipelined >= 2, "{summary:?}");
+    let conns = server.wait_closed(server.connections().len()).await;
+    let first = &conns[0];
+    // Message 2's dot had message 3's envelope behind it; message 3 went on this connection,
+    // with nothing behind its own dot, and then the connection ended with QUIT.
+    assert_eq!(first.behind_dot[1].len(), 3, "{:?}", first.behind_dot);
+    assert_eq!(first.messages.len(), 3, "{:?}", first.commands);
+    assert!(first.behind_dot[2].is_empty(), "{:?}", first.behind_dot);
+    assert_eq!(first.count("MAIL"), 3, "{:?}", first.commands);
+    assert!(first.quit);
+    let d = &r.engine.destinations()[0];
+    assert!(d.pauses >= 1, "{d:?}");
+    // Every message arrived once, the deferred one twice (its first copy was refused).
+    let received: usize = conns.iter().map(|c| c.messages.len()).sum();
+    assert_eq!(received, 7);
+    assert!(conns.iter().all(|c| c.quit));
+}

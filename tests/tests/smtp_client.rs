@@ -861,3 +861,161 @@ async fn probe_finds_an_idle_connection_the_server_gave_up() {
         assert_eq!(c.quit, !unprompted, "QUIT only on a live connection");
     }
 }
+
+/// With PIPELINING, the next message's envelope goes out in the same write as this
+/// message's dot: the server here answers a dot only once the next DATA has arrived behind
+/// it (or after 5 s), and logs what had.
+#[tokio::test]
+async fn next_envelope_goes_out_behind_the_dot() {
+    let server = ScriptedServer::start(Script::default().holding_dot_reply(1)).await;
+    let mut session = connect(&server, settings()).await.unwrap();
+    let from = addr("a@esp.test");
+    let first = prepare(BODY, usize::MAX).unwrap();
+    let second = prepare(b"Subject: two\r\n\r\nsecond\r\n", usize::MAX).unwrap();
+    let this = session.envelope(Some(&from), &rcpts(2), &first).unwrap();
+    let next = session
+        .envelope(Some(&from), &[addr("next@dest.test")], &second)
+        .unwrap();
+    assert!(!next.is_sent());
+    let started = Instant::now();
+    let (tx, ahead) = session.transact(this, &first, Some(next)).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "the server had to wait for the envelope: it was not sent behind the dot"
+    );
+    assert!(tx.ended.is_none(), "{tx:?}");
+    assert!(tx
+        .recipients
+        .iter()
+        .all(|r| matches!(r, RcptResult::Delivered(_))));
+    let ahead = ahead.expect("the envelope went out behind the dot");
+    assert!(ahead.is_sent());
+    // Its replies are due: a probe must not take them for unprompted ones.
+    assert!(!session.probe_stale().await);
+    let (tx, none) = session.transact(ahead, &second, None).await;
+    assert!(none.is_none());
+    assert!(tx.ended.is_none(), "{tx:?}");
+    assert!(
+        matches!(tx.recipients[0], RcptResult::Delivered(_)),
+        "{tx:?}"
+    );
+    assert_eq!(session.transactions(), 2);
+    session.close().await;
+
+    let c = &server.wait_closed(1).await[0];
+    assert_eq!(
+        c.behind_dot[0],
+        vec![
+            format!("MAIL FROM:<a@esp.test> SIZE={}", second.size),
+            "RCPT TO:<next@dest.test>".to_owned(),
+            "DATA".to_owned(),
+        ]
+    );
+    assert!(c.behind_dot[1].is_empty(), "{:?}", c.behind_dot);
+    assert_eq!(
+        c.messages,
+        vec![
+            normalise(BODY),
+            normalise(b"Subject: two\r\n\r\nsecond\r\n")
+        ]
+    );
+    assert!(c.quit);
+}
+
+/// The next envelope waits for the reply to the dot when a recipient of this message was
+/// refused (it may be an unknown user, whose suppression comes first) and when the server
+/// does not offer PIPELINING.
+#[tokio::test]
+async fn next_envelope_waits_after_a_refused_recipient_or_without_pipelining() {
+    for pipelining in [true, false] {
+        let mut script = Script::default().with_handler(|c| {
+            (c.verb == "RCPT" && c.line.contains("unknown"))
+                .then(|| reply("550 5.1.1 User unknown"))
+        });
+        if !pipelining {
+            script = script.without("PIPELINING");
+        }
+        let server = ScriptedServer::start(script).await;
+        let mut session = connect(&server, settings()).await.unwrap();
+        let from = addr("a@esp.test");
+        let data = prepare(BODY, usize::MAX).unwrap();
+        let to = if pipelining {
+            vec![addr("user0@dest.test"), addr("unknown@dest.test")]
+        } else {
+            rcpts(1)
+        };
+        let this = session.envelope(Some(&from), &to, &data).unwrap();
+        let next = session.envelope(Some(&from), &rcpts(1), &data).unwrap();
+        let (tx, ahead) = session.transact(this, &data, Some(next)).await;
+        assert!(ahead.is_none(), "pipelining={pipelining}");
+        assert!(matches!(tx.recipients[0], RcptResult::Delivered(_)));
+        let tx = session.send(Some(&from), &rcpts(1), &data).await;
+        assert!(matches!(tx.recipients[0], RcptResult::Delivered(_)));
+        session.close().await;
+        let c = &server.wait_closed(1).await[0];
+        assert_eq!(c.messages.len(), 2);
+        assert!(
+            c.behind_dot.iter().all(|b| b.is_empty()),
+            "pipelining={pipelining}: {:?}",
+            c.behind_dot
+        );
+        assert!(c.quit);
+    }
+}
+
+/// The reply to the dot decides what becomes of the envelope sent behind it: after a 4xx
+/// that keeps the session, the envelope's replies are read and the message goes; after a
+/// 421 the session is over, nothing of the envelope counts, and there is no QUIT.
+#[tokio::test]
+async fn reply_to_the_dot_decides_what_becomes_of_the_envelope_behind_it() {
+    for closing in [false, true] {
+        let server = ScriptedServer::start(Script::default().holding_dot_reply(1).with_handler(
+            move |c| {
+                (c.line == "<DOT>" && c.messages == 1).then(|| {
+                    if closing {
+                        reply("421 4.3.2 Service shutting down")
+                    } else {
+                        reply("451 4.3.0 Temporary failure, try again")
+                    }
+                })
+            },
+        ))
+        .await;
+        let mut session = connect(&server, settings()).await.unwrap();
+        let from = addr("a@esp.test");
+        let data = prepare(BODY, usize::MAX).unwrap();
+        let this = session.envelope(Some(&from), &rcpts(1), &data).unwrap();
+        let next = session.envelope(Some(&from), &rcpts(1), &data).unwrap();
+        let (tx, ahead) = session.transact(this, &data, Some(next)).await;
+        assert!(
+            matches!(
+                &tx.recipients[0],
+                RcptResult::Deferred {
+                    phase: Phase::DataDone,
+                    ..
+                }
+            ),
+            "{tx:?}"
+        );
+        if closing {
+            assert!(ahead.is_none());
+            assert!(tx.ended.is_some());
+            assert!(!session.is_usable());
+        } else {
+            assert!(tx.ended.is_none(), "{tx:?}");
+            let (tx, _) = session.transact(ahead.unwrap(), &data, None).await;
+            assert!(
+                matches!(tx.recipients[0], RcptResult::Delivered(_)),
+                "{tx:?}"
+            );
+        }
+        session.close().await;
+        let c = &server.wait_closed(1).await[0];
+        assert_eq!(c.behind_dot[0].len(), 3, "{:?}", c.behind_dot);
+        assert_eq!(c.messages.len(), if closing { 1 } else { 2 });
+        assert_eq!(
+            c.quit, !closing,
+            "QUIT only when the session was still in step"
+        );
+    }
+}

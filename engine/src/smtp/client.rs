@@ -8,6 +8,10 @@
 //!   deadline, so the budget grows with the message size.
 //! - With PIPELINING, RSET (if needed) + MAIL + every RCPT + DATA go out in one write and the
 //!   replies are read in order; without it, lock-step.
+//! - With PIPELINING, the next transaction's envelope may go out in the same write as this
+//!   one's final dot (RFC 2920 §3.1: content may open a group), only when every recipient of
+//!   this one was accepted; its replies are read after the dot's, and it must then be the
+//!   session's next transaction ([`Session::transact`]).
 //! - After the final dot the client waits the full DATA-termination timeout. A timeout or a
 //!   lost connection there is [`RcptResult::Unknown`]: possibly delivered (RFC 5321 §6.1).
 //! - A session ends through [`Session::close`], which sends QUIT and waits for the 221 whenever
@@ -169,6 +173,33 @@ impl Transaction {
     }
 }
 
+/// The envelope of one transaction on one session: MAIL, RCPT…, DATA (see
+/// [`Session::envelope`] and [`Session::transact`]).
+#[derive(Debug)]
+pub struct Envelope {
+    cmds: Vec<Command>,
+    /// Recipients.
+    n: usize,
+    /// Written behind the previous transaction's dot; its replies are due.
+    sent: bool,
+}
+
+impl Envelope {
+    /// Whether it went out behind the previous transaction's data: then it must be the
+    /// session's next transaction.
+    pub fn is_sent(&self) -> bool {
+        self.sent
+    }
+
+    fn encode(&self) -> Vec<u8> {
+        let mut wire = Vec::with_capacity(self.cmds.len() * 40);
+        for c in &self.cmds {
+            c.encode(&mut wire);
+        }
+        wire
+    }
+}
+
 enum Stream {
     Plain(TcpStream),
     Tls(Box<TlsStream<TcpStream>>),
@@ -247,6 +278,9 @@ pub struct Session {
     /// MAIL was accepted but the transaction did not complete: RSET before the next one.
     needs_rset: bool,
     transactions: usize,
+    /// An envelope went out behind the last dot and its replies are due: the next
+    /// transaction must be that one (see [`Session::transact`]).
+    ahead: bool,
 }
 
 impl std::fmt::Debug for Session {
@@ -257,6 +291,7 @@ impl std::fmt::Debug for Session {
             .field("tls", &self.tls)
             .field("link", &self.link)
             .field("transactions", &self.transactions)
+            .field("ahead", &self.ahead)
             .finish()
     }
 }
@@ -321,6 +356,7 @@ impl Session {
             link: Link::Ready,
             needs_rset: false,
             transactions: 0,
+            ahead: false,
         };
         match session.handshake(server_name, tls).await {
             Ok(()) => Ok(session),
@@ -452,6 +488,10 @@ impl Session {
         if self.link != Link::Ready {
             return true;
         }
+        if self.ahead {
+            // Replies to the envelope sent ahead are due; they are not unprompted.
+            return false;
+        }
         if self.buf.is_empty() {
             self.buf.reserve(512);
             // Poll the read exactly once (`read_buf` is cancel-safe). Not with a zero
@@ -481,45 +521,113 @@ impl Session {
         recipients: &[Address],
         data: &MessageData,
     ) -> Transaction {
-        let n = recipients.len();
-        if self.link != Link::Ready {
-            let e = SessionError::Closed { phase: Phase::Mail };
-            return Transaction::all(n, RcptResult::Failed(e.clone()), Some(e));
+        match self.envelope(sender, recipients, data) {
+            Ok(env) => self.transact(env, data, None).await.0,
+            Err(tx) => tx,
         }
+    }
+
+    /// The envelope (MAIL, RCPT…, DATA) of a message to `recipients` on this session, or, when
+    /// this server cannot take the message (SIZE limit, no SMTPUTF8), the transaction's result
+    /// without any I/O.
+    pub fn envelope(
+        &self,
+        sender: Option<&Address>,
+        recipients: &[Address],
+        data: &MessageData,
+    ) -> Result<Envelope, Transaction> {
+        let n = recipients.len();
         if let Some(limit) = self.ext.size_limit() {
             if data.size as u64 > limit {
                 let reason = format!(
                     "message is {} octets; the server's SIZE limit is {limit}",
                     data.size
                 );
-                return Transaction::all(n, RcptResult::NotAttempted { reason }, None);
+                return Err(Transaction::all(
+                    n,
+                    RcptResult::NotAttempted { reason },
+                    None,
+                ));
             }
         }
         let smtputf8 =
             sender.is_some_and(Address::is_utf8) || recipients.iter().any(Address::is_utf8);
         if smtputf8 && !self.ext.smtputf8 {
             let reason = "an address needs SMTPUTF8, which the server does not offer".to_owned();
-            return Transaction::all(n, RcptResult::NotAttempted { reason }, None);
+            return Err(Transaction::all(
+                n,
+                RcptResult::NotAttempted { reason },
+                None,
+            ));
         }
-        self.transactions += 1;
         let params = MailParams {
             size: self.ext.size.map(|_| data.size),
             eight_bit: data.eight_bit && self.ext.eight_bit_mime,
             smtputf8,
         };
-        let mut cmds = Vec::with_capacity(n + 3);
-        if self.needs_rset {
-            cmds.push(Command::Rset);
-        }
+        let mut cmds = Vec::with_capacity(n + 2);
         cmds.push(Command::MailFrom(sender.cloned(), params));
         cmds.extend(recipients.iter().cloned().map(Command::RcptTo));
         cmds.push(Command::Data);
+        Ok(Envelope {
+            cmds,
+            n,
+            sent: false,
+        })
+    }
 
+    /// Carries one transaction: `env` is either new (built by [`Session::envelope`]) or the
+    /// one the previous call on this session returned as sent ahead.
+    ///
+    /// `next`, when given, is the envelope of the message this connection carries after this
+    /// one. With PIPELINING it goes out in the same write as this message's final dot (RFC
+    /// 2920 §3.1: message content may be the first "command" of a group, and a group may
+    /// end with DATA), so a reused connection needs one round trip per message instead of
+    /// two. It is sent only when every recipient of this transaction was accepted and the
+    /// body is being sent; the envelope comes back (with [`Envelope::is_sent`]) only when the
+    /// reply to this dot left the session usable: then its replies are on their way and it
+    /// must be this session's next transaction. Otherwise `None`: nothing of it reached a
+    /// server that will act on it, and the message can go anywhere, as if never tried.
+    pub async fn transact(
+        &mut self,
+        env: Envelope,
+        data: &MessageData,
+        next: Option<Envelope>,
+    ) -> (Transaction, Option<Envelope>) {
+        let n = env.n;
+        let ahead = std::mem::take(&mut self.ahead);
+        if self.link != Link::Ready || env.sent != ahead {
+            // A sent-ahead envelope must be the next transaction; anything else is out of
+            // step with what the server has been sent.
+            if ahead || env.sent {
+                self.link = Link::Dead;
+            }
+            let e = SessionError::Closed { phase: Phase::Mail };
+            return (
+                Transaction::all(n, RcptResult::Failed(e.clone()), Some(e)),
+                None,
+            );
+        }
+        let mut cmds = env.cmds;
+        if !env.sent {
+            self.transactions += 1;
+            if self.needs_rset {
+                cmds.insert(0, Command::Rset);
+            }
+        }
+        let next = next.filter(|_| self.ext.pipelining);
         let mut slots = vec![Slot::Waiting; n];
-        let ended = match self.envelope(&cmds, &mut slots).await {
+        let mut sent_next = None;
+        let ended = match self.exchange_envelope(&cmds, &mut slots, env.sent).await {
             Err(e) => Some(e),
             Ok(false) => None,
-            Ok(true) => self.data(&data.wire, &mut slots).await.err(),
+            Ok(true) => match self.data(&data.wire, &mut slots, next).await {
+                Ok(sent) => {
+                    sent_next = sent;
+                    None
+                }
+                Err(e) => Some(e),
+            },
         };
         let ended = ended.or_else(|| {
             (self.link != Link::Ready).then_some(SessionError::Closed { phase: Phase::Mail })
@@ -536,7 +644,7 @@ impl Session {
                 ),
             })
             .collect();
-        Transaction { recipients, ended }
+        (Transaction { recipients, ended }, sent_next)
     }
 
     /// Sends the envelope (RSET?, MAIL, RCPT…, DATA) and settles every recipient that was
@@ -547,15 +655,17 @@ impl Session {
     /// With PIPELINING (RFC 2920) the whole envelope goes out in one write and the replies
     /// are read in order, each with its phase's full timeout from the moment the previous
     /// reply arrived. Without it, lock-step: stop at a refused MAIL, and skip DATA when no
-    /// recipient was accepted.
-    async fn envelope(
+    /// recipient was accepted. `written`: the envelope already went out behind the previous
+    /// transaction's data, and only its replies are read.
+    async fn exchange_envelope(
         &mut self,
         cmds: &[Command],
         slots: &mut [Slot],
+        written: bool,
     ) -> Result<bool, SessionError> {
-        let pipelined = self.ext.pipelining;
+        let pipelined = self.ext.pipelining || written;
         let first_deadline = self.deadline(cmds[0].phase());
-        if pipelined {
+        if pipelined && !written {
             let mut wire = Vec::with_capacity(cmds.len() * 40);
             for c in cmds {
                 c.encode(&mut wire);
@@ -694,13 +804,27 @@ impl Session {
     }
 
     /// After 354: the body in blocks, then the reply to the dot, which settles every accepted
-    /// recipient. `Err` when the session ended.
-    async fn data(&mut self, wire: &[u8], slots: &mut [Slot]) -> Result<(), SessionError> {
+    /// recipient. `Err` when the session ended. `next` (see [`Session::transact`]) goes out
+    /// with the last block when every recipient was accepted; `Ok(Some(next))` when it did
+    /// and the session is still in step.
+    async fn data(
+        &mut self,
+        wire: &[u8],
+        slots: &mut [Slot],
+        next: Option<Envelope>,
+    ) -> Result<Option<Envelope>, SessionError> {
         self.needs_rset = false;
-        if let Err(e) = self.write_data(wire).await {
+        // A refused recipient may be an unknown user, whose suppression the caller must
+        // record before anything more is sent to this server.
+        let next = next.filter(|_| slots.iter().all(|s| matches!(s, Slot::Accepted)));
+        let trailer = next.as_ref().map(Envelope::encode).unwrap_or_default();
+        if let Err(e) = self.write_data(wire, &trailer).await {
             // The terminator is the last thing written, so the server has not got it all:
             // not delivered.
             return Err(settle_all(slots, RcptResult::Failed(e.clone()), e));
+        }
+        if next.is_some() {
+            self.transactions += 1;
         }
         let deadline = self.deadline(Phase::DataDone);
         let outcome = match self.read_reply(Phase::DataDone, deadline).await {
@@ -715,7 +839,12 @@ impl Session {
             }
             Ok(reply) if reply.code >= 400 => negative(Phase::DataDone, reply),
             Ok(reply) => {
-                self.link = Link::QuitOnly;
+                // With the next envelope's replies on their way, not even a QUIT is in step.
+                self.link = if next.is_some() {
+                    Link::Dead
+                } else {
+                    Link::QuitOnly
+                };
                 let e = SessionError::Unexpected {
                     phase: Phase::DataDone,
                     reply,
@@ -728,14 +857,27 @@ impl Session {
             }
         };
         settle_all(slots, outcome, ());
-        Ok(())
+        Ok(next.map(|mut env| {
+            env.sent = true;
+            self.ahead = true;
+            env
+        }))
     }
 
-    /// Writes the stuffed data in blocks, each under its own data-block deadline.
-    async fn write_data(&mut self, wire: &[u8]) -> Result<(), SessionError> {
-        for block in wire.chunks(DATA_BLOCK) {
+    /// Writes the stuffed data in blocks, each under its own data-block deadline; `trailer`
+    /// (the next envelope, or nothing) goes in the last block's write.
+    async fn write_data(&mut self, wire: &[u8], trailer: &[u8]) -> Result<(), SessionError> {
+        let mut blocks = wire.chunks(DATA_BLOCK).peekable();
+        while let Some(block) = blocks.next() {
             let deadline = self.deadline(Phase::DataBlock);
-            self.write(Phase::DataBlock, block, deadline).await?;
+            if blocks.peek().is_none() && !trailer.is_empty() {
+                let mut last = Vec::with_capacity(block.len() + trailer.len());
+                last.extend_from_slice(block);
+                last.extend_from_slice(trailer);
+                self.write(Phase::DataBlock, &last, deadline).await?;
+            } else {
+                self.write(Phase::DataBlock, block, deadline).await?;
+            }
         }
         Ok(())
     }
@@ -743,6 +885,13 @@ impl Session {
     /// Ends the session: QUIT and wait for the reply (bounded by the QUIT timeout) whenever
     /// the connection can still carry a command, then close the stream. Never fails.
     pub async fn close(mut self) -> Option<Reply> {
+        if self.ahead {
+            // The server is working through an envelope whose DATA it will answer with 354:
+            // a QUIT now would be read as message data. Callers finish that transaction
+            // first; this is a last resort.
+            tracing::warn!(peer = %self.peer, "closing with a pipelined envelope unanswered");
+            self.link = Link::Dead;
+        }
         let reply = if self.link == Link::Dead {
             None
         } else {

@@ -9,7 +9,7 @@ pub mod ext;
 pub mod reply;
 pub mod tls;
 
-pub use client::{ClientSettings, RcptResult, Session, SessionError, Transaction};
+pub use client::{ClientSettings, Envelope, RcptResult, Session, SessionError, Transaction};
 pub use command::{Address, AddressError, Command, Phase};
 pub use data::{prepare, DataError, MessageData};
 pub use ext::Extensions;
