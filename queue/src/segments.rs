@@ -118,19 +118,36 @@ impl std::fmt::Display for ReadError {
 /// Reads a body and checks it against its reference. The error says what is wrong.
 pub(crate) fn read(dir: &Path, r: SegRef, len: u64) -> Result<Vec<u8>, ReadError> {
     let path = path_of(dir, r.seg);
-    let io = |e: std::io::Error| {
-        let what = format!("{}: {e}", path.display());
-        if e.kind() == ErrorKind::NotFound {
-            ReadError::Damaged(what)
-        } else {
-            ReadError::Io(std::io::Error::new(e.kind(), what))
-        }
-    };
+    let file = File::open(&path).map_err(|e| io_error(&path, e))?;
+    read_at(&file, &path, None, r, len)
+}
+
+fn io_error(path: &Path, e: std::io::Error) -> ReadError {
+    let what = format!("{}: {e}", path.display());
+    if e.kind() == ErrorKind::NotFound {
+        ReadError::Damaged(what)
+    } else {
+        ReadError::Io(std::io::Error::new(e.kind(), what))
+    }
+}
+
+/// Reads a body from `file` (the segment at `path`). `known_len`: a length the file had
+/// (files only grow); it is asked for again only when the body would end past it.
+fn read_at(
+    file: &File,
+    path: &Path,
+    known_len: Option<u64>,
+    r: SegRef,
+    len: u64,
+) -> Result<Vec<u8>, ReadError> {
     let n = usize::try_from(len).map_err(|_| ReadError::Damaged(format!("body of {len} bytes")))?;
-    let file = File::open(&path).map_err(io)?;
+    let end = r.offset.saturating_add(len);
     // Check the length first: a damaged reference must not make us allocate its size.
-    let flen = file.metadata().map_err(io)?.len();
-    if r.offset.saturating_add(len) > flen {
+    let flen = match known_len {
+        Some(l) if end <= l => l,
+        _ => file.metadata().map_err(|e| io_error(path, e))?.len(),
+    };
+    if end > flen {
         return Err(ReadError::Damaged(format!(
             "{}: {len} bytes at offset {} are past its end ({flen} bytes)",
             path.display(),
@@ -138,7 +155,8 @@ pub(crate) fn read(dir: &Path, r: SegRef, len: u64) -> Result<Vec<u8>, ReadError
         )));
     }
     let mut body = vec![0u8; n];
-    file.read_exact_at(&mut body, r.offset).map_err(io)?;
+    file.read_exact_at(&mut body, r.offset)
+        .map_err(|e| io_error(path, e))?;
     if crc32fast::hash(&body) != r.crc {
         return Err(ReadError::Damaged(format!(
             "{}: checksum mismatch for {n} bytes at offset {}",
@@ -147,6 +165,58 @@ pub(crate) fn read(dir: &Path, r: SegRef, len: u64) -> Result<Vec<u8>, ReadError
         )));
     }
     Ok(body)
+}
+
+/// Segment files kept open for reading bodies, so that a read is one `pread` instead of
+/// open + stat + pread + close (the path lookup and the stat were most of a 2 KB body's
+/// read). A file is forgotten before it is deleted ([`delete`]), so no deleted segment's
+/// space is held; at most [`Readers::MAX_OPEN`] are open.
+#[derive(Default)]
+pub(crate) struct Readers {
+    open: std::sync::Mutex<HashMap<u64, (std::sync::Arc<File>, u64)>>,
+}
+
+impl Readers {
+    const MAX_OPEN: usize = 32;
+
+    /// As [`read`], through a kept file.
+    pub(crate) fn read(&self, dir: &Path, r: SegRef, len: u64) -> Result<Vec<u8>, ReadError> {
+        let path = path_of(dir, r.seg);
+        let kept = lock(&self.open).get(&r.seg).cloned();
+        let (file, known) = match kept {
+            Some((f, l)) => (f, Some(l)),
+            None => {
+                let f = std::sync::Arc::new(File::open(&path).map_err(|e| io_error(&path, e))?);
+                let l = f.metadata().map_err(|e| io_error(&path, e))?.len();
+                let mut open = lock(&self.open);
+                if open.len() >= Self::MAX_OPEN {
+                    open.clear();
+                }
+                open.insert(r.seg, (f.clone(), l));
+                (f, Some(l))
+            }
+        };
+        let res = read_at(&file, &path, known, r, len);
+        match &res {
+            // The file grew since its length was noted: note the new one.
+            Ok(_) if known.is_some_and(|l| r.offset.saturating_add(len) > l) => {
+                if let Ok(m) = file.metadata() {
+                    if let Some(e) = lock(&self.open).get_mut(&r.seg) {
+                        e.1 = e.1.max(m.len());
+                    }
+                }
+            }
+            Ok(_) => {}
+            // Whatever went wrong, the next read opens the file afresh.
+            Err(_) => self.forget(r.seg),
+        }
+        res
+    }
+
+    /// Closes segment `seg` (before it is deleted).
+    pub(crate) fn forget(&self, seg: u64) {
+        lock(&self.open).remove(&seg);
+    }
 }
 
 /// Bookkeeping shared by the writer (appends, reference counts) and the syncer (fdatasync,
@@ -451,10 +521,16 @@ pub(crate) fn sync(dir: &Path, segs: &BTreeSet<u64>) -> std::io::Result<()> {
 /// Deletes segments nothing refers to any more; returns how many were removed. Each is
 /// forgotten before its file goes, so the counted size is never below what is on disk (a
 /// file that cannot be removed is left for the next open, which deletes unreferenced ones).
-pub(crate) fn delete(dir: &Path, state: &std::sync::Mutex<State>, segs: &BTreeSet<u64>) -> usize {
+pub(crate) fn delete(
+    dir: &Path,
+    state: &std::sync::Mutex<State>,
+    readers: &Readers,
+    segs: &BTreeSet<u64>,
+) -> usize {
     let mut n = 0;
     for &seg in segs {
         lock(state).removed(seg);
+        readers.forget(seg);
         match std::fs::remove_file(path_of(dir, seg)) {
             Ok(()) => n += 1,
             Err(e) if e.kind() == ErrorKind::NotFound => {}
@@ -506,6 +582,38 @@ mod tests {
     }
 
     #[test]
+    fn kept_files_read_bodies_appended_later_and_damage_is_still_found() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = Mutex::new(State::default());
+        let mut a = Appender::new(dir.path(), 1, true);
+        let readers = Readers::default();
+        let r1 = a.append(&state, 1, b"first").unwrap();
+        a.write_pending(&state).unwrap();
+        assert_eq!(readers.read(dir.path(), r1, 5).unwrap(), b"first");
+        // Appended after the file was opened and its length noted.
+        let r2 = a.append(&state, 2, b"second body").unwrap();
+        a.write_pending(&state).unwrap();
+        assert_eq!(r2.seg, r1.seg);
+        assert_eq!(readers.read(dir.path(), r2, 11).unwrap(), b"second body");
+        assert_eq!(lock(&readers.open)[&1].1, 16, "the new length is noted");
+        let bad = SegRef {
+            crc: r2.crc ^ 1,
+            ..r2
+        };
+        assert!(
+            matches!(readers.read(dir.path(), bad, 11), Err(ReadError::Damaged(d)) if d.contains("checksum"))
+        );
+        assert!(readers.read(dir.path(), r1, 1 << 40).is_err());
+        let gone = SegRef { seg: 99, ..r1 };
+        assert!(matches!(
+            readers.read(dir.path(), gone, 5),
+            Err(ReadError::Damaged(_))
+        ));
+        // After errors the good references still read.
+        assert_eq!(readers.read(dir.path(), r1, 5).unwrap(), b"first");
+    }
+
+    #[test]
     fn sealed_segment_becomes_deletable_only_when_unreferenced() {
         let dir = tempfile::tempdir().unwrap();
         let state = Mutex::new(State::default());
@@ -525,7 +633,14 @@ mod tests {
         let (dirty, deletable) = lock(&state).take_for_sync();
         assert!(dirty.is_empty());
         assert_eq!(deletable.iter().copied().collect::<Vec<_>>(), vec![7]);
-        assert_eq!(delete(dir.path(), &state, &deletable), 1);
+        let readers = Readers::default();
+        assert_eq!(readers.read(dir.path(), r1, big.len() as u64).unwrap(), big);
+        assert!(lock(&readers.open).contains_key(&7));
+        assert_eq!(delete(dir.path(), &state, &readers, &deletable), 1);
+        assert!(
+            !lock(&readers.open).contains_key(&7),
+            "a deleted segment is not kept open"
+        );
         assert_eq!(
             list(dir.path())
                 .unwrap()

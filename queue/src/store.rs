@@ -88,6 +88,8 @@ struct Shared {
     /// copy them).
     seg_dir: PathBuf,
     segs: Mutex<segments::State>,
+    /// Segment files kept open for body reads.
+    seg_readers: segments::Readers,
     /// Due times and leases (in memory only; see `schedule`). Changed by the writer only.
     sched: Mutex<Schedule>,
 }
@@ -586,6 +588,7 @@ impl Queue {
             closed: Mutex::new(None),
             seg_dir: seg_dir.clone(),
             segs: Mutex::new(segments::State::default()),
+            seg_readers: segments::Readers::default(),
             sched: Mutex::new(Schedule::default()),
         });
         let (last_id, seg_live, seg_ids) = recover(&shared, &seg_files)?;
@@ -813,15 +816,21 @@ impl Queue {
             }
             match meta.body {
                 Body::Inline(body) => return Ok(Some(body)),
-                Body::Segment(r) => match segments::read(&self.shared.seg_dir, r, meta.size) {
-                    Ok(body) => return Ok(Some(body)),
-                    // Relocated (and its old segment deleted) between reading the metadata
-                    // and the file: read the metadata again. A reference that fails twice
-                    // is damage, or an I/O error that may pass (EMFILE, EIO).
-                    Err(_) if last != Some(r) => last = Some(r),
-                    Err(segments::ReadError::Damaged(d)) => return Err(self.corrupt(&mk, d)),
-                    Err(segments::ReadError::Io(e)) => return Err(QueueError::Io(e)),
-                },
+                Body::Segment(r) => {
+                    match self
+                        .shared
+                        .seg_readers
+                        .read(&self.shared.seg_dir, r, meta.size)
+                    {
+                        Ok(body) => return Ok(Some(body)),
+                        // Relocated (and its old segment deleted) between reading the metadata
+                        // and the file: read the metadata again. A reference that fails twice
+                        // is damage, or an I/O error that may pass (EMFILE, EIO).
+                        Err(_) if last != Some(r) => last = Some(r),
+                        Err(segments::ReadError::Damaged(d)) => return Err(self.corrupt(&mk, d)),
+                        Err(segments::ReadError::Io(e)) => return Err(QueueError::Io(e)),
+                    }
+                }
                 Body::Chunks => return self.chunked_body(&db, id),
             }
         }
@@ -2640,7 +2649,12 @@ impl Syncer {
         }
         sled?;
         if !deletable.is_empty() {
-            segments::delete(&self.shared.seg_dir, &self.shared.segs, &deletable);
+            segments::delete(
+                &self.shared.seg_dir,
+                &self.shared.segs,
+                &self.shared.seg_readers,
+                &deletable,
+            );
         }
         Ok(())
     }
