@@ -148,16 +148,6 @@ fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Read-locks an `RwLock`, also after a poisoning panic (as [`lock`]).
-fn read_lock<T>(m: &std::sync::RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
-    m.read().unwrap_or_else(|e| e.into_inner())
-}
-
-/// Write-locks an `RwLock`, also after a poisoning panic (as [`lock`]).
-fn write_lock<T>(m: &std::sync::RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
-    m.write().unwrap_or_else(|e| e.into_inner())
-}
-
 pub use error::QueueError;
 pub use store::{Compaction, Queue};
 pub use types::{

@@ -17,7 +17,7 @@ use crate::codec::{self, Body, Meta};
 use crate::filter::SuppressionFilter;
 use crate::schedule::{self, Schedule};
 use crate::types::{from_millis, to_millis};
-use crate::{lock, read_lock, segments, write_lock};
+use crate::{lock, segments};
 use crate::{
     Completed, Enqueued, Lease, MessageId, MessageInfo, NewMessage, Outcome, QueueError,
     QueueOptions, RecipientId, RecipientRecord, RecipientState, Stats, Suppression,
@@ -90,13 +90,6 @@ struct Shared {
     segs: Mutex<segments::State>,
     /// Segment files kept open for body reads.
     seg_readers: segments::Readers,
-    /// A Bloom filter of the suppression list's keys: a miss is a true miss, so most lookups
-    /// (at enqueue, and the check before each transaction) read nothing from sled. The two
-    /// sled reads per enqueued message (this one and the idempotency key's) were ~18 % of
-    /// the writer's time in the 64-producer enqueue (BENCHMARKS.md, "Fifth session"). Keys are
-    /// added by the writer before the batch that writes them is applied; it is rebuilt by
-    /// the writer when full.
-    supp_filter: std::sync::RwLock<SuppressionFilter>,
     /// Due times and leases (in memory only; see `schedule`). Changed by the writer only.
     sched: Mutex<Schedule>,
 }
@@ -596,8 +589,6 @@ impl Queue {
             seg_dir: seg_dir.clone(),
             segs: Mutex::new(segments::State::default()),
             seg_readers: segments::Readers::default(),
-            // Filled from sled below, before anything can look up a suppression.
-            supp_filter: std::sync::RwLock::new(SuppressionFilter::with_room_for(0)),
             sched: Mutex::new(Schedule::default()),
         });
         let (last_id, seg_live, seg_ids) = recover(&shared, &seg_files)?;
@@ -622,9 +613,8 @@ impl Queue {
             .map_err(|e| open_err(path, e))?;
 
         let suppressions = lock(&shared.counters).suppressions;
-        *write_lock(&shared.supp_filter) =
-            SuppressionFilter::build(&shared.db(), codec::P_SUPP, suppressions)
-                .map_err(|e| open_err(path, e))?;
+        let supp_filter = SuppressionFilter::build(&shared.db(), codec::P_SUPP, suppressions)
+            .map_err(|e| open_err(path, e))?;
         let (req_tx, req_rx) = crossbeam_channel::bounded::<Request>(REQUEST_QUEUE);
         let (done_tx, done_rx) = syncer_line();
         let mut threads = Vec::new();
@@ -645,6 +635,7 @@ impl Queue {
                         compacted_live: 0,
                         compact_not_before: Instant::now(),
                         appender: segments::Appender::new(&seg_dir, next_seg, durable),
+                        supp_filter,
                         next_lease_check_ms: 0,
                     }
                     .run(req_rx, done_tx)
@@ -1046,9 +1037,6 @@ impl Queue {
     pub fn suppressed(&self, address: &str) -> Res<Option<Suppression>> {
         let a = address.to_lowercase();
         let k = codec::supp_key(&a);
-        if !read_lock(&self.shared.supp_filter).may_contain(&k) {
-            return Ok(None);
-        }
         match self.shared.db().get(&k)? {
             None => Ok(None),
             Some(v) => {
@@ -1589,6 +1577,10 @@ struct Writer {
     /// When (ms, on the clock of the `take_due` calls) to look for leases past
     /// `lease_timeout` next.
     next_lease_check_ms: u64,
+    /// Which addresses may be suppressed: an enqueue reads sled only for those. The two
+    /// sled reads per message (this one and the idempotency key's) were ~18 % of the
+    /// writer's time in the 64-producer enqueue (BENCHMARKS.md, "Fifth session").
+    supp_filter: SuppressionFilter,
 }
 
 impl Writer {
@@ -1611,12 +1603,12 @@ impl Writer {
         if let Err(reason) = self.appender.release_retired(&self.shared.segs) {
             self.shared.close(&reason);
         }
-        if read_lock(&self.shared.supp_filter).is_full() {
+        if self.supp_filter.is_full() {
             // Everything it was filled from is committed now. On an error the old filter
             // stays: it still finds every key, with more false positives.
             let suppressions = lock(&self.shared.counters).suppressions;
             match SuppressionFilter::build(&self.shared.db(), codec::P_SUPP, suppressions) {
-                Ok(f) => *write_lock(&self.shared.supp_filter) = f,
+                Ok(f) => self.supp_filter = f,
                 Err(e) => tracing::warn!("cannot rebuild the suppression filter: {e}"),
             }
         }
@@ -2142,8 +2134,7 @@ impl Writer {
                 msg.recipients.into_iter().zip(normalized).enumerate()
             {
                 let sk = codec::supp_key(&lower);
-                let is_suppressed =
-                    read_lock(&self.shared.supp_filter).may_contain(&sk) && tx.get(&sk)?.is_some();
+                let is_suppressed = self.supp_filter.may_contain(&sk) && tx.get(&sk)?.is_some();
                 let rec = RecipientRecord {
                     id: RecipientId {
                         message: id,
@@ -2570,7 +2561,7 @@ impl Writer {
             return Ok(false);
         }
         tx.insert_blind(&k, &codec::encode_suppression(at_ms, reason));
-        write_lock(&self.shared.supp_filter).insert(&k);
+        self.supp_filter.insert(&k);
         tx.supp_delta += 1;
         Ok(true)
     }
