@@ -37,7 +37,8 @@ use bulksend_engine::events::NoEvents;
 use bulksend_engine::route::{NoDns, Router};
 use bulksend_queue::{NewMessage, Queue, QueueOptions};
 use bulksend_tests::postfix::{
-    clock_ticks, free_port, installed, run_bounded, self_stat, PostfixInstance, PostfixOptions,
+    clock_ticks, free_port, installed, proc_stat, run_bounded, self_stat, PostfixInstance,
+    PostfixOptions,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -86,6 +87,9 @@ struct Row {
     /// CPU seconds (user + system).
     cpu: f64,
     peak_rss: Option<u64>,
+    /// CPU seconds of the smtp-sink process during the run: the receiver is one
+    /// single-threaded process, so its CPU per message bounds every run's rate.
+    sink_cpu: Option<f64>,
 }
 
 impl Row {
@@ -95,6 +99,23 @@ impl Row {
     fn cpu_per_msg(&self) -> f64 {
         self.cpu / self.msgs as f64
     }
+}
+
+/// CPU seconds (user + system) used so far by process `pid`.
+fn cpu_of(pid: u32) -> Option<f64> {
+    let s = proc_stat(pid)?;
+    Some((s.utime + s.stime) as f64 / clock_ticks() as f64)
+}
+
+/// Runs `f`, and sets the sink's CPU during it on the row it returns.
+async fn with_sink_cpu<F: std::future::Future<Output = anyhow::Result<Row>>>(
+    sink: u32,
+    f: F,
+) -> anyhow::Result<Row> {
+    let c0 = cpu_of(sink);
+    let mut row = f.await?;
+    row.sink_cpu = c0.zip(cpu_of(sink)).map(|(a, b)| b - a);
+    Ok(row)
 }
 
 fn ticks_self() -> (u64, u64) {
@@ -198,6 +219,7 @@ async fn bulksend_run(
         secs,
         cpu: (c1 - c0) as f64 / clock_ticks() as f64,
         peak_rss: bulksend_tests::postfix::peak_rss_kib().map(|k| k * 1024),
+        sink_cpu: None,
     })
 }
 
@@ -277,23 +299,26 @@ fn postfix_run(n: usize, size: usize, sink: SocketAddr) -> anyhow::Result<Row> {
         secs,
         cpu: c1.saturating_sub(c0) as f64 / clock_ticks() as f64,
         peak_rss: None,
+        sink_cpu: None,
     })
 }
 
 fn print(size: usize, rows: &[Row]) {
     println!();
     println!("### {size}-byte messages");
-    println!("| run | messages | seconds | msg/s | CPU s/msg | peak RSS |");
-    println!("|---|---|---|---|---|---|");
+    println!("| run | messages | seconds | msg/s | CPU s/msg | peak RSS | smtp-sink CPU s/msg |");
+    println!("|---|---|---|---|---|---|---|");
     for r in rows {
         println!(
-            "| {} | {} | {:.2} | {:.0} | {:.6} | {} |",
+            "| {} | {} | {:.2} | {:.0} | {:.6} | {} | {} |",
             r.name,
             r.msgs,
             r.secs,
             r.rate(),
             r.cpu_per_msg(),
-            r.peak_rss.map_or("–".into(), bulksend_benches::mib)
+            r.peak_rss.map_or("–".into(), bulksend_benches::mib),
+            r.sink_cpu
+                .map_or("–".into(), |c| format!("{:.6}", c / r.msgs as f64))
         );
     }
     let find = |p: &str| rows.iter().find(|r| r.name.starts_with(p));
@@ -332,28 +357,38 @@ async fn main() -> anyhow::Result<()> {
         let mut rows = Vec::new();
         if have_postfix {
             let (mut sink, addr) = start_sink()?;
+            let pid = sink.id();
             let res = async {
                 rows.push(
-                    bulksend_run(
-                        args.n,
-                        size,
-                        args.connections,
-                        args.max_in_flight_bytes,
-                        addr,
+                    with_sink_cpu(
+                        pid,
+                        bulksend_run(
+                            args.n,
+                            size,
+                            args.connections,
+                            args.max_in_flight_bytes,
+                            addr,
+                        ),
                     )
                     .await?,
                 );
-                let (secs, cpu) = smtp_source(args.n, size, addr, Duration::from_secs(3600))?;
-                rows.push(Row {
-                    name: "raw ceiling (smtp-source -d -s 20)".into(),
-                    msgs: args.n,
-                    secs,
-                    cpu,
-                    peak_rss: None,
-                });
+                let ceiling = async {
+                    let (secs, cpu) = smtp_source(args.n, size, addr, Duration::from_secs(3600))?;
+                    Ok(Row {
+                        name: "raw ceiling (smtp-source -d -s 20)".into(),
+                        msgs: args.n,
+                        secs,
+                        cpu,
+                        ..Row::default()
+                    })
+                };
+                rows.push(with_sink_cpu(pid, ceiling).await?);
                 if !args.skip_postfix {
                     let (n, a) = (args.n, addr);
-                    rows.push(tokio::task::spawn_blocking(move || postfix_run(n, size, a)).await??);
+                    let relay = async {
+                        tokio::task::spawn_blocking(move || postfix_run(n, size, a)).await?
+                    };
+                    rows.push(with_sink_cpu(pid, relay).await?);
                 }
                 anyhow::Ok(())
             }
