@@ -251,6 +251,12 @@ pub struct DeliverySettings {
     /// from the queue while it is reached; a take is sized from the bodies seen so far, and
     /// one message is always let through, so a body bigger than this still goes.
     pub max_in_flight_bytes: usize,
+    /// Transactions per connection whose outcomes may still be being written to the queue
+    /// (durably, a group commit each) while the connection carries the next one. A crash can
+    /// re-send up to this many transactions per connection; 1 makes every outcome durable
+    /// before the next transaction starts (slower: a connection then waits a group commit
+    /// per message).
+    pub max_unrecorded_per_connection: usize,
     /// Default rate limit per destination: "100/s", "3000/min", "50000/h"; none if unset.
     pub rate_limit: Option<String>,
     #[serde(with = "humantime_serde")]
@@ -286,6 +292,7 @@ impl Default for DeliverySettings {
             max_connections_per_destination: 20,
             max_in_flight: 5000,
             max_in_flight_bytes: 256 * 1024 * 1024,
+            max_unrecorded_per_connection: 8,
             rate_limit: None,
             min_backoff: Duration::from_secs(5 * 60),
             max_backoff: Duration::from_secs(4 * 3600),
@@ -586,6 +593,9 @@ impl Settings {
         if d.max_in_flight_bytes == 0 {
             return Err("delivery.max_in_flight_bytes: must be at least 1".into());
         }
+        if d.max_unrecorded_per_connection == 0 {
+            return Err("delivery.max_unrecorded_per_connection: must be at least 1".into());
+        }
         if d.max_connections_per_destination == 0 {
             return Err("delivery.max_connections_per_destination: must be at least 1".into());
         }
@@ -766,6 +776,18 @@ max_queue_lifetime = "3d"
         let f = file("[queue]\nlease_timeout = \"0s\"\n");
         let s = Settings::load_with_env(Some(f.path()), env(&[])).unwrap();
         assert!(s.queue.lease_timeout.is_zero());
+
+        let f = file("[delivery]\nmax_unrecorded_per_connection = 0\n");
+        let err = Settings::load_with_env(Some(f.path()), env(&[])).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("delivery.max_unrecorded_per_connection"),
+            "{err}"
+        );
+        let f = file("[destinations.\"a.test\"]\npipeline_transactions = false\n");
+        let s = Settings::load_with_env(Some(f.path()), env(&[])).unwrap();
+        assert_eq!(s.destinations["a.test"].pipeline_transactions, Some(false));
+        assert!(s.smtp.pipeline_transactions);
 
         let f = file("[routes]\n\"a.test\" = \"nohost\"\n");
         let err = Settings::load_with_env(Some(f.path()), env(&[])).unwrap_err();

@@ -21,7 +21,7 @@
 //!   [`Session::close`] (QUIT where the connection allows it).
 //! - Every outcome is written to the queue durably before its lease ends, then reported as an
 //!   event and a metric. A worker carries its next transactions while earlier ones' outcomes
-//!   are being written (up to `MAX_UNRECORDED` writes outstanding per worker), except after an
+//!   are being written (up to `delivery.max_unrecorded_per_connection` per worker), except after an
 //!   unknown address (its suppression must be durable before anything else is sent) or a
 //!   reputation signal, which are recorded, after everything before them, before the worker
 //!   goes on.
@@ -1217,20 +1217,21 @@ fn spawnable_worker(
     Box::pin(worker(inner, dest))
 }
 
-/// Transactions of one connection whose outcomes may still be being written to the queue
-/// while the connection carries the next one. A durable write waits for a group commit
-/// (an fdatasync, ~1–2 ms here), longer than a pipelined transaction on a fast link: with
-/// one, a connection spent most of its time waiting for its previous outcome. Each outcome's
-/// duplicate window stays one group commit long (see the queue's docs); a crash can re-send
-/// up to this many transactions per connection instead of one.
-const MAX_UNRECORDED: usize = 4;
-
 /// One connection worker of a destination.
+///
+/// It carries up to `delivery.max_unrecorded_per_connection` transactions whose outcomes
+/// are still being written to the queue. A durable write waits for a group commit (an
+/// fdatasync, ~1–2 ms here, with spikes), longer than a pipelined transaction on a fast
+/// link: with one, a connection spent most of its time waiting for its previous outcome;
+/// with 4, all connections still stalled together on slow commits (8: +10 % msg/s on
+/// loopback, BENCHMARKS.md). Each outcome's duplicate window stays one group commit long
+/// (see the queue's docs); a crash can re-send up to that many transactions per connection.
 async fn worker(inner: Arc<Inner>, dest: Arc<Dest>) {
     let idle = inner.settings.smtp.timeouts.idle;
     let mut session: Option<(Session, String)> = None;
     // Earlier transactions' outcomes, still being written to the queue (durably) while this
-    // connection carries the next one: at most `MAX_UNRECORDED`.
+    // connection carries the next one: at most `max_unrecorded`.
+    let max_unrecorded = inner.settings.delivery.max_unrecorded_per_connection.max(1);
     let mut recording: VecDeque<tokio::task::JoinHandle<()>> = VecDeque::new();
     // The job whose envelope went out behind the last dot on `session`: that session's next
     // transaction, whatever happens (a server in DATA mode reads anything else as content).
@@ -1457,7 +1458,7 @@ async fn worker(inner: Arc<Inner>, dest: Arc<Dest>) {
                 )
                 .await;
         } else {
-            while recording.len() >= MAX_UNRECORDED {
+            while recording.len() >= max_unrecorded {
                 if let Some(r) = recording.pop_front() {
                     let _ = r.await;
                 }
