@@ -214,6 +214,30 @@ fn open_sled(path: &Path, config: &sled::Config) -> Res<sled::Db> {
     }
 }
 
+/// Deletes sled snapshots it was still writing when the process died (`snap.*.generating`).
+/// sled 0.34.7 writes a snapshot under that name, syncs it, renames it to `snap.*`, and only
+/// then removes the older one; but at open it reads the snapshot file that sorts last, which
+/// an unfinished one does (its suffix), and refuses to open ("Read corrupted data", sled
+/// issue #1527). Removing it is the state of a kill just before the snapshot began: the
+/// older snapshot and the log are still there. Found by the crash test.
+fn remove_unfinished_snapshots(dir: &Path) -> std::io::Result<()> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    for entry in entries {
+        let entry = entry?;
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with("snap.") && name.ends_with(".generating") {
+            tracing::warn!(file = %entry.path().display(), "removing a sled snapshot left unfinished by a crash");
+            std::fs::remove_file(entry.path())?;
+        }
+    }
+    Ok(())
+}
+
 fn sled_config(dir: &Path, opts: &QueueOptions) -> sled::Config {
     sled::Config::new()
         .path(dir)
@@ -517,6 +541,7 @@ impl Queue {
         let generation = current_generation(path)?;
         let dir = gen_dir(path, generation);
         remove_other_generations(path, generation).map_err(|e| open_err(path, e))?;
+        remove_unfinished_snapshots(&dir).map_err(|e| open_err(path, e))?;
         let config = sled_config(&dir, &opts);
         let db = open_sled(path, &config)?;
         let seg_dir = path.join(segments::DIR);

@@ -478,6 +478,27 @@ fn corrupt_store_is_a_clear_error() {
     );
 }
 
+/// sled 0.34.7 reads the snapshot file that sorts last, and an unfinished one (killed while
+/// sled wrote it) does: the queue removes it before opening sled (found by the crash test).
+#[test]
+fn unfinished_sled_snapshot_left_by_a_crash_is_removed_at_open() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let q = open(&dir);
+        for i in 0..50 {
+            q.enqueue(msg(&[&format!("u{i}@x.test")])).unwrap();
+        }
+    }
+    let unfinished = dir.path().join("snap.FFFFFFFFFFFFFFFF.generating");
+    std::fs::write(&unfinished, b"").unwrap();
+    let q = Queue::open(dir.path(), opts()).unwrap();
+    assert!(!unfinished.exists());
+    assert_eq!(
+        q.stats().by_state.get(&RecipientState::Scheduled),
+        Some(&50)
+    );
+}
+
 #[test]
 fn bad_input_is_rejected() {
     let dir = tempfile::tempdir().unwrap();
