@@ -1,7 +1,9 @@
 //! SMTP throughput against Postfix, measured in one run on the same `smtp-sink`:
 //!
 //! 1. **bulksend**: N messages already in its queue (1 recipient each), delivered by the engine
-//!    in-process with `run(drain)` (what `bulksend serve --drain` does) to `smtp-sink`.
+//!    in-process with `run(drain)` (what `bulksend serve --drain` does) to `smtp-sink`,
+//!    writing the event file as `serve` does (one JSON line per outcome; `--no-events` leaves
+//!    it out).
 //! 2. **raw ceiling**: `smtp-source -d -s 20 -m N -l SIZE` → the same sink (20 parallel
 //!    sessions, connection reuse, no pipelining).
 //! 3. **Postfix**: a private Postfix instance holding the same N messages (injected through its
@@ -18,7 +20,7 @@
 //! ```text
 //! CARGO_TARGET_DIR=target-pf cargo bench -p bulksend-benches --bench smtp -- \
 //!     [--n 20000] [--sizes 2048,20480] [--connections 20] [--skip-postfix]
-//!     [--max-in-flight-bytes B]
+//!     [--max-in-flight-bytes B] [--no-events]
 //! ```
 //! `--n` may also come from `BULKSEND_BENCH_N`. Needs root and Postfix (`apt-get install
 //! postfix`) for the sink, the ceiling and the Postfix run; without Postfix, only bulksend's
@@ -33,7 +35,7 @@ use std::time::{Duration, Instant};
 
 use bulksend_config::{Settings, TlsPolicy};
 use bulksend_engine::delivery::Engine;
-use bulksend_engine::events::NoEvents;
+use bulksend_engine::events::{EventSink, FileEvents, NoEvents, Rotation};
 use bulksend_engine::route::{NoDns, Router};
 use bulksend_queue::{NewMessage, Queue, QueueOptions};
 use bulksend_tests::postfix::{
@@ -49,6 +51,8 @@ struct Args {
     skip_postfix: bool,
     /// `delivery.max_in_flight_bytes`; the default if unset.
     max_in_flight_bytes: Option<usize>,
+    /// Write the event file as `serve` does (default); `--no-events` leaves it out.
+    events: bool,
 }
 
 fn parse_args() -> Args {
@@ -61,6 +65,7 @@ fn parse_args() -> Args {
         connections: 20,
         skip_postfix: false,
         max_in_flight_bytes: None,
+        events: true,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -70,6 +75,7 @@ fn parse_args() -> Args {
             "--connections" => a.connections = val().parse().unwrap_or(a.connections),
             "--sizes" => a.sizes = val().split(',').filter_map(|s| s.parse().ok()).collect(),
             "--skip-postfix" => a.skip_postfix = true,
+            "--no-events" => a.events = false,
             "--max-in-flight-bytes" => a.max_in_flight_bytes = val().parse().ok(),
             "--bench" => {}
             other => eprintln!("ignoring argument {other:?}"),
@@ -153,21 +159,16 @@ fn body(seq: usize, size: usize) -> Vec<u8> {
     b
 }
 
-async fn bulksend_run(
-    n: usize,
-    size: usize,
-    connections: usize,
-    max_in_flight_bytes: Option<usize>,
-    sink: SocketAddr,
-) -> anyhow::Result<Row> {
+async fn bulksend_run(args: &Args, size: usize, sink: SocketAddr) -> anyhow::Result<Row> {
+    let n = args.n;
     let dir = tempfile::tempdir()?;
     let mut s = Settings::default();
     s.queue.path = dir.path().join("queue");
     s.routes = BTreeMap::from([("bench.test".to_owned(), sink.to_string())]);
     s.smtp.helo_name = "bulksend.test".into();
     s.smtp.tls = TlsPolicy::Disabled;
-    s.delivery.max_connections_per_destination = connections;
-    if let Some(b) = max_in_flight_bytes {
+    s.delivery.max_connections_per_destination = args.connections;
+    if let Some(b) = args.max_in_flight_bytes {
         s.delivery.max_in_flight_bytes = b;
     }
     // Durable, as in production: every outcome is flushed and fdatasynced before it counts
@@ -195,7 +196,17 @@ async fn bulksend_run(
         fill.elapsed().as_secs_f64()
     );
     let router = Arc::new(Router::new(&s.routes, None, Arc::new(NoDns)));
-    let engine = Engine::new(Arc::new(s), queue.clone(), router, Arc::new(NoEvents))?;
+    // The event file as `serve` writes it (one JSON line per outcome, default rotation),
+    // unless --no-events.
+    let events: Arc<dyn EventSink> = if args.events {
+        Arc::new(FileEvents::open_rotating(
+            &dir.path().join("events.jsonl"),
+            Rotation::from_settings(&s.events),
+        )?)
+    } else {
+        Arc::new(NoEvents)
+    };
+    let engine = Engine::new(Arc::new(s), queue.clone(), router, events)?;
     // Reset VmHWM so the peak is the delivery's, not the fill's. It cannot go below what the
     // process already holds after the fill (sled's memory), so print that too.
     let _ = std::fs::write("/proc/self/clear_refs", "5");
@@ -359,19 +370,7 @@ async fn main() -> anyhow::Result<()> {
             let (mut sink, addr) = start_sink()?;
             let pid = sink.id();
             let res = async {
-                rows.push(
-                    with_sink_cpu(
-                        pid,
-                        bulksend_run(
-                            args.n,
-                            size,
-                            args.connections,
-                            args.max_in_flight_bytes,
-                            addr,
-                        ),
-                    )
-                    .await?,
-                );
+                rows.push(with_sink_cpu(pid, bulksend_run(&args, size, addr)).await?);
                 let ceiling = async {
                     let (secs, cpu) = smtp_source(args.n, size, addr, Duration::from_secs(3600))?;
                     Ok(Row {
@@ -402,14 +401,7 @@ async fn main() -> anyhow::Result<()> {
                 bulksend_engine::sink::SinkOptions::default(),
             )
             .await?;
-            let mut r = bulksend_run(
-                args.n,
-                size,
-                args.connections,
-                args.max_in_flight_bytes,
-                sink.addr,
-            )
-            .await?;
+            let mut r = bulksend_run(&args, size, sink.addr).await?;
             r.name = "bulksend (in-process sink)".into();
             rows.push(r);
         }
