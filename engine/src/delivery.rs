@@ -1243,39 +1243,21 @@ async fn worker(inner: Arc<Inner>, dest: Arc<Dest>) {
     let mut wind_down = false;
     loop {
         let (job, env) = if let Some((job, env)) = sent.take() {
+            renew(&inner, &job);
             (job, Some(env))
         } else {
             let job = match carried.take() {
-                Some(job) => job,
+                Some(job) => {
+                    renew(&inner, &job);
+                    job
+                }
                 None => {
                     let Some(job) = next_job(&inner, &dest, idle).await else {
                         break;
                     };
-                    // Rate limit: space message starts evenly.
-                    if let Some(rate) = dest.limits.rate {
-                        let at = {
-                            let mut s = lock(&dest.state);
-                            let at = s.next_send.max(Instant::now());
-                            s.next_send = at + rate.per / rate.count;
-                            at
-                        };
-                        // The job is out of the ready queue while it waits for its slot, so the periodic
-                        // renewal does not see it: hold its leases until the slot (plus the timeout).
-                        let wait = at.saturating_duration_since(Instant::now());
-                        if !wait.is_zero() {
-                            let ids: Vec<RecipientId> = job.rcpts.iter().map(|r| r.id).collect();
-                            inner.queue.renew_leases(&ids, SystemTime::now() + wait);
-                        }
-                        let stop = inner.stop_token();
-                        tokio::select! {
-                            _ = tokio::time::sleep_until(at.into()) => {}
-                            _ = stop.cancelled() => {
-                                // Shutting down: this job was never started.
-                                let items = job.rcpts.iter().map(|r| (r.id, Outcome::Released)).collect();
-                                inner.complete(items).await;
-                                break;
-                            }
-                        }
+                    if !wait_for_rate_slot(&inner, &dest, &job).await {
+                        // Shutting down: the job was released, never started.
+                        break;
                     }
                     job
                 }
@@ -1353,10 +1335,13 @@ async fn worker(inner: Arc<Inner>, dest: Arc<Dest>) {
         {
             let popped = lock(&dest.state).pop();
             match popped {
-                Some(next) => match screen(&inner, &dest, next).await {
-                    Screened::Send(next) => Some(next),
-                    Screened::Skip | Screened::Stop => None,
-                },
+                Some(next) => {
+                    renew(&inner, &next);
+                    match screen(&inner, &dest, next).await {
+                        Screened::Send(next) => Some(next),
+                        Screened::Skip | Screened::Stop => None,
+                    }
+                }
                 None => None,
             }
         } else {
@@ -1568,6 +1553,35 @@ impl Harvest {
     }
 }
 
+/// The destination's rate limit, if any: waits for this job's slot (message starts spaced
+/// evenly). `false` when bulksend began stopping meanwhile; the job was then released.
+async fn wait_for_rate_slot(inner: &Arc<Inner>, dest: &Dest, job: &Job) -> bool {
+    let Some(rate) = dest.limits.rate else {
+        return true;
+    };
+    let at = {
+        let mut s = lock(&dest.state);
+        let at = s.next_send.max(Instant::now());
+        s.next_send = at + rate.per / rate.count;
+        at
+    };
+    // The job is out of the ready queue while it waits for its slot, so the periodic renewal
+    // does not see it: hold its leases until the slot (plus the timeout).
+    let wait = at.saturating_duration_since(Instant::now());
+    if !wait.is_zero() {
+        let ids: Vec<RecipientId> = job.rcpts.iter().map(|r| r.id).collect();
+        inner.queue.renew_leases(&ids, SystemTime::now() + wait);
+    }
+    let stop = inner.stop_token();
+    tokio::select! {
+        _ = tokio::time::sleep_until(at.into()) => true,
+        _ = stop.cancelled() => {
+            release(inner, job).await;
+            false
+        }
+    }
+}
+
 /// What [`screen`] decided about a job.
 enum Screened {
     /// Send it, to the recipients left.
@@ -1588,12 +1602,7 @@ async fn screen(inner: &Arc<Inner>, dest: &Dest, job: Job) -> Screened {
         return Screened::Stop;
     }
     if inner.stop_token().is_cancelled() {
-        let items = job
-            .rcpts
-            .iter()
-            .map(|r| (r.id, Outcome::Released))
-            .collect();
-        inner.complete(items).await;
+        release(inner, &job).await;
         return Screened::Stop;
     }
     let (job, suppressed, unreadable) = split_suppressed(inner, job).await;
@@ -1636,13 +1645,28 @@ async fn give_back(inner: &Arc<Inner>, dest: &Dest, job: Job) {
     if let Some((until, reason)) = dest.pause() {
         dest.defer_paused(inner, vec![job], until, reason).await;
     } else {
-        let items = job
-            .rcpts
-            .iter()
-            .map(|r| (r.id, Outcome::Released))
-            .collect();
-        inner.complete(items).await;
+        release(inner, &job).await;
     }
+}
+
+/// Restarts the lease timeout of a job this worker holds out of the ready queue (where the
+/// periodic renewal sees it) while another transaction goes first: the one taken to go out
+/// behind a dot waits for that transaction, and then has its own.
+fn renew(inner: &Inner, job: &Job) {
+    if inner.queue.lease_timeout().is_some() {
+        let ids: Vec<RecipientId> = job.rcpts.iter().map(|r| r.id).collect();
+        inner.queue.renew_leases(&ids, SystemTime::now());
+    }
+}
+
+/// Returns a job that was never started to scheduled, as it was (no attempt counted).
+async fn release(inner: &Inner, job: &Job) {
+    let items = job
+        .rcpts
+        .iter()
+        .map(|r| (r.id, Outcome::Released))
+        .collect();
+    inner.complete(items).await;
 }
 
 /// Whether two jobs have a recipient in common. The second one's envelope would go out
