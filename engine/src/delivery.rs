@@ -672,8 +672,8 @@ impl Inner {
     /// Head-of-line isolation: a destination that is not keeping up (its oldest ready job has
     /// waited [`STUCK_AFTER`]) and holds more than its share of the in-flight budgets
     /// (recipients, body bytes) gives the newest overflow back to the queue, due again shortly
-    /// (not counted as an attempt), so the budgets serve other destinations meanwhile. A fast destination never has old jobs,
-    /// so a single-destination bulk run is never churned.
+    /// (not counted as an attempt), so the budgets serve other destinations meanwhile. A fast
+    /// destination never has old jobs, so a single-destination bulk run is never churned.
     async fn rebalance(&self) {
         let dests: Vec<Arc<Dest>> = lock(&self.dests).values().cloned().collect();
         let stuck: Vec<Arc<Dest>> = dests
@@ -1223,8 +1223,8 @@ fn spawnable_worker(
 /// are still being written to the queue. A durable write waits for a group commit (an
 /// fdatasync, ~1–2 ms here, with spikes), longer than a pipelined transaction on a fast
 /// link: with one, a connection spent most of its time waiting for its previous outcome;
-/// with 4, all connections still stalled together on slow commits (8: +10 % msg/s on
-/// loopback, BENCHMARKS.md). Each outcome's duplicate window stays one group commit long
+/// with 4, all connections still stalled together on slow commits (8: +10–26 % msg/s on
+/// loopback in 4 pairs, BENCHMARKS.md). Each outcome's duplicate window stays one group commit long
 /// (see the queue's docs); a crash can re-send up to that many transactions per connection.
 async fn worker(inner: Arc<Inner>, dest: Arc<Dest>) {
     let idle = inner.settings.smtp.timeouts.idle;
@@ -1243,12 +1243,12 @@ async fn worker(inner: Arc<Inner>, dest: Arc<Dest>) {
     let mut wind_down = false;
     loop {
         let (job, env) = if let Some((job, env)) = sent.take() {
-            renew(&inner, &job);
+            renew(&inner, &job, SystemTime::now());
             (job, Some(env))
         } else {
             let job = match carried.take() {
                 Some(job) => {
-                    renew(&inner, &job);
+                    renew(&inner, &job, SystemTime::now());
                     job
                 }
                 None => {
@@ -1336,7 +1336,7 @@ async fn worker(inner: Arc<Inner>, dest: Arc<Dest>) {
             let popped = lock(&dest.state).pop();
             match popped {
                 Some(next) => {
-                    renew(&inner, &next);
+                    renew(&inner, &next, SystemTime::now());
                     match screen(&inner, &dest, next).await {
                         Screened::Send(next) => Some(next),
                         Screened::Skip | Screened::Stop => None,
@@ -1569,8 +1569,7 @@ async fn wait_for_rate_slot(inner: &Arc<Inner>, dest: &Dest, job: &Job) -> bool 
     // does not see it: hold its leases until the slot (plus the timeout).
     let wait = at.saturating_duration_since(Instant::now());
     if !wait.is_zero() {
-        let ids: Vec<RecipientId> = job.rcpts.iter().map(|r| r.id).collect();
-        inner.queue.renew_leases(&ids, SystemTime::now() + wait);
+        renew(inner, job, SystemTime::now() + wait);
     }
     let stop = inner.stop_token();
     tokio::select! {
@@ -1649,13 +1648,14 @@ async fn give_back(inner: &Arc<Inner>, dest: &Dest, job: Job) {
     }
 }
 
-/// Restarts the lease timeout of a job this worker holds out of the ready queue (where the
-/// periodic renewal sees it) while another transaction goes first: the one taken to go out
-/// behind a dot waits for that transaction, and then has its own.
-fn renew(inner: &Inner, job: &Job) {
+/// Restarts, from `from`, the lease timeout of a job this worker holds out of the ready
+/// queue (where the periodic renewal sees it): while it waits for its rate-limit slot, or
+/// while another transaction goes first (the one taken to go out behind a dot waits for
+/// that transaction, and then has its own).
+fn renew(inner: &Inner, job: &Job, from: SystemTime) {
     if inner.queue.lease_timeout().is_some() {
         let ids: Vec<RecipientId> = job.rcpts.iter().map(|r| r.id).collect();
-        inner.queue.renew_leases(&ids, SystemTime::now());
+        inner.queue.renew_leases(&ids, from);
     }
 }
 

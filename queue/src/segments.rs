@@ -119,7 +119,7 @@ impl std::fmt::Display for ReadError {
 pub(crate) fn read(dir: &Path, r: SegRef, len: u64) -> Result<Vec<u8>, ReadError> {
     let path = path_of(dir, r.seg);
     let file = File::open(&path).map_err(|e| io_error(&path, e))?;
-    read_at(&file, &path, None, r, len)
+    read_at(&file, &path, None, r, len).map(|(body, _)| body)
 }
 
 fn io_error(path: &Path, e: std::io::Error) -> ReadError {
@@ -132,14 +132,15 @@ fn io_error(path: &Path, e: std::io::Error) -> ReadError {
 }
 
 /// Reads a body from `file` (the segment at `path`). `known_len`: a length the file had
-/// (files only grow); it is asked for again only when the body would end past it.
+/// (files only grow); it is asked for again only when the body would end past it. Returns
+/// the body and the file length it was checked against.
 fn read_at(
     file: &File,
     path: &Path,
     known_len: Option<u64>,
     r: SegRef,
     len: u64,
-) -> Result<Vec<u8>, ReadError> {
+) -> Result<(Vec<u8>, u64), ReadError> {
     let n = usize::try_from(len).map_err(|_| ReadError::Damaged(format!("body of {len} bytes")))?;
     let end = r.offset.saturating_add(len);
     // Check the length first: a damaged reference must not make us allocate its size.
@@ -164,7 +165,7 @@ fn read_at(
             r.offset
         )));
     }
-    Ok(body)
+    Ok((body, flen))
 }
 
 /// Segment files kept open for reading bodies, so that a read is one `pread` instead of
@@ -196,21 +197,22 @@ impl Readers {
                 (f, Some(l))
             }
         };
-        let res = read_at(&file, &path, known, r, len);
-        match &res {
-            // The file grew since its length was noted: note the new one.
-            Ok(_) if known.is_some_and(|l| r.offset.saturating_add(len) > l) => {
-                if let Ok(m) = file.metadata() {
+        match read_at(&file, &path, known, r, len) {
+            Ok((body, flen)) => {
+                // The file grew since its length was noted: note the new one.
+                if known.is_some_and(|l| flen > l) {
                     if let Some(e) = lock(&self.open).get_mut(&r.seg) {
-                        e.1 = e.1.max(m.len());
+                        e.1 = e.1.max(flen);
                     }
                 }
+                Ok(body)
             }
-            Ok(_) => {}
-            // Whatever went wrong, the next read opens the file afresh.
-            Err(_) => self.forget(r.seg),
+            Err(e) => {
+                // Whatever went wrong, the next read opens the file afresh.
+                self.forget(r.seg);
+                Err(e)
+            }
         }
-        res
     }
 
     /// Closes segment `seg` (before it is deleted).

@@ -99,28 +99,38 @@ fn padded(mut m: NewMessage, lines: usize) -> NewMessage {
     m
 }
 
+/// A server that waits `delay` before each reply to the dot (blocking its thread).
+async fn slow_server(delay: Duration) -> ScriptedServer {
+    ScriptedServer::start(Script::default().with_handler(move |c| {
+        (c.line == "<DOT>").then(|| {
+            std::thread::sleep(delay);
+            reply("250 2.0.0 Ok")
+        })
+    }))
+    .await
+}
+
+/// Limits `destination` to one connection.
+fn one_connection(s: &mut Settings, destination: &str) {
+    s.destinations.insert(
+        destination.into(),
+        bulksend_config::DestinationOverrides {
+            max_connections: Some(1),
+            ..Default::default()
+        },
+    );
+}
+
 /// A slow destination ("slow.test": one connection, `delay` before each reply to the dot)
 /// and a fast one ("fast.test"), both routed in settings based on `base_settings`.
 async fn slow_and_fast(
     dir: &std::path::Path,
     delay: Duration,
 ) -> (ScriptedServer, ScriptedServer, Settings) {
-    let slow = ScriptedServer::start(Script::default().with_handler(move |c| {
-        (c.line == "<DOT>").then(|| {
-            std::thread::sleep(delay);
-            reply("250 2.0.0 Ok")
-        })
-    }))
-    .await;
+    let slow = slow_server(delay).await;
     let fast = ScriptedServer::start(Script::default()).await;
     let mut s = base_settings(dir, &[("slow.test", slow.addr), ("fast.test", fast.addr)]);
-    s.destinations.insert(
-        "slow.test".into(),
-        bulksend_config::DestinationOverrides {
-            max_connections: Some(1),
-            ..Default::default()
-        },
-    );
+    one_connection(&mut s, "slow.test");
     (slow, fast, s)
 }
 
@@ -327,13 +337,7 @@ async fn reputation_421_pauses_one_destination_while_another_runs_at_full_speed(
     }))
     .await;
     // The good server is slow enough per message that the engine needs parallel connections.
-    let good = ScriptedServer::start(Script::default().with_handler(|c| {
-        (c.line == "<DOT>").then(|| {
-            std::thread::sleep(Duration::from_millis(30));
-            reply("250 2.0.0 Ok")
-        })
-    }))
-    .await;
+    let good = slow_server(Duration::from_millis(30)).await;
     let dir = tempfile::tempdir().unwrap();
     let s = base_settings(
         dir.path(),
@@ -470,13 +474,7 @@ async fn expiry_bounces_with_the_last_transient_reason() {
 #[tokio::test]
 async fn shutdown_mid_delivery_loses_nothing_and_quits_every_connection() {
     // Slow replies after the dot keep transactions in flight when shutdown comes.
-    let server = ScriptedServer::start(Script::default().with_handler(|c| {
-        (c.line == "<DOT>").then(|| {
-            std::thread::sleep(Duration::from_millis(50));
-            reply("250 2.0.0 Ok")
-        })
-    }))
-    .await;
+    let server = slow_server(Duration::from_millis(50)).await;
     let dir = tempfile::tempdir().unwrap();
     let s = base_settings(dir.path(), &[("dest.test", server.addr)]);
     let path = s.queue.path.clone();
@@ -887,22 +885,10 @@ async fn pooled_connection_closed_by_the_server_is_not_reused() {
 /// timeout and ~6 s of work queued behind one slow connection, every message arrives once.
 #[tokio::test]
 async fn jobs_waiting_longer_than_the_lease_timeout_are_not_sent_twice() {
-    let slow = ScriptedServer::start(Script::default().with_handler(|c| {
-        (c.line == "<DOT>").then(|| {
-            std::thread::sleep(Duration::from_millis(300));
-            reply("250 2.0.0 Ok")
-        })
-    }))
-    .await;
+    let slow = slow_server(Duration::from_millis(300)).await;
     let dir = tempfile::tempdir().unwrap();
     let mut s = base_settings(dir.path(), &[("slow.test", slow.addr)]);
-    s.destinations.insert(
-        "slow.test".into(),
-        bulksend_config::DestinationOverrides {
-            max_connections: Some(1),
-            ..Default::default()
-        },
-    );
+    one_connection(&mut s, "slow.test");
     let r = rig_with_one_second_leases(dir, s);
     for i in 0..20 {
         r.queue
@@ -970,13 +956,7 @@ async fn jobs_waiting_for_a_rate_limit_slot_are_not_sent_twice() {
 /// than that (one message always goes), and still delivers everything.
 #[tokio::test]
 async fn prepared_bodies_stay_within_the_byte_budget() {
-    let server = ScriptedServer::start(Script::default().with_handler(|c| {
-        (c.line == "<DOT>").then(|| {
-            std::thread::sleep(Duration::from_millis(40));
-            reply("250 2.0.0 Ok")
-        })
-    }))
-    .await;
+    let server = slow_server(Duration::from_millis(40)).await;
     let dir = tempfile::tempdir().unwrap();
     let mut s = base_settings(dir.path(), &[("dest.test", server.addr)]);
     const BODY: usize = 50_000;

@@ -192,12 +192,17 @@ impl Envelope {
     }
 
     fn encode(&self) -> Vec<u8> {
-        let mut wire = Vec::with_capacity(self.cmds.len() * 40);
-        for c in &self.cmds {
-            c.encode(&mut wire);
-        }
-        wire
+        encode_all(&self.cmds)
     }
+}
+
+/// Commands as they go on the wire, one after the other (a pipelined group).
+fn encode_all(cmds: &[Command]) -> Vec<u8> {
+    let mut wire = Vec::with_capacity(cmds.len() * 40);
+    for c in cmds {
+        c.encode(&mut wire);
+    }
+    wire
 }
 
 enum Stream {
@@ -666,10 +671,7 @@ impl Session {
         let pipelined = self.ext.pipelining || written;
         let first_deadline = self.deadline(cmds[0].phase());
         if pipelined && !written {
-            let mut wire = Vec::with_capacity(cmds.len() * 40);
-            for c in cmds {
-                c.encode(&mut wire);
-            }
+            let wire = encode_all(cmds);
             if let Err(e) = self.write(cmds[0].phase(), &wire, first_deadline).await {
                 return Err(settle_all(slots, RcptResult::Failed(e.clone()), e));
             }
