@@ -149,7 +149,9 @@ pub struct Engine {
 #[derive(Default)]
 struct BodyBudget {
     held: AtomicUsize,
-    /// Told when a body is dropped (the take loop may wait for room).
+    /// The take loop refills when `held` is at most this (see [`refill_mark`]).
+    refill_at: usize,
+    /// Told when `held` falls to `refill_at` (the take loop may be waiting for room).
     freed: Notify,
     /// Bytes per message of the last batch taken: sizes the next take.
     per_message: AtomicUsize,
@@ -180,11 +182,26 @@ impl std::ops::Deref for HeldBody {
 
 impl Drop for HeldBody {
     fn drop(&mut self) {
-        self.budget
-            .held
-            .fetch_sub(self.data.wire.len(), Ordering::AcqRel);
-        self.budget.freed.notify_one();
+        let n = self.data.wire.len();
+        let before = self.budget.held.fetch_sub(n, Ordering::AcqRel);
+        if crossed(before, n, self.budget.refill_at) {
+            self.budget.freed.notify_one();
+        }
     }
+}
+
+/// How far below its maximum an in-flight budget (recipients, body bytes) must fall before
+/// the take loop refills it: a quarter of the maximum, and for recipients at most one take.
+/// Refilling whenever anything was freed took a few recipients at a time: at 8k messages/s
+/// the loop went round ~360 times a second, each time a queue request, a group commit of its
+/// own and a dispatch with its blocking body load (BENCHMARKS.md, SMTP, "Eighth session").
+fn refill_mark(max: usize, cap: usize) -> usize {
+    max - (max / 4).clamp(1, cap)
+}
+
+/// Whether taking `n` off `before` brings it down to `mark` or below for the first time.
+fn crossed(before: usize, n: usize, mark: usize) -> bool {
+    before > mark && before.saturating_sub(n) <= mark
 }
 
 /// What the first take of a run assumes a body weighs, before any was seen.
@@ -202,6 +219,10 @@ struct Inner {
     unrouted: m::OutcomeMetrics,
     dests: Mutex<HashMap<DestinationKey, Arc<Dest>>>,
     in_flight: AtomicUsize,
+    /// The take loop refills when `in_flight` is at most this (see [`refill_mark`]).
+    refill_at: usize,
+    /// Told when `in_flight` falls to `refill_at`.
+    room: Notify,
     bodies: Arc<BodyBudget>,
     /// Cancelled at shutdown: workers take no new transaction. Renewed by each run.
     stop: Mutex<CancellationToken>,
@@ -284,6 +305,8 @@ impl Engine {
     ) -> Result<Engine, EngineError> {
         let client = Arc::new(ClientSettings::from_config(&settings.smtp)?);
         let classifier = Classifier::new(&settings.classify.rules)?;
+        let refill_at = refill_mark(settings.delivery.max_in_flight, TAKE_BATCH);
+        let bytes_refill_at = refill_mark(settings.delivery.max_in_flight_bytes, usize::MAX);
         Ok(Engine {
             inner: Arc::new(Inner {
                 settings,
@@ -296,8 +319,11 @@ impl Engine {
                 unrouted: m::OutcomeMetrics::new("-".into()),
                 dests: Mutex::default(),
                 in_flight: AtomicUsize::new(0),
+                refill_at,
+                room: Notify::new(),
                 bodies: Arc::new(BodyBudget {
                     per_message: AtomicUsize::new(FIRST_BODY_ESTIMATE),
+                    refill_at: bytes_refill_at,
                     ..BodyBudget::default()
                 }),
                 stop: Mutex::new(CancellationToken::new()),
@@ -358,8 +384,13 @@ impl Engine {
                 .delivery
                 .max_in_flight_bytes
                 .saturating_sub(held);
+            // Below the refill marks, or with nothing held, there is room for a take worth
+            // its cost.
+            let in_flight = max - room;
+            let has_room = room > 0 && (in_flight <= inner.refill_at || in_flight == 0);
+            let has_bytes = bytes_room > 0 && (held <= inner.bodies.refill_at || held == 0);
             let mut took = 0;
-            if room > 0 && bytes_room > 0 {
+            if has_room && has_bytes {
                 let q = inner.queue.clone();
                 // Sized so the bodies fit what is left of the byte budget, as far as the last
                 // batch's sizes tell; at least one message, however big.
@@ -381,7 +412,7 @@ impl Engine {
                     Err(e) => tracing::error!(error = %e, "queue task failed"),
                 }
             }
-            if room == 0 || bytes_room == 0 {
+            if !has_room || !has_bytes {
                 inner.rebalance().await;
             }
             if took > 0 {
@@ -396,7 +427,8 @@ impl Engine {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 _ = inner.wake.notified() => {}
-                _ = inner.bodies.freed.notified(), if bytes_room == 0 => {}
+                _ = inner.room.notified(), if !has_room => {}
+                _ = inner.bodies.freed.notified(), if !has_bytes => {}
                 _ = tokio::time::sleep(Duration::from_millis(if drain { 20 } else { 250 })) => {}
             }
         }
@@ -884,7 +916,10 @@ impl Inner {
         }
         let n = items.len();
         let res = self.queue.complete_batch_async(items).await;
-        self.in_flight.fetch_sub(n, Ordering::AcqRel);
+        let before = self.in_flight.fetch_sub(n, Ordering::AcqRel);
+        if crossed(before, n, self.refill_at) {
+            self.room.notify_one();
+        }
         match res {
             Ok(v) => v
                 .into_iter()
@@ -1800,6 +1835,22 @@ fn jitter(max: Duration) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn take_loop_refills_a_quarter_at_a_time_and_is_told_once_per_crossing() {
+        // A quarter of the budget, a take's worth at most, at least one.
+        assert_eq!(refill_mark(5000, TAKE_BATCH), 4000);
+        assert_eq!(refill_mark(400, TAKE_BATCH), 300);
+        assert_eq!(refill_mark(4, TAKE_BATCH), 3);
+        assert_eq!(refill_mark(3, TAKE_BATCH), 2);
+        assert_eq!(refill_mark(256 << 20, usize::MAX), 192 << 20);
+        // Told when the count falls to the mark or below, not again while it stays there.
+        assert!(crossed(4001, 1, 4000));
+        assert!(crossed(4100, 500, 4000));
+        assert!(!crossed(4100, 99, 4000));
+        assert!(!crossed(4000, 1, 4000));
+        assert!(!crossed(3000, 3000, 4000));
+    }
 
     #[test]
     fn harvest_window_totals_are_exact_and_memory_is_bounded() {
