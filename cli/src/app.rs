@@ -37,6 +37,7 @@ pub(crate) fn queue_options(settings: &Settings) -> QueueOptions {
         final_retention: settings.queue.final_retention,
         auto_compact: settings.queue.auto_compact,
         lease_timeout: Some(settings.queue.lease_timeout).filter(|t| !t.is_zero()),
+        outcome_commit_delay: settings.queue.outcome_commit_delay,
         ..QueueOptions::default()
     }
 }
@@ -138,7 +139,9 @@ mod tests {
         settings.queue.final_retention = Duration::from_secs(90);
         settings.queue.auto_compact = false;
         settings.queue.lease_timeout = Duration::from_secs(7200);
+        settings.queue.outcome_commit_delay = Duration::from_millis(11);
         let o = queue_options(&settings);
+        assert_eq!(o.outcome_commit_delay, Duration::from_millis(11));
         assert_eq!(o.lease_timeout, Some(Duration::from_secs(7200)));
         assert_eq!(o.cache_capacity_bytes, 17 << 20);
         assert_eq!(o.max_queue_lifetime, Duration::from_secs(3 * 3600));

@@ -92,6 +92,11 @@ pub struct QueueSettings {
     /// transaction in hand.
     #[serde(with = "humantime_serde")]
     pub lease_timeout: Duration,
+    /// How long a group commit of delivery outcomes may wait for more outcomes to share its
+    /// sync (an `fdatasync`); an enqueue never waits. Fewer syncs and less CPU per message in
+    /// a busy drain, for outcomes durable that much later. `0s`: commit at once. At most 1 s.
+    #[serde(with = "humantime_serde")]
+    pub outcome_commit_delay: Duration,
 }
 
 impl Default for QueueSettings {
@@ -102,6 +107,7 @@ impl Default for QueueSettings {
             final_retention: Duration::from_secs(7 * 86400),
             auto_compact: true,
             lease_timeout: Duration::from_secs(3600),
+            outcome_commit_delay: Duration::from_millis(3),
         }
     }
 }
@@ -587,6 +593,13 @@ impl Settings {
                 humantime::format_duration(d.shutdown_grace)
             ));
         }
+        if self.queue.outcome_commit_delay > Duration::from_secs(1) {
+            return Err(format!(
+                "queue.outcome_commit_delay ({}): at most 1s (each delivery outcome may wait \
+                 that long to be written)",
+                humantime::format_duration(self.queue.outcome_commit_delay)
+            ));
+        }
         if d.max_in_flight < 4 {
             return Err("delivery.max_in_flight: must be at least 4".into());
         }
@@ -769,6 +782,16 @@ max_queue_lifetime = "3d"
         let err = Settings::load_with_env(None, env(&[("BULKSEND_SMTP__TIMEOUTS__QUIT", "0s")]))
             .unwrap_err();
         assert!(err.to_string().contains("smtp.timeouts.quit"), "{err}");
+
+        let f = file("[queue]\noutcome_commit_delay = \"2s\"\n");
+        let err = Settings::load_with_env(Some(f.path()), env(&[])).unwrap_err();
+        assert!(
+            err.to_string().contains("queue.outcome_commit_delay"),
+            "{err}"
+        );
+        let f = file("[queue]\noutcome_commit_delay = \"0s\"\n");
+        let s = Settings::load_with_env(Some(f.path()), env(&[])).unwrap();
+        assert!(s.queue.outcome_commit_delay.is_zero());
 
         let f = file("[queue]\nlease_timeout = \"5m\"\n");
         let err = Settings::load_with_env(Some(f.path()), env(&[])).unwrap_err();

@@ -62,7 +62,10 @@
 //! the device cache nor the file's metadata — `fdatasync`s sled's `db` file (and any file in
 //! `blobs/`, which sled writes without syncing), and only then answers all of
 //! them. While the syncer syncs, the writer applies the next requests, so the cost of one
-//! flush is shared by every concurrent caller: throughput grows with concurrency.
+//! flush is shared by every concurrent caller: throughput grows with concurrency. A group
+//! holding nothing but outcomes recorded through [`Queue::complete_batch_async`] (the
+//! engine's) may stay open up to [`QueueOptions::outcome_commit_delay`] (3 ms) for more to
+//! share its sync; any other request commits it at once.
 //! [`Queue::enqueue`], [`Queue::complete`], suppression changes, retry, delete and expiry
 //! return only after that sync. With [`QueueOptions::durable`] `= false` the fdatasync is
 //! skipped: acknowledged data then survives a process crash (it is in the page cache) but not

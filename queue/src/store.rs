@@ -308,7 +308,12 @@ enum Op {
         now_ms: u64,
         limit: usize,
     },
-    Complete(Vec<(RecipientId, Outcome)>, u64),
+    /// `may_wait`: may be held up to `QueueOptions::outcome_commit_delay` (see `Writer::run`).
+    Complete {
+        items: Vec<(RecipientId, Outcome)>,
+        now_ms: u64,
+        may_wait: bool,
+    },
     Expire(u64),
     Retry(MessageId, u64),
     Delete(MessageId),
@@ -662,6 +667,7 @@ impl Queue {
                         appender: segments::Appender::new(&seg_dir, next_seg, durable),
                         supp_filter,
                         next_lease_check_ms: 0,
+                        last_outcomes: 0,
                     }
                     .run(req_rx, done_tx)
                 })
@@ -886,7 +892,11 @@ impl Queue {
         if items.is_empty() {
             return Ok(Vec::new());
         }
-        match self.call(Op::Complete(items, to_millis(SystemTime::now())))? {
+        match self.call(Op::Complete {
+            items,
+            now_ms: to_millis(SystemTime::now()),
+            may_wait: false,
+        })? {
             Reply::Completed(v) => Ok(v),
             _ => Err(unexpected()),
         }
@@ -895,6 +905,8 @@ impl Queue {
     /// [`Queue::complete_batch`] for async code (call it from a tokio runtime): the task
     /// awaits the durable commit without holding a thread. What it saves per call is a
     /// blocking-pool thread's wake-up, spin and park (BENCHMARKS.md, "Fourth session").
+    /// The commit may wait up to [`QueueOptions::outcome_commit_delay`] for more outcomes to
+    /// share it.
     pub async fn complete_batch_async(
         &self,
         items: Vec<(RecipientId, Outcome)>,
@@ -903,7 +915,11 @@ impl Queue {
             return Ok(Vec::new());
         }
         match self
-            .call_async(Op::Complete(items, to_millis(SystemTime::now())))
+            .call_async(Op::Complete {
+                items,
+                now_ms: to_millis(SystemTime::now()),
+                may_wait: true,
+            })
             .await?
         {
             Reply::Completed(v) => Ok(v),
@@ -1606,6 +1622,8 @@ struct Writer {
     /// sled reads per message (this one and the idempotency key's) were ~18 % of the
     /// writer's time in the 64-producer enqueue (BENCHMARKS.md, "Fifth session").
     supp_filter: SuppressionFilter,
+    /// Outcomes that may wait (`Op::Complete { may_wait: true }`) in the last group.
+    last_outcomes: usize,
 }
 
 impl Writer {
@@ -1668,8 +1686,16 @@ impl Writer {
                 // A token left from a sync that ended while nothing waited for it.
                 let _ = done.idle.try_recv();
                 let mut taken = 0;
+                // Until when the group may stay open for more outcomes, if it holds nothing
+                // else and the last one had company (`QueueOptions::outcome_commit_delay`).
+                let hold_until = Instant::now() + shared.opts.outcome_commit_delay;
+                let mut only_outcomes = self.last_outcomes >= shared.opts.outcome_commit_siblings;
+                let mut outcomes = 0;
                 let mut next_req = Some(first);
                 while let Some(req) = next_req.take() {
+                    let may_wait = matches!(req.op, Op::Complete { may_wait: true, .. });
+                    outcomes += usize::from(may_wait);
+                    only_outcomes &= may_wait;
                     self.accept(&shared, &mut tx, &mut group, req, &done);
                     taken += 1;
                     if taken > MAX_GROUP {
@@ -1681,16 +1707,27 @@ impl Writer {
                     // I/O threads), so fewer, bigger batches cost less, and the replies would
                     // wait for that sync anyway. In the SMTP drain, where outcomes arrive a
                     // few at a time, this cut the CPU per message by ~30 % (BENCHMARKS.md,
-                    // SMTP, "Sixth session").
+                    // SMTP, "Sixth session"). A group of nothing but the engine's outcomes
+                    // stays open longer still, up to `outcome_commit_delay`: in the 20 KB
+                    // drain that made a third as many syncs (BENCHMARKS.md, SMTP, "Eighth
+                    // session").
+                    let hold = || {
+                        if only_outcomes && Instant::now() < hold_until {
+                            requests.recv_deadline(hold_until).ok()
+                        } else {
+                            None
+                        }
+                    };
                     next_req = match requests.try_recv() {
                         Ok(r) => Some(r),
-                        Err(_) if !done.busy() => None,
+                        Err(_) if !done.busy() => hold(),
                         Err(_) => crossbeam_channel::select! {
                             recv(requests) -> r => r.ok(),
-                            recv(done.idle) -> _ => None,
+                            recv(done.idle) -> _ => hold(),
                         },
                     };
                 }
+                self.last_outcomes = outcomes;
                 if group.iter().any(|d| d.durable && d.result.is_ok()) {
                     self.next_compact_check
                         .get_or_insert_with(|| Instant::now() + COMPACT_CHECK_DELAY);
@@ -2105,7 +2142,7 @@ impl Writer {
                     .map(Reply::Leases),
                 false,
             ),
-            Op::Complete(items, now_ms) => {
+            Op::Complete { items, now_ms, .. } => {
                 (self.complete(tx, items, now_ms).map(Reply::Completed), true)
             }
             Op::Expire(now_ms) => (self.expire(tx, now_ms).map(Reply::Records), true),

@@ -1529,3 +1529,99 @@ fn without_a_lease_timeout_leases_stay() {
         .is_empty());
     assert_eq!(state(&q, id), RecipientState::Leased);
 }
+
+/// Outcomes recorded through `complete_batch_async` may wait `outcome_commit_delay` for
+/// more to share their commit, once the group before had `outcome_commit_siblings` of them;
+/// anything else in the group commits it at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outcomes_wait_for_company_but_an_enqueue_commits_at_once() {
+    let delivered = || Outcome::Delivered {
+        reply: "250 2.0.0 ok".into(),
+    };
+    let open_with = |dir: &tempfile::TempDir, delay: Duration, siblings: usize| {
+        Arc::new(
+            Queue::open(
+                dir.path(),
+                QueueOptions {
+                    outcome_commit_delay: delay,
+                    outcome_commit_siblings: siblings,
+                    ..opts()
+                },
+            )
+            .unwrap(),
+        )
+    };
+
+    // At low load (the group before had fewer outcomes than `siblings`) an outcome does not
+    // wait.
+    let dir = tempfile::tempdir().unwrap();
+    let q = open_with(&dir, Duration::from_secs(30), 4);
+    q.enqueue(msg(&["a@x.test"])).unwrap();
+    let a = q.take_due(later(1), 10).unwrap()[0].recipient.id;
+    let res = tokio::time::timeout(
+        Duration::from_secs(20),
+        q.complete_batch_async(vec![(a, delivered())]),
+    )
+    .await
+    .expect("a lone outcome is committed at once");
+    assert!(matches!(res.unwrap().as_slice(), [Ok(_)]));
+    drop(q);
+
+    // Without that condition, an outcome alone waits the delay out (a lower bound only: a
+    // busy machine adds to it).
+    let dir = tempfile::tempdir().unwrap();
+    let q = open_with(&dir, Duration::from_millis(300), 0);
+    q.enqueue(msg(&["a@x.test"])).unwrap();
+    let a = q.take_due(later(1), 10).unwrap()[0].recipient.id;
+    let started = std::time::Instant::now();
+    let res = q
+        .complete_batch_async(vec![(a, delivered())])
+        .await
+        .unwrap();
+    assert!(matches!(res.as_slice(), [Ok(_)]), "{res:?}");
+    assert!(
+        started.elapsed() >= Duration::from_millis(290),
+        "{:?}",
+        started.elapsed()
+    );
+    drop(q);
+
+    // With a long delay, an enqueue arriving meanwhile commits the group, the held outcomes
+    // with it, and does not wait itself.
+    let dir = tempfile::tempdir().unwrap();
+    let q = open_with(&dir, Duration::from_secs(30), 0);
+    q.enqueue(msg(&["a@x.test", "b@x.test"])).unwrap();
+    let leases = q.take_due(later(1), 10).unwrap();
+    let held: Vec<_> = leases
+        .iter()
+        .map(|l| {
+            let (q, id) = (Arc::clone(&q), l.recipient.id);
+            tokio::spawn(async move { q.complete_batch_async(vec![(id, delivered())]).await })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(held.iter().all(|t| !t.is_finished()), "outcomes are held");
+    let started = std::time::Instant::now();
+    let q2 = Arc::clone(&q);
+    let e = tokio::task::spawn_blocking(move || q2.enqueue(msg(&["c@x.test"])))
+        .await
+        .unwrap()
+        .unwrap();
+    for t in held {
+        let res = tokio::time::timeout(Duration::from_secs(20), t)
+            .await
+            .expect("held outcomes committed with the enqueue")
+            .unwrap()
+            .unwrap();
+        assert!(matches!(res.as_slice(), [Ok(_)]), "{res:?}");
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "{:?}",
+        started.elapsed()
+    );
+    for l in &leases {
+        assert_eq!(state(&q, l.recipient.id), RecipientState::Delivered);
+    }
+    assert!(q.message(e.id).unwrap().is_some());
+}
