@@ -1693,9 +1693,11 @@ impl Writer {
                 let mut outcomes = 0;
                 let mut next_req = Some(first);
                 while let Some(req) = next_req.take() {
-                    let may_wait = matches!(req.op, Op::Complete { may_wait: true, .. });
-                    outcomes += usize::from(may_wait);
-                    only_outcomes &= may_wait;
+                    let outcome = matches!(req.op, Op::Complete { may_wait: true, .. });
+                    outcomes += usize::from(outcome);
+                    // A take writes nothing and the engine's take loop is no hurry: it waits
+                    // along (else its periodic takes would cut every held group short).
+                    only_outcomes &= outcome || matches!(req.op, Op::Take { .. });
                     self.accept(&shared, &mut tx, &mut group, req, &done);
                     taken += 1;
                     if taken > MAX_GROUP {
