@@ -259,9 +259,10 @@ pub struct DeliverySettings {
     pub max_in_flight_bytes: usize,
     /// Transactions per connection whose outcomes may still be being written to the queue
     /// (durably, a group commit each) while the connection carries the next one. A crash can
-    /// re-send up to this many transactions per connection; 1 makes every outcome durable
-    /// before the next transaction starts (slower: a connection then waits a group commit
-    /// per message).
+    /// re-send up to this many transactions per connection; 0 makes every outcome durable
+    /// before the next message's data goes out (slower: a connection then waits a group
+    /// commit per message; with pipelining the next envelope is already out, which delivers
+    /// nothing).
     pub max_unrecorded_per_connection: usize,
     /// Default rate limit per destination: "100/s", "3000/min", "50000/h"; none if unset.
     pub rate_limit: Option<String>,
@@ -606,9 +607,6 @@ impl Settings {
         if d.max_in_flight_bytes == 0 {
             return Err("delivery.max_in_flight_bytes: must be at least 1".into());
         }
-        if d.max_unrecorded_per_connection == 0 {
-            return Err("delivery.max_unrecorded_per_connection: must be at least 1".into());
-        }
         if d.max_connections_per_destination == 0 {
             return Err("delivery.max_connections_per_destination: must be at least 1".into());
         }
@@ -800,13 +798,10 @@ max_queue_lifetime = "3d"
         let s = Settings::load_with_env(Some(f.path()), env(&[])).unwrap();
         assert!(s.queue.lease_timeout.is_zero());
 
+        // 0: every outcome written before the next message's data.
         let f = file("[delivery]\nmax_unrecorded_per_connection = 0\n");
-        let err = Settings::load_with_env(Some(f.path()), env(&[])).unwrap_err();
-        assert!(
-            err.to_string()
-                .contains("delivery.max_unrecorded_per_connection"),
-            "{err}"
-        );
+        let s = Settings::load_with_env(Some(f.path()), env(&[])).unwrap();
+        assert_eq!(s.delivery.max_unrecorded_per_connection, 0);
         let f = file("[destinations.\"a.test\"]\npipeline_transactions = false\n");
         let s = Settings::load_with_env(Some(f.path()), env(&[])).unwrap();
         assert_eq!(s.destinations["a.test"].pipeline_transactions, Some(false));

@@ -1266,7 +1266,7 @@ async fn worker(inner: Arc<Inner>, dest: Arc<Dest>) {
     let mut session: Option<(Session, String)> = None;
     // Earlier transactions' outcomes, still being written to the queue (durably) while this
     // connection carries the next one: at most `max_unrecorded`.
-    let max_unrecorded = inner.settings.delivery.max_unrecorded_per_connection.max(1);
+    let max_unrecorded = inner.settings.delivery.max_unrecorded_per_connection;
     let mut recording: VecDeque<tokio::task::JoinHandle<()>> = VecDeque::new();
     // The job whose envelope went out behind the last dot on `session`: that session's next
     // transaction, whatever happens (a server in DATA mode reads anything else as content).
@@ -1478,11 +1478,6 @@ async fn worker(inner: Arc<Inner>, dest: Arc<Dest>) {
                 )
                 .await;
         } else {
-            while recording.len() >= max_unrecorded {
-                if let Some(r) = recording.pop_front() {
-                    let _ = r.await;
-                }
-            }
             let (i, d) = (inner.clone(), dest.clone());
             recording.push_back(inner.workers.spawn(async move {
                 i.record_with_pause(
@@ -1494,6 +1489,12 @@ async fn worker(inner: Arc<Inner>, dest: Arc<Dest>) {
                 )
                 .await;
             }));
+            // This one included: with 0, it is written before the next data goes out.
+            while recording.len() > max_unrecorded {
+                if let Some(r) = recording.pop_front() {
+                    let _ = r.await;
+                }
+            }
         }
         dest.on_transaction(&inner, delivered && !reputation, tried, unknown_users)
             .await;

@@ -1079,3 +1079,57 @@ async fn reputation_reply_to_a_dot_with_an_envelope_behind_it() {
     assert_eq!(received, 7);
     assert!(conns.iter().all(|c| c.quit));
 }
+
+/// `delivery.max_unrecorded_per_connection = 0`: no message's data goes out while an earlier
+/// outcome on its connection is still being written. Checked from the server: when a
+/// message's data ends, every message it answered before is a delivered record in the queue.
+/// The queue holds each outcome's commit for 500 ms, so an overlap cannot hide; with the
+/// default (8) the same check sees it.
+#[tokio::test]
+async fn with_no_unrecorded_outcomes_each_is_durable_before_the_next_message_goes_out() {
+    use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+    for (max_unrecorded, overlap_expected) in [(0, false), (8, true)] {
+        let queue: Arc<std::sync::OnceLock<Arc<Queue>>> = Arc::default();
+        let overlaps = Arc::new(AtomicUsize::new(0));
+        let answered = Arc::new(AtomicUsize::new(0));
+        let (q, o, a) = (queue.clone(), overlaps.clone(), answered.clone());
+        let server = ScriptedServer::start(Script::default().with_handler(move |c| {
+            (c.line == "<DOT>").then(|| {
+                let before = a.fetch_add(1, SeqCst) as u64;
+                if q.get()
+                    .is_some_and(|q| state_count(q, RecipientState::Delivered) < before)
+                {
+                    o.fetch_add(1, SeqCst);
+                }
+                reply("250 2.0.0 Ok")
+            })
+        }))
+        .await;
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = base_settings(dir.path(), &[("dest.test", server.addr)]);
+        one_connection(&mut s, "dest.test");
+        s.delivery.max_unrecorded_per_connection = max_unrecorded;
+        let opts = QueueOptions {
+            outcome_commit_delay: Duration::from_millis(500),
+            outcome_commit_siblings: 0,
+            ..QueueOptions::default()
+        };
+        let r = rig_with(dir, s, opts);
+        let _ = queue.set(r.queue.clone());
+        for i in 0..4 {
+            r.queue
+                .enqueue(msg("b@esp.test", &[format!("u{i}@dest.test")], i))
+                .unwrap();
+        }
+        let summary = r.engine.run(CancellationToken::new(), true).await;
+        assert_eq!(summary.delivered, 4, "{summary:?}");
+        assert_eq!(server.messages().len(), 4);
+        let seen = overlaps.load(SeqCst);
+        assert_eq!(
+            seen > 0,
+            overlap_expected,
+            "max_unrecorded_per_connection = {max_unrecorded}: {seen} messages went out with \
+             an earlier outcome unrecorded"
+        );
+    }
+}
