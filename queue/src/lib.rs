@@ -64,8 +64,10 @@
 //! them. While the syncer syncs, the writer applies the next requests, so the cost of one
 //! flush is shared by every concurrent caller: throughput grows with concurrency. A group
 //! holding nothing but outcomes recorded through [`Queue::complete_batch_async`] (the
-//! engine's) may stay open up to [`QueueOptions::outcome_commit_delay`] (3 ms) for more to
-//! share its sync; any other request commits it at once.
+//! engine's) and takes may stay open up to [`QueueOptions::outcome_commit_delay`] (3 ms) for
+//! more to share its sync, when the group before had at least
+//! [`QueueOptions::outcome_commit_siblings`] (4) such outcomes; any other request commits it
+//! at once.
 //! [`Queue::enqueue`], [`Queue::complete`], suppression changes, retry, delete and expiry
 //! return only after that sync. With [`QueueOptions::durable`] `= false` the fdatasync is
 //! skipped: acknowledged data then survives a process crash (it is in the page cache) but not
