@@ -254,8 +254,9 @@ pub struct DeliverySettings {
     pub max_in_flight: usize,
     /// Most bytes of prepared message bodies held in memory for leased recipients (bounds
     /// memory when messages are big: `max_in_flight` counts recipients). No more is taken
-    /// from the queue while it is reached; a take is sized from the bodies seen so far, and
-    /// one message is always let through, so a body bigger than this still goes.
+    /// from the queue while it is reached (and, to take in bigger batches, until it has
+    /// fallen to three quarters, or 100 ms have passed); a take is sized from the bodies seen
+    /// so far, and one message is always let through, so a body bigger than this still goes.
     pub max_in_flight_bytes: usize,
     /// Transactions per connection whose outcomes may still be being written to the queue
     /// (durably, a group commit each) while the connection carries the next one. A crash can

@@ -191,10 +191,11 @@ impl Drop for HeldBody {
 }
 
 /// How far below its maximum an in-flight budget (recipients, body bytes) must fall before
-/// the take loop refills it: a quarter of the maximum, and for recipients at most one take.
-/// Refilling whenever anything was freed took a few recipients at a time: at 8k messages/s
-/// the loop went round ~360 times a second, each time a queue request, a group commit of its
-/// own and a dispatch with its blocking body load (BENCHMARKS.md, SMTP, "Eighth session").
+/// the take loop refills it: a quarter of the maximum, and for recipients at most one take
+/// (or [`REFILL_ANYWAY_AFTER`] has passed since the last take). Refilling whenever anything
+/// was freed took a few recipients at a time: at 8k messages/s the loop went round ~360
+/// times a second, each time a queue request, a group commit of its own and a dispatch with
+/// its blocking body load (BENCHMARKS.md, SMTP, "Eighth session").
 fn refill_mark(max: usize, cap: usize) -> usize {
     max - (max / 4).clamp(1, cap)
 }
@@ -203,6 +204,12 @@ fn refill_mark(max: usize, cap: usize) -> usize {
 fn crossed(before: usize, n: usize, mark: usize) -> bool {
     before > mark && before.saturating_sub(n) <= mark
 }
+
+/// The take loop takes whatever room there is once this long has passed since its last take,
+/// above the refill marks too: recipients in long transactions at slow destinations (which
+/// [`Inner::rebalance`] does not give back) may keep the count above a mark for minutes, and
+/// the room left must still serve the other destinations.
+const REFILL_ANYWAY_AFTER: Duration = Duration::from_millis(100);
 
 /// What the first take of a run assumes a body weighs, before any was seen.
 const FIRST_BODY_ESTIMATE: usize = 1024 * 1024;
@@ -351,6 +358,7 @@ impl Engine {
         let mut last_expire: Option<Instant> = None;
         let mut last_renew = Instant::now();
         let mut last_gauges: Option<Instant> = None;
+        let mut last_take = Instant::now();
         loop {
             if shutdown.is_cancelled() {
                 break;
@@ -384,13 +392,17 @@ impl Engine {
                 .delivery
                 .max_in_flight_bytes
                 .saturating_sub(held);
-            // Below the refill marks, or with nothing held, there is room for a take worth
-            // its cost.
+            // Below the refill marks, with nothing held, or a while after the last take, there
+            // is room for a take worth its cost.
             let in_flight = max - room;
-            let has_room = room > 0 && (in_flight <= inner.refill_at || in_flight == 0);
-            let has_bytes = bytes_room > 0 && (held <= inner.bodies.refill_at || held == 0);
+            let anyway = last_take.elapsed() >= REFILL_ANYWAY_AFTER;
+            let has_room = room > 0 && (in_flight <= inner.refill_at || in_flight == 0 || anyway);
+            let has_bytes =
+                bytes_room > 0 && (held <= inner.bodies.refill_at || held == 0 || anyway);
+            let tried = has_room && has_bytes;
             let mut took = 0;
-            if has_room && has_bytes {
+            if tried {
+                last_take = Instant::now();
                 let q = inner.queue.clone();
                 // Sized so the bodies fit what is left of the byte budget, as far as the last
                 // batch's sizes tell; at least one message, however big.
@@ -418,10 +430,10 @@ impl Engine {
             if took > 0 {
                 continue;
             }
-            // Drained: nothing due, nothing in flight, and nothing given back that is about to
-            // be due again.
+            // Drained: a take found nothing due, nothing is in flight, and nothing given back
+            // is about to be due again.
             let postponed = lock(&inner.postponed_until).is_some_and(|t| t > Instant::now());
-            if drain && inner.in_flight.load(Ordering::Acquire) == 0 && !postponed {
+            if drain && tried && inner.in_flight.load(Ordering::Acquire) == 0 && !postponed {
                 break;
             }
             tokio::select! {

@@ -1133,3 +1133,51 @@ async fn with_no_unrecorded_outcomes_each_is_durable_before_the_next_message_goe
         );
     }
 }
+
+/// Recipients in a long transaction can keep the in-flight count above the take loop's refill
+/// mark (¾ of `max_in_flight`) for as long as the transaction lasts; the room left still goes
+/// to other destinations meanwhile.
+#[tokio::test]
+async fn room_above_the_refill_mark_still_serves_other_destinations() {
+    // "slow.test" never answers the dot: its transaction holds 7 of 8 until `data_done`.
+    let slow = ScriptedServer::start(
+        Script::default().with_handler(|c| (c.line == "<DOT>").then_some(Action::Stall)),
+    )
+    .await;
+    let fast = ScriptedServer::start(Script::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = base_settings(
+        dir.path(),
+        &[("slow.test", slow.addr), ("fast.test", fast.addr)],
+    );
+    s.delivery.max_in_flight = 8; // refill mark: 6
+    s.smtp.timeouts.data_done = Duration::from_secs(5);
+    let r = rig(dir, s);
+    let slow_rcpts: Vec<String> = (0..7).map(|i| format!("u{i}@slow.test")).collect();
+    r.queue.enqueue(msg("b@esp.test", &slow_rcpts, 0)).unwrap();
+    let (q, f) = (r.queue.clone(), &fast);
+    let enqueued = AtomicBool::new(false);
+    let slow_still_open = AtomicBool::new(false);
+    run_until(&r.engine, Duration::from_secs(20), || {
+        let leased = q.stats().by_state.get(&RecipientState::Leased).copied();
+        // Once the slow transaction holds its 7, the fast message arrives.
+        if !enqueued.load(Ordering::Relaxed) && leased == Some(7) {
+            q.enqueue(msg("b@esp.test", &["v@fast.test".to_owned()], 1))
+                .unwrap();
+            r.engine.wake();
+            enqueued.store(true, Ordering::Relaxed);
+        }
+        let done = f.messages().len() == 1;
+        if done {
+            // The fast one is at most 1 of them: the slow transaction is still open.
+            slow_still_open.store(leased >= Some(7), Ordering::Relaxed);
+        }
+        done
+    })
+    .await;
+    assert_eq!(fast.messages().len(), 1);
+    assert!(
+        slow_still_open.load(Ordering::Relaxed),
+        "the fast message went while the slow transaction held 7 of 8"
+    );
+}
