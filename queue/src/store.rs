@@ -1688,16 +1688,22 @@ impl Writer {
                 let mut taken = 0;
                 // Until when the group may stay open for more outcomes, if it holds nothing
                 // else and the last one had company (`QueueOptions::outcome_commit_delay`).
-                let hold_until = Instant::now() + shared.opts.outcome_commit_delay;
+                let hold_until = Instant::now()
+                    .checked_add(shared.opts.outcome_commit_delay)
+                    .unwrap_or_else(Instant::now);
                 let mut only_outcomes = self.last_outcomes >= shared.opts.outcome_commit_siblings;
                 let mut outcomes = 0;
+                let mut takes = 0;
                 let mut next_req = Some(first);
                 while let Some(req) = next_req.take() {
                     let outcome = matches!(req.op, Op::Complete { may_wait: true, .. });
+                    let take = matches!(req.op, Op::Take { .. });
                     outcomes += usize::from(outcome);
+                    takes += usize::from(take);
                     // A take writes nothing and the engine's take loop is no hurry: it waits
-                    // along (else its periodic takes would cut every held group short).
-                    only_outcomes &= outcome || matches!(req.op, Op::Take { .. });
+                    // along (else its periodic takes would cut every held group short), but
+                    // only with outcomes.
+                    only_outcomes &= outcome || take;
                     self.accept(&shared, &mut tx, &mut group, req, &done);
                     taken += 1;
                     if taken > MAX_GROUP {
@@ -1714,7 +1720,7 @@ impl Writer {
                     // drain that made a third as many syncs (BENCHMARKS.md, SMTP, "Eighth
                     // session").
                     let hold = || {
-                        if only_outcomes && Instant::now() < hold_until {
+                        if only_outcomes && outcomes > 0 && Instant::now() < hold_until {
                             requests.recv_deadline(hold_until).ok()
                         } else {
                             None
@@ -1729,7 +1735,10 @@ impl Writer {
                         },
                     };
                 }
-                self.last_outcomes = outcomes;
+                // A group of takes alone says nothing about the outcomes' pace.
+                if outcomes > 0 || taken > takes {
+                    self.last_outcomes = outcomes;
+                }
                 if group.iter().any(|d| d.durable && d.result.is_ok()) {
                     self.next_compact_check
                         .get_or_insert_with(|| Instant::now() + COMPACT_CHECK_DELAY);

@@ -1592,26 +1592,34 @@ async fn outcomes_wait_for_company_but_an_enqueue_commits_at_once() {
     let q = open_with(&dir, Duration::from_secs(30), 0);
     q.enqueue(msg(&["a@x.test", "b@x.test"])).unwrap();
     let leases = q.take_due(later(1), 10).unwrap();
-    let held: Vec<_> = leases
+    let mut held: Vec<_> = leases
         .iter()
-        .map(|l| {
-            let (q, id) = (Arc::clone(&q), l.recipient.id);
-            tokio::spawn(async move { q.complete_batch_async(vec![(id, delivered())]).await })
-        })
+        .map(|l| Box::pin(q.complete_batch_async(vec![(l.recipient.id, delivered())])))
         .collect();
+    // Polled once each, here: the request is handed to the writer on the first poll.
+    for f in &mut held {
+        assert!(
+            tokio::time::timeout(Duration::ZERO, f).await.is_err(),
+            "outcomes are held"
+        );
+    }
     tokio::time::sleep(Duration::from_millis(200)).await;
-    assert!(held.iter().all(|t| !t.is_finished()), "outcomes are held");
+    for f in &mut held {
+        assert!(
+            tokio::time::timeout(Duration::ZERO, f).await.is_err(),
+            "outcomes are still held"
+        );
+    }
     let started = std::time::Instant::now();
     let q2 = Arc::clone(&q);
     let e = tokio::task::spawn_blocking(move || q2.enqueue(msg(&["c@x.test"])))
         .await
         .unwrap()
         .unwrap();
-    for t in held {
-        let res = tokio::time::timeout(Duration::from_secs(20), t)
+    for f in held {
+        let res = tokio::time::timeout(Duration::from_secs(20), f)
             .await
             .expect("held outcomes committed with the enqueue")
-            .unwrap()
             .unwrap();
         assert!(matches!(res.as_slice(), [Ok(_)]), "{res:?}");
     }
