@@ -211,6 +211,14 @@ fn crossed(before: usize, n: usize, mark: usize) -> bool {
 /// the room left must still serve the other destinations.
 const REFILL_ANYWAY_AFTER: Duration = Duration::from_millis(100);
 
+/// Whether an outcome's durable write may wait in the queue for more to share its commit
+/// (`queue.outcome_commit_delay`), or its caller is about to wait for it.
+#[derive(Clone, Copy, Debug)]
+enum Wait {
+    MayWait,
+    Urgent,
+}
+
 /// What the first take of a run assumes a body weighs, before any was seen.
 const FIRST_BODY_ESTIMATE: usize = 1024 * 1024;
 
@@ -923,11 +931,24 @@ impl Inner {
 
     /// Writes outcomes durably; logs (never panics) on failure. Decrements in-flight.
     async fn complete(&self, items: Vec<(RecipientId, Outcome)>) -> Vec<Option<Completed>> {
+        self.complete_with(items, Wait::MayWait).await
+    }
+
+    /// [`Inner::complete`]; with [`Wait::Urgent`] the queue commits at once, even where it would
+    /// hold the group for more outcomes (`queue.outcome_commit_delay`).
+    async fn complete_with(
+        &self,
+        items: Vec<(RecipientId, Outcome)>,
+        wait: Wait,
+    ) -> Vec<Option<Completed>> {
         if items.is_empty() {
             return Vec::new();
         }
         let n = items.len();
-        let res = self.queue.complete_batch_async(items).await;
+        let res = match wait {
+            Wait::MayWait => self.queue.complete_batch_async(items).await,
+            Wait::Urgent => self.queue.complete_batch_async_urgent(items).await,
+        };
         let before = self.in_flight.fetch_sub(n, Ordering::AcqRel);
         if crossed(before, n, self.refill_at) {
             self.room.notify_one();
@@ -959,7 +980,7 @@ impl Inner {
         mx: Option<&str>,
         outcomes: Vec<(JobRcpt, Classified, bool)>,
     ) {
-        self.record_with_pause(dest, &self.unrouted, mx, outcomes, None)
+        self.record_with_pause(dest, &self.unrouted, mx, outcomes, None, Wait::MayWait)
             .await;
     }
 
@@ -970,6 +991,7 @@ impl Inner {
         mx: Option<&str>,
         outcomes: Vec<(JobRcpt, Classified, bool)>,
         pause_until: Option<SystemTime>,
+        wait: Wait,
     ) {
         let now = SystemTime::now();
         let d = &self.settings.delivery;
@@ -1063,7 +1085,7 @@ impl Inner {
                 _ => None,
             })
             .collect();
-        let done = self.complete(items).await;
+        let done = self.complete_with(items, wait).await;
         for (i, (r, c, _)) in outcomes.iter().enumerate() {
             let mut kind = kinds[i];
             if let Some(Some(Completed {
@@ -1162,6 +1184,7 @@ impl Dest {
                 None,
                 outcomes,
                 Some(until_wall),
+                Wait::MayWait,
             )
             .await;
     }
@@ -1354,6 +1377,7 @@ async fn worker(inner: Arc<Inner>, dest: Arc<Dest>) {
                                 None,
                                 outcomes,
                                 until_wall,
+                                Wait::MayWait,
                             )
                             .await;
                         break;
@@ -1487,9 +1511,17 @@ async fn worker(inner: Arc<Inner>, dest: Arc<Dest>) {
                     Some(&mx_name),
                     outcomes,
                     until_wall,
+                    Wait::Urgent,
                 )
                 .await;
         } else {
+            // Urgent when the worker is about to wait for its outcomes (the queue would
+            // otherwise hold the group it waits for up to `queue.outcome_commit_delay`).
+            let wait = if recording.len() < max_unrecorded {
+                Wait::MayWait
+            } else {
+                Wait::Urgent
+            };
             let (i, d) = (inner.clone(), dest.clone());
             recording.push_back(inner.workers.spawn(async move {
                 i.record_with_pause(
@@ -1498,6 +1530,7 @@ async fn worker(inner: Arc<Inner>, dest: Arc<Dest>) {
                     Some(&mx_name),
                     outcomes,
                     until_wall,
+                    wait,
                 )
                 .await;
             }));
@@ -1677,7 +1710,14 @@ async fn screen(inner: &Arc<Inner>, dest: &Dest, job: Job) -> Screened {
             .map(|r| (r, c.clone(), true))
             .collect();
         inner
-            .record_with_pause(&dest.key, &dest.metrics.outcomes, None, outcomes, None)
+            .record_with_pause(
+                &dest.key,
+                &dest.metrics.outcomes,
+                None,
+                outcomes,
+                None,
+                Wait::MayWait,
+            )
             .await;
     }
     match job {

@@ -911,6 +911,23 @@ impl Queue {
         &self,
         items: Vec<(RecipientId, Outcome)>,
     ) -> Res<Vec<Res<Completed>>> {
+        self.complete_async(items, true).await
+    }
+
+    /// [`Queue::complete_batch_async`] for an outcome its caller is about to wait for: it
+    /// commits its group at once (and with it any outcomes held there).
+    pub async fn complete_batch_async_urgent(
+        &self,
+        items: Vec<(RecipientId, Outcome)>,
+    ) -> Res<Vec<Res<Completed>>> {
+        self.complete_async(items, false).await
+    }
+
+    async fn complete_async(
+        &self,
+        items: Vec<(RecipientId, Outcome)>,
+        may_wait: bool,
+    ) -> Res<Vec<Res<Completed>>> {
         if items.is_empty() {
             return Ok(Vec::new());
         }
@@ -918,7 +935,7 @@ impl Queue {
             .call_async(Op::Complete {
                 items,
                 now_ms: to_millis(SystemTime::now()),
-                may_wait: true,
+                may_wait,
             })
             .await?
         {

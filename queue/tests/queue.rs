@@ -1633,3 +1633,43 @@ async fn outcomes_wait_for_company_but_an_enqueue_commits_at_once() {
     }
     assert!(q.message(e.id).unwrap().is_some());
 }
+
+/// `complete_batch_async_urgent` commits its group at once, and the outcomes held in it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_urgent_outcome_commits_the_held_group() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = Queue::open(
+        dir.path(),
+        QueueOptions {
+            outcome_commit_delay: Duration::from_secs(30),
+            outcome_commit_siblings: 0,
+            ..opts()
+        },
+    )
+    .unwrap();
+    q.enqueue(msg(&["a@x.test", "b@x.test"])).unwrap();
+    let leases = q.take_due(later(1), 10).unwrap();
+    let delivered = |i: usize| {
+        vec![(
+            leases[i].recipient.id,
+            Outcome::Delivered {
+                reply: "250 2.0.0 ok".into(),
+            },
+        )]
+    };
+    let mut held = Box::pin(q.complete_batch_async(delivered(0)));
+    assert!(tokio::time::timeout(Duration::ZERO, &mut held)
+        .await
+        .is_err());
+    let urgent = tokio::time::timeout(
+        Duration::from_secs(20),
+        q.complete_batch_async_urgent(delivered(1)),
+    )
+    .await
+    .expect("an urgent outcome does not wait");
+    assert!(matches!(urgent.unwrap().as_slice(), [Ok(_)]));
+    let res = tokio::time::timeout(Duration::from_secs(20), held)
+        .await
+        .expect("the held outcome went with it");
+    assert!(matches!(res.unwrap().as_slice(), [Ok(_)]));
+}

@@ -1181,3 +1181,43 @@ async fn room_above_the_refill_mark_still_serves_other_destinations() {
         "the fast message went while the slow transaction held 7 of 8"
     );
 }
+
+/// An outcome its worker is about to wait for (the connection has
+/// `max_unrecorded_per_connection` in writing) is committed at once, even where the queue holds
+/// groups of outcomes for company: with a 10 s hold, 30 messages over one connection all reach
+/// the server in well under one hold.
+#[tokio::test]
+async fn a_worker_waiting_for_its_outcomes_does_not_wait_out_the_commit_delay() {
+    let server = ScriptedServer::start(Script::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = base_settings(dir.path(), &[("dest.test", server.addr)]);
+    one_connection(&mut s, "dest.test");
+    let opts = QueueOptions {
+        outcome_commit_delay: Duration::from_secs(10),
+        outcome_commit_siblings: 0,
+        ..QueueOptions::default()
+    };
+    let r = rig_with(dir, s, opts);
+    for i in 0..30 {
+        r.queue
+            .enqueue(msg("b@esp.test", &[format!("u{i}@dest.test")], i))
+            .unwrap();
+    }
+    let started = Instant::now();
+    let all_sent = std::sync::Mutex::new(None);
+    let srv = &server;
+    run_until(&r.engine, Duration::from_secs(60), || {
+        let done = srv.messages().len() == 30;
+        if done {
+            all_sent.lock().unwrap().get_or_insert(started.elapsed());
+        }
+        done
+    })
+    .await;
+    let took = all_sent.lock().unwrap().expect("all 30 reached the server");
+    assert!(
+        took < Duration::from_secs(9),
+        "took {took:?}: a worker waited out the hold"
+    );
+    assert_eq!(state_count(&r.queue, RecipientState::Delivered), 30);
+}
