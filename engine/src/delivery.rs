@@ -400,13 +400,12 @@ impl Engine {
                 .delivery
                 .max_in_flight_bytes
                 .saturating_sub(held);
-            // Below the refill marks, with nothing held, or a while after the last take, there
-            // is room for a take worth its cost.
+            // Below the refill marks (nothing held is always below), or a while after the last
+            // take, there is room for a take worth its cost.
             let in_flight = max - room;
             let anyway = last_take.elapsed() >= REFILL_ANYWAY_AFTER;
-            let has_room = room > 0 && (in_flight <= inner.refill_at || in_flight == 0 || anyway);
-            let has_bytes =
-                bytes_room > 0 && (held <= inner.bodies.refill_at || held == 0 || anyway);
+            let has_room = room > 0 && (in_flight <= inner.refill_at || anyway);
+            let has_bytes = bytes_room > 0 && (held <= inner.bodies.refill_at || anyway);
             let tried = has_room && has_bytes;
             let mut took = 0;
             if tried {

@@ -185,7 +185,7 @@ impl Readers {
         let path = path_of(dir, r.seg);
         let kept = lock(&self.open).get(&r.seg).cloned();
         let (file, known) = match kept {
-            Some((f, l)) => (f, Some(l)),
+            Some(kept) => kept,
             None => {
                 let f = std::sync::Arc::new(File::open(&path).map_err(|e| io_error(&path, e))?);
                 let l = f.metadata().map_err(|e| io_error(&path, e))?.len();
@@ -194,13 +194,13 @@ impl Readers {
                     open.clear();
                 }
                 open.insert(r.seg, (f.clone(), l));
-                (f, Some(l))
+                (f, l)
             }
         };
-        match read_at(&file, &path, known, r, len) {
+        match read_at(&file, &path, Some(known), r, len) {
             Ok((body, flen)) => {
                 // The file grew since its length was noted: note the new one.
-                if known.is_some_and(|l| flen > l) {
+                if flen > known {
                     if let Some(e) = lock(&self.open).get_mut(&r.seg) {
                         e.1 = e.1.max(flen);
                     }

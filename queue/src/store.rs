@@ -1708,7 +1708,8 @@ impl Writer {
                 let hold_until = Instant::now()
                     .checked_add(shared.opts.outcome_commit_delay)
                     .unwrap_or_else(Instant::now);
-                let mut only_outcomes = self.last_outcomes >= shared.opts.outcome_commit_siblings;
+                let had_company = self.last_outcomes >= shared.opts.outcome_commit_siblings;
+                let mut only_outcomes = true;
                 let mut outcomes = 0;
                 let mut takes = 0;
                 let mut next_req = Some(first);
@@ -1737,7 +1738,11 @@ impl Writer {
                     // drain that made a third as many syncs (BENCHMARKS.md, SMTP, "Eighth
                     // session").
                     let hold = || {
-                        if only_outcomes && outcomes > 0 && Instant::now() < hold_until {
+                        if had_company
+                            && only_outcomes
+                            && outcomes > 0
+                            && Instant::now() < hold_until
+                        {
                             requests.recv_deadline(hold_until).ok()
                         } else {
                             None
