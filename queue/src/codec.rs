@@ -20,12 +20,14 @@ pub(crate) const P_FINAL: u8 = b'f';
 pub(crate) const P_IDEM: u8 = b'i';
 pub(crate) const P_SUPP: u8 = b'x';
 
-/// Version 3: the record of a message's only recipient lives in its metadata (see
-/// `Meta::record`). Version 2: the schedule is no longer stored (see `schedule`). Older
+/// Version 4: a final-index entry lists every record that became final at its time in one
+/// group commit (see `final_entry`); a version-3 binary would purge only the first. Version
+/// 3: the record of a message's only recipient lives in its metadata (see `Meta::record`). Version 2: the schedule is no longer stored (see `schedule`). Older
 /// stores are upgraded at open; a binary that knows only an older version refuses a newer
 /// store instead of misreading it (a version-2 binary cannot decode format-4 metadata, a
 /// version-1 binary took the schedule from sled and would find nothing due).
-pub(crate) const SCHEMA_VERSION: &[u8] = b"bulksend-queue/3";
+pub(crate) const SCHEMA_VERSION: &[u8] = b"bulksend-queue/4";
+pub(crate) const SCHEMA_VERSION_3: &[u8] = b"bulksend-queue/3";
 pub(crate) const SCHEMA_VERSION_2: &[u8] = b"bulksend-queue/2";
 pub(crate) const SCHEMA_VERSION_1: &[u8] = b"bulksend-queue/1";
 
@@ -128,6 +130,38 @@ pub(crate) fn final_key(at_ms: u64, id: RecipientId) -> [u8; 21] {
     k[1..9].copy_from_slice(&at_ms.to_be_bytes());
     k[9..].copy_from_slice(&rid_bytes(id));
     k
+}
+
+/// A final-index entry for records that became final at the same time in one group commit:
+/// the key names the first (`final_key`), the value lists the others, 12 bytes each (empty
+/// for one record, which is all that stores before schema 4 wrote).
+pub(crate) fn final_entry(
+    at_ms: u64,
+    mut ids: impl Iterator<Item = RecipientId>,
+) -> ([u8; 21], Vec<u8>) {
+    let first = ids.next().unwrap_or(RecipientId {
+        message: MessageId(0),
+        index: 0,
+    });
+    let mut rest = Vec::with_capacity(ids.size_hint().0 * 12);
+    for id in ids {
+        rest.extend_from_slice(&rid_bytes(id));
+    }
+    (final_key(at_ms, first), rest)
+}
+
+/// The records of a final-index entry (key tail `final_at_ms ++ rid`, and its value).
+pub(crate) fn parse_final_entry(tail: &[u8], value: &[u8]) -> Option<Vec<RecipientId>> {
+    let (_, first) = parse_final_tail(tail)?;
+    if !value.len().is_multiple_of(12) {
+        return None;
+    }
+    let mut ids = Vec::with_capacity(1 + value.len() / 12);
+    ids.push(first);
+    for c in value.chunks_exact(12) {
+        ids.push(rid_from(c)?);
+    }
+    Some(ids)
 }
 
 pub(crate) fn idem_key(key: &str) -> Vec<u8> {
@@ -535,5 +569,21 @@ mod tests {
         assert!(final_key(2, b) < final_key(2, a));
         assert!(final_key(255, b) < final_key(256, a), "big-endian time");
         assert_eq!(parse_final_tail(&final_key(42, a)[1..]), Some((42, a)));
+    }
+
+    #[test]
+    fn final_entries_list_every_record_and_read_old_single_keys() {
+        let id = |m, i| RecipientId {
+            message: MessageId(m),
+            index: i,
+        };
+        let ids = [id(7, 0), id(3, 2), id(9, 1)];
+        let (k, v) = final_entry(42, ids.iter().copied());
+        assert_eq!(k, final_key(42, id(7, 0)));
+        assert_eq!(parse_final_entry(&k[1..], &v), Some(ids.to_vec()));
+        // A key of a store before schema 4: no value, one record.
+        let old = final_key(5, id(1, 0));
+        assert_eq!(parse_final_entry(&old[1..], &[]), Some(vec![id(1, 0)]));
+        assert_eq!(parse_final_entry(&k[1..], &v[..13]), None, "cut short");
     }
 }

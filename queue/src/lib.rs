@@ -32,7 +32,7 @@
 //! | `b` id chunk | a body over 4 KiB in 4 KiB chunks: stores written before segment files existed (still read, no longer written) |
 //! | `r` id index | recipient record (compact binary, format byte first) |
 //! | `s` due_ms id index | the schedule of stores written before it moved into memory: removed on open |
-//! | `f` final_ms id index | final records by the time they became final, for purging |
+//! | `f` final_ms id index | final records by the time they became final, for purging: the key names the first record of a group commit that became final at that time, the value lists the others (12 bytes each, at most 63; empty in stores before schema 4) |
 //! | `i` key | idempotency key → message id |
 //! | `x` address | suppression: reason and time |
 //!

@@ -32,6 +32,8 @@ const MAX_IDEMPOTENCY_KEY: usize = 512;
 /// 435 MiB after purging 1,000,000 records, 1,000 at 333 MiB (BENCHMARKS.md, "Fifth
 /// session").
 const PURGE_CHUNK: usize = 1_000;
+/// Records one final-index entry lists at most (12 bytes each): keeps its sled node small.
+const FINAL_ENTRY_MAX: usize = 64;
 /// How often the writer purges final records older than `final_retention` on its own.
 const AUTO_PURGE_EVERY: Duration = Duration::from_secs(60);
 /// Recovery applies its fixes in batches of this many writes.
@@ -561,7 +563,8 @@ impl Queue {
             Some(v) if v.as_ref() == codec::SCHEMA_VERSION => {}
             Some(v)
                 if v.as_ref() == codec::SCHEMA_VERSION_1
-                    || v.as_ref() == codec::SCHEMA_VERSION_2 =>
+                    || v.as_ref() == codec::SCHEMA_VERSION_2
+                    || v.as_ref() == codec::SCHEMA_VERSION_3 =>
             {
                 upgrade = true
             }
@@ -1294,6 +1297,12 @@ struct Tx<'a> {
     /// at once (so later requests of the group see them); this log undoes a failed request,
     /// and the whole group when its sled batch fails (then none of it reached sled).
     sched_undo: Vec<schedule::Undo>,
+    /// Records that became final in this group, with the time they did. They go into the
+    /// final index at commit, one key per distinct time holding them all (see
+    /// `codec::final_key`): one sled write per group instead of one per record, which was
+    /// ~10 % of the CPU per message of the 2 KB SMTP drain (BENCHMARKS.md, SMTP, "Ninth
+    /// session"). Never read back within the group.
+    finals: Vec<(u64, RecipientId)>,
 }
 
 /// Where a request started inside the group's `Tx`.
@@ -1305,6 +1314,7 @@ struct Savepoint {
     supp_delta: i64,
     seg_delta: usize,
     sched_undo: usize,
+    finals: usize,
 }
 
 fn apply_delta(n: &mut u64, delta: i64) {
@@ -1328,6 +1338,7 @@ impl<'a> Tx<'a> {
             supp_delta: 0,
             seg_delta: Vec::new(),
             sched_undo: Vec::new(),
+            finals: Vec::new(),
         }
     }
 
@@ -1340,6 +1351,7 @@ impl<'a> Tx<'a> {
             supp_delta: self.supp_delta,
             seg_delta: self.seg_delta.len(),
             sched_undo: self.sched_undo.len(),
+            finals: self.finals.len(),
         }
     }
 
@@ -1350,6 +1362,7 @@ impl<'a> Tx<'a> {
         self.body_delta = sp.body_delta;
         self.supp_delta = sp.supp_delta;
         self.seg_delta.truncate(sp.seg_delta);
+        self.finals.truncate(sp.finals);
         if self.sched_undo.len() > sp.sched_undo {
             lock(&self.shared.sched).undo_all(self.sched_undo.drain(sp.sched_undo..));
         }
@@ -1523,7 +1536,7 @@ impl<'a> Tx<'a> {
 
     /// Bookkeeping for a record that just became final.
     fn finalized(&mut self, rec: &RecipientRecord) -> Res<()> {
-        self.insert_blind(&codec::final_key(to_millis(rec.updated), rec.id), &[]);
+        self.finals.push((to_millis(rec.updated), rec.id));
         let mid = rec.id.message;
         let mut meta = self.meta(mid)?.ok_or_else(|| {
             self.corrupt(&codec::meta_key(mid), "missing message metadata".into())
@@ -1538,7 +1551,19 @@ impl<'a> Tx<'a> {
     }
 
     /// Applies everything as one sled batch: atomic, also across a crash.
-    fn commit(self) -> Result<(), sled::Error> {
+    fn commit(mut self) -> Result<(), sled::Error> {
+        if !self.finals.is_empty() {
+            // Stable: a key's records keep the order they became final in.
+            self.finals.sort_by_key(|&(at, _)| at);
+            for same in self.finals.chunk_by(|a, b| a.0 == b.0) {
+                for part in same.chunks(FINAL_ENTRY_MAX) {
+                    let (key, value) =
+                        codec::final_entry(part[0].0, part.iter().map(|&(_, id)| id));
+                    self.ops
+                        .push((IVec::from(&key[..]), Some(IVec::from(value))));
+                }
+            }
+        }
         if !self.ops.is_empty() {
             let mut batch = sled::Batch::default();
             {
@@ -1617,6 +1642,13 @@ struct Background {
     dir: PathBuf,
     disk_before: u64,
     started: Instant,
+}
+
+/// What one `purge_chunk` did: final-index entries looked at (records listed), and records
+/// dropped (those still there).
+struct PurgeChunk {
+    seen: usize,
+    dropped: usize,
 }
 
 struct Writer {
@@ -2133,9 +2165,9 @@ impl Writer {
     fn purge_all(&mut self, cutoff: u64) -> Res<usize> {
         let mut total = 0;
         loop {
-            let n = self.purge_chunk(cutoff)?;
-            total += n;
-            if n < PURGE_CHUNK {
+            let c = self.purge_chunk(cutoff)?;
+            total += c.dropped;
+            if c.seen < PURGE_CHUNK {
                 return Ok(total);
             }
         }
@@ -2149,10 +2181,10 @@ impl Writer {
             .unwrap_or(0);
         match self.purge_chunk(cutoff) {
             // A full chunk: more to do, continue after the next request.
-            Ok(n) if n >= PURGE_CHUNK => self.next_purge = Instant::now(),
-            Ok(n) => {
-                if n > 0 {
-                    tracing::debug!(records = n, "purged final records");
+            Ok(c) if c.seen >= PURGE_CHUNK => self.next_purge = Instant::now(),
+            Ok(c) => {
+                if c.dropped > 0 {
+                    tracing::debug!(records = c.dropped, "purged final records");
                 }
                 self.next_purge = Instant::now() + AUTO_PURGE_EVERY;
             }
@@ -2250,7 +2282,7 @@ impl Writer {
                 };
                 if is_suppressed {
                     suppressed.push(rec.address.clone());
-                    tx.insert_blind(&codec::final_key(now_ms, rec.id), &[]);
+                    tx.finals.push((now_ms, rec.id));
                 } else {
                     tx.schedule(&rec);
                 }
@@ -2588,9 +2620,9 @@ impl Writer {
                 tx.unschedule(&rec);
             } else if rec.state == RecipientState::Leased {
                 tx.unlease(rec.id);
-            } else if rec.state.is_final() {
-                tx.remove(&codec::final_key(to_millis(rec.updated), rec.id));
             }
+            // A final record's index entry stays: it may list other records too, and the
+            // purge skips records that are gone.
             tx.remove_record(&rec)?;
         }
         if meta.pending > 0 {
@@ -2603,24 +2635,37 @@ impl Writer {
         Ok(true)
     }
 
-    fn purge_chunk(&mut self, cutoff_ms: u64) -> Res<usize> {
+    fn purge_chunk(&mut self, cutoff_ms: u64) -> Res<PurgeChunk> {
         let shared = Arc::clone(&self.shared);
         let mut tx = Tx::new(&shared);
         let mut end = vec![codec::P_FINAL];
         end.extend_from_slice(&cutoff_ms.to_be_bytes());
-        let mut n = 0;
+        let mut seen = 0;
+        let mut dropped = 0;
         for item in tx.db.clone().range(vec![codec::P_FINAL]..end) {
-            let (k, _) = item?;
+            let (k, v) = item?;
             tx.remove(&k);
-            n += 1;
-            let Some((_, rid)) = codec::parse_final_tail(&k[1..]) else {
-                continue;
-            };
-            if let Some(rec) = tx.record(rid)? {
+            let ids = codec::parse_final_entry(&k[1..], &v).unwrap_or_else(|| {
+                // Only an index: what it listed is still stored, counted and listed, and
+                // `queue delete` removes it. Dropping the entry keeps the purge going.
+                tracing::warn!(
+                    path = %shared.path.display(),
+                    key = %String::from_utf8_lossy(&k),
+                    "unreadable final-index entry dropped; the records it listed stay until deleted"
+                );
+                Vec::new()
+            });
+            seen += ids.len().max(1);
+            for rid in ids {
+                let Some(rec) = tx.record(rid)? else {
+                    // Deleted since.
+                    continue;
+                };
                 if !rec.state.is_final() {
                     continue;
                 }
                 tx.remove_record(&rec)?;
+                dropped += 1;
                 if let Some(mut meta) = tx.meta(rid.message)? {
                     meta.live = meta.live.saturating_sub(1);
                     if meta.live == 0 {
@@ -2636,12 +2681,12 @@ impl Writer {
                     }
                 }
             }
-            if n >= PURGE_CHUNK {
+            if seen >= PURGE_CHUNK {
                 break;
             }
         }
         tx.commit()?;
-        Ok(n)
+        Ok(PurgeChunk { seen, dropped })
     }
 
     fn suppress_add(
@@ -2901,9 +2946,10 @@ fn recover(
     };
     // Removes an orphan record and its index entry.
     let drop_record = |fixes: &mut sled::Batch, n: &mut usize, rec: &RecipientRecord| {
+        // Its final-index entry, if any, stays (it may list other records); the purge skips
+        // records that are gone.
         fixes.remove(&codec::rcpt_key(rec.id));
-        fixes.remove(&codec::final_key(to_millis(rec.updated), rec.id));
-        *n += 2;
+        *n += 1;
     };
     let mut sched = Schedule::default();
 
@@ -3265,6 +3311,59 @@ mod tests {
             stored_record(&q.shared.db(), rid).state,
             RecipientState::Delivered
         );
+    }
+
+    /// A schema-3 store (a final-index key per record, with no value) opens, is marked
+    /// version 4, and its final records are purged.
+    #[test]
+    fn schema_3_store_is_upgraded_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut rids = Vec::new();
+        {
+            let q = Queue::open(dir.path(), QueueOptions::default()).unwrap();
+            for _ in 0..3 {
+                q.enqueue(message()).unwrap();
+            }
+            let done = q
+                .take_due(SystemTime::now() + Duration::from_secs(1), 10)
+                .unwrap()
+                .into_iter()
+                .map(|l| {
+                    rids.push(l.recipient.id);
+                    let reply = "250 ok".to_string();
+                    (l.recipient.id, Outcome::Delivered { reply })
+                })
+                .collect();
+            q.complete_batch(done).unwrap();
+            // The index as version 3 wrote it.
+            let db = q.shared.db();
+            for item in db.scan_prefix([codec::P_FINAL]) {
+                db.remove(item.unwrap().0).unwrap();
+            }
+            for &rid in &rids {
+                let at = to_millis(stored_record(&db, rid).updated);
+                db.insert(codec::final_key(at, rid), &[][..]).unwrap();
+            }
+            db.insert(codec::version_key(), codec::SCHEMA_VERSION_3)
+                .unwrap();
+            q.flush().unwrap();
+        }
+        let q = Queue::open(dir.path(), QueueOptions::default()).unwrap();
+        assert_eq!(
+            q.shared.db().get(codec::version_key()).unwrap().as_deref(),
+            Some(codec::SCHEMA_VERSION)
+        );
+        assert_eq!(
+            q.shared.db().scan_prefix([codec::P_FINAL]).count(),
+            3,
+            "old keys read as they are"
+        );
+        assert_eq!(
+            q.purge_final(SystemTime::now() + Duration::from_secs(1))
+                .unwrap(),
+            3
+        );
+        assert!(rids.iter().all(|r| q.message(r.message).unwrap().is_none()));
     }
 
     /// A store written by a newer version than this one knows is refused, naming the path

@@ -641,6 +641,47 @@ fn retry_delete_purge_list() {
     q.flush().unwrap();
 }
 
+/// Records that become final in one group commit share one final-index entry. Deleting the
+/// message its entry is named after must not lose the others: they are still purged.
+#[test]
+fn records_final_together_are_purged_even_after_one_is_deleted() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = open(&dir);
+    let ids: Vec<MessageId> = ["a@x.test", "b@x.test", "c@y.test", "d@y.test"]
+        .iter()
+        .map(|to| q.enqueue(msg(&[to])).unwrap().id)
+        .collect();
+    let leases = q.take_due(later(1), 10).unwrap();
+    assert_eq!(leases.len(), 4);
+    let outcomes = leases
+        .iter()
+        .map(|l| {
+            let o = if l.recipient.destination == "x.test" {
+                Outcome::Delivered {
+                    reply: "250".into(),
+                }
+            } else {
+                Outcome::Bounced {
+                    reply: "550 5.1.1".into(),
+                }
+            };
+            (l.recipient.id, o)
+        })
+        .collect();
+    for r in q.complete_batch(outcomes).unwrap() {
+        r.unwrap();
+    }
+    // The first to become final, and so the one the entry is named after.
+    assert!(q.delete(ids[0]).unwrap());
+    assert_eq!(q.purge_final(later(1)).unwrap(), 3);
+    for id in &ids {
+        assert!(q.message(*id).unwrap().is_none(), "{id:?} purged");
+    }
+    assert!(q.list(None, 10).unwrap().is_empty());
+    assert_eq!(q.purge_final(later(1)).unwrap(), 0);
+    q.flush().unwrap();
+}
+
 #[test]
 fn take_due_for_one_destination() {
     let dir = tempfile::tempdir().unwrap();
