@@ -1431,27 +1431,73 @@ impl<'a> Tx<'a> {
     /// A recipient's record: in its message's metadata for a message of one recipient, under
     /// its own `r` key otherwise.
     fn record(&self, id: RecipientId) -> Res<Option<RecipientRecord>> {
+        Ok(self.record_and_meta(id)?.map(|(r, _)| r))
+    }
+
+    /// `record`, with the metadata it was read from when it lives in it (to hand to
+    /// `store_record`, which then neither reads nor decodes it again).
+    fn record_and_meta(&self, id: RecipientId) -> Res<Option<(RecipientRecord, Option<Meta>)>> {
         if let Some(meta) = self.meta_with_record(id)? {
-            return codec::inline_record(id.message, &meta)
-                .map(|r| r.map(|r| self.shared.with_lease(r)))
-                .map_err(|d| self.corrupt(&codec::meta_key(id.message), d));
+            return match codec::inline_record(id.message, &meta) {
+                Ok(r) => Ok(r.map(|r| (self.shared.with_lease(r), Some(meta)))),
+                Err(d) => Err(self.corrupt(&codec::meta_key(id.message), d)),
+            };
         }
         let k = codec::rcpt_key(id);
         match self.get(&k)? {
             None => Ok(None),
             Some(v) => codec::decode_record(id, &v)
-                .map(|r| Some(self.shared.with_lease(r)))
+                .map(|r| Some((self.shared.with_lease(r), None)))
                 .map_err(|d| self.corrupt(&k, d)),
         }
     }
 
     fn put_record(&mut self, old: Option<RecipientState>, rec: &RecipientRecord) -> Res<()> {
-        match self.meta_with_record(rec.id)? {
-            Some(mut meta) => {
-                meta.record = Some(codec::encode_record(rec));
-                self.put_meta(rec.id.message, &meta);
+        self.store_record(old, rec, false, None)
+    }
+
+    /// Writes a changed record (and counts it going from `old` to its state), in its
+    /// message's metadata or under its own key. When it `became_final`, also the
+    /// bookkeeping of that: the final index, the message's pending count, and its body once
+    /// nothing is pending. `meta` is the message's metadata if the caller has it (as read
+    /// by `record_and_meta`): a one-recipient message's outcome then reads and decodes its
+    /// metadata once and encodes it once, where it took three decodes and two encodes.
+    fn store_record(
+        &mut self,
+        old: Option<RecipientState>,
+        rec: &RecipientRecord,
+        became_final: bool,
+        meta: Option<Meta>,
+    ) -> Res<()> {
+        let mid = rec.id.message;
+        let mut meta = match meta {
+            Some(m) => Some(m),
+            None if became_final || rec.id.index == 0 => self.meta(mid)?,
+            None => None,
+        };
+        if became_final {
+            self.finals.push((to_millis(rec.updated), rec.id));
+            let Some(m) = meta.as_mut() else {
+                return Err(self.corrupt(&codec::meta_key(mid), "missing message metadata".into()));
+            };
+            m.pending = m.pending.saturating_sub(1);
+            if m.pending == 0 {
+                self.remove_body(mid, m);
+                m.body = Body::Chunks;
             }
-            None => self.insert(&codec::rcpt_key(rec.id), codec::encode_record(rec).into()),
+        }
+        let inline = match meta.as_mut() {
+            Some(m) if rec.id.index == 0 && m.record.is_some() => {
+                m.record = Some(codec::encode_record(rec));
+                true
+            }
+            _ => false,
+        };
+        if !inline {
+            self.insert(&codec::rcpt_key(rec.id), codec::encode_record(rec).into());
+        }
+        if let Some(m) = meta.filter(|_| inline || became_final) {
+            self.put_meta(mid, &m);
         }
         self.count(old, Some(rec.state), &rec.destination);
         Ok(())
@@ -1532,22 +1578,6 @@ impl<'a> Tx<'a> {
             }
             Body::Segment(r) => self.seg_delta.push((r.seg, -1, -signed(meta.size))),
         }
-    }
-
-    /// Bookkeeping for a record that just became final.
-    fn finalized(&mut self, rec: &RecipientRecord) -> Res<()> {
-        self.finals.push((to_millis(rec.updated), rec.id));
-        let mid = rec.id.message;
-        let mut meta = self.meta(mid)?.ok_or_else(|| {
-            self.corrupt(&codec::meta_key(mid), "missing message metadata".into())
-        })?;
-        meta.pending = meta.pending.saturating_sub(1);
-        if meta.pending == 0 {
-            self.remove_body(mid, &meta);
-            meta.body = Body::Chunks;
-        }
-        self.put_meta(mid, &meta);
-        Ok(())
     }
 
     /// Applies everything as one sled batch: atomic, also across a crash.
@@ -2477,7 +2507,7 @@ impl Writer {
         let lifetime = lifetime_ms(&shared.opts);
         let mut out = Vec::with_capacity(items.len());
         for (id, outcome) in items {
-            let Some(mut rec) = tx.record(id)? else {
+            let Some((mut rec, meta)) = tx.record_and_meta(id)? else {
                 out.push(Err(QueueError::NotFound(id)));
                 continue;
             };
@@ -2541,12 +2571,11 @@ impl Writer {
             }
             rec.state = state;
             tx.unlease(id);
-            if state == RecipientState::Scheduled {
+            let became_final = state != RecipientState::Scheduled;
+            if !became_final {
                 tx.schedule(&rec);
-            } else {
-                tx.finalized(&rec)?;
             }
-            tx.put_record(Some(RecipientState::Leased), &rec)?;
+            tx.store_record(Some(RecipientState::Leased), &rec, became_final, meta)?;
             out.push(Ok(Completed { state }));
         }
         Ok(out)
@@ -2572,8 +2601,7 @@ impl Writer {
             if rec.last_reply.is_none() {
                 rec.last_reply = Some(EXPIRED_REPLY.into());
             }
-            tx.finalized(&rec)?;
-            tx.put_record(Some(RecipientState::Scheduled), &rec)?;
+            tx.store_record(Some(RecipientState::Scheduled), &rec, true, None)?;
             out.push(rec);
         }
         Ok(out)
