@@ -377,5 +377,18 @@ fn sigkill_at_random_moments() {
         "the child never completed anything"
     );
     assert!(compactions > 0, "the child never compacted");
+    // The final index came through every kill: purging everything final drops exactly the
+    // final records (an entry lost or left half-written would leave some behind).
+    let q = Queue::open(dir.path(), QueueOptions::default()).unwrap();
+    let records = q.list(None, usize::MAX).unwrap();
+    let finals = records.iter().filter(|r| r.state.is_final()).count();
+    assert!(finals > 0, "nothing final to purge");
+    let purged = q
+        .purge_final(SystemTime::now() + Duration::from_secs(3600))
+        .unwrap();
+    assert_eq!(purged, finals, "records dropped by the purge");
+    let left = q.list(None, usize::MAX).unwrap();
+    assert_eq!(left.len(), records.len() - finals);
+    assert!(left.iter().all(|r| !r.state.is_final()));
     eprintln!("{compactions} compactions completed in all");
 }
