@@ -10,7 +10,9 @@
 //! * the schedule (due time → recipient) and the leases, in memory: both are rebuilt from
 //!   the records at open (see "Schedule and leases" below);
 //! * the suppression list (addresses, lowercased);
-//! * idempotency keys (a retried enqueue returns the first message's id);
+//! * idempotency keys (a retried enqueue returns the first message's id): each is stored in
+//!   its message's metadata, and the index from key to message is in memory, rebuilt at open
+//!   (`idem.rs`; 16 bytes a message with a key, ~35 bytes at 1M with the tables' slack);
 //! * crash recovery: on [`Queue::open`] leases of a dead process return to `Scheduled`; in a
 //!   running process, a lease neither completed nor renewed ([`Queue::renew_leases`]) within
 //!   `QueueOptions::lease_timeout` returns at the next [`Queue::take_due`].
@@ -33,7 +35,7 @@
 //! | `r` id index | recipient record (compact binary, format byte first) |
 //! | `s` due_ms id index | the schedule of stores written before it moved into memory: removed on open |
 //! | `f` final_ms id index | final records by the time they became final, for purging: the key names the first record of a group commit that became final at that time, the value lists the others (12 bytes each, at most 63; empty in stores before schema 4) |
-//! | `i` key | idempotency key → message id |
+//! | `i` key | idempotency key → message id: stores before schema 5, removed at open (the index is in memory now, rebuilt at open from the metadata; see `idem.rs`) |
 //! | `x` address | suppression: reason and time |
 //!
 //! Bodies over 256 bytes are not in sled: they are appended to *segment files*
@@ -142,6 +144,7 @@
 mod codec;
 mod error;
 mod filter;
+mod idem;
 mod schedule;
 mod segments;
 mod store;

@@ -15,6 +15,7 @@ use sled::IVec;
 
 use crate::codec::{self, Body, Meta};
 use crate::filter::SuppressionFilter;
+use crate::idem::IdemIndex;
 use crate::schedule::{self, Schedule};
 use crate::types::{from_millis, to_millis};
 use crate::{lock, segments};
@@ -94,6 +95,8 @@ struct Shared {
     seg_readers: segments::Readers,
     /// Due times and leases (in memory only; see `schedule`). Changed by the writer only.
     sched: Mutex<Schedule>,
+    /// Idempotency key → message (in memory only; see `idem`). Used by the writer only.
+    idem: Mutex<IdemIndex>,
 }
 
 /// One generation of the sled store.
@@ -564,7 +567,8 @@ impl Queue {
             Some(v)
                 if v.as_ref() == codec::SCHEMA_VERSION_1
                     || v.as_ref() == codec::SCHEMA_VERSION_2
-                    || v.as_ref() == codec::SCHEMA_VERSION_3 =>
+                    || v.as_ref() == codec::SCHEMA_VERSION_3
+                    || v.as_ref() == codec::SCHEMA_VERSION_4 =>
             {
                 upgrade = true
             }
@@ -623,6 +627,7 @@ impl Queue {
             segs: Mutex::new(segments::State::default()),
             seg_readers: segments::Readers::default(),
             sched: Mutex::new(Schedule::default()),
+            idem: Mutex::new(IdemIndex::default()),
         });
         let (last_id, seg_live, seg_ids) = recover(&shared, &seg_files)?;
         if upgrade {
@@ -1303,6 +1308,9 @@ struct Tx<'a> {
     /// ~10 % of the CPU per message of the 2 KB SMTP drain (BENCHMARKS.md, SMTP, "Ninth
     /// session"). Never read back within the group.
     finals: Vec<(u64, RecipientId)>,
+    /// Idempotency index changes (key hash, message, inserted or removed). Applied to
+    /// `Shared::idem` at once, like the schedule's, and undone the same way.
+    idem_undo: Vec<(u64, MessageId, bool)>,
 }
 
 /// Where a request started inside the group's `Tx`.
@@ -1315,6 +1323,7 @@ struct Savepoint {
     seg_delta: usize,
     sched_undo: usize,
     finals: usize,
+    idem_undo: usize,
 }
 
 fn apply_delta(n: &mut u64, delta: i64) {
@@ -1339,6 +1348,7 @@ impl<'a> Tx<'a> {
             seg_delta: Vec::new(),
             sched_undo: Vec::new(),
             finals: Vec::new(),
+            idem_undo: Vec::new(),
         }
     }
 
@@ -1352,6 +1362,7 @@ impl<'a> Tx<'a> {
             seg_delta: self.seg_delta.len(),
             sched_undo: self.sched_undo.len(),
             finals: self.finals.len(),
+            idem_undo: self.idem_undo.len(),
         }
     }
 
@@ -1363,6 +1374,7 @@ impl<'a> Tx<'a> {
         self.supp_delta = sp.supp_delta;
         self.seg_delta.truncate(sp.seg_delta);
         self.finals.truncate(sp.finals);
+        self.undo_idem(sp.idem_undo);
         if self.sched_undo.len() > sp.sched_undo {
             lock(&self.shared.sched).undo_all(self.sched_undo.drain(sp.sched_undo..));
         }
@@ -1374,6 +1386,49 @@ impl<'a> Tx<'a> {
                 };
             }
         }
+    }
+
+    /// Undoes the idempotency index changes after the first `keep`.
+    fn undo_idem(&mut self, keep: usize) {
+        if self.idem_undo.len() > keep {
+            let mut idem = lock(&self.shared.idem);
+            for (h, id, inserted) in self.idem_undo.drain(keep..).rev() {
+                if inserted {
+                    idem.remove(h, id);
+                } else {
+                    idem.insert(h, id);
+                }
+            }
+        }
+    }
+
+    /// The stored message that has idempotency key `key`, as this group sees it.
+    fn idem_lookup(&self, key: &str) -> Res<Option<MessageId>> {
+        let candidates = {
+            let idem = lock(&self.shared.idem);
+            idem.candidates(idem.hash(key))
+        };
+        for id in candidates {
+            if self
+                .meta(id)?
+                .is_some_and(|m| m.idempotency_key.as_deref() == Some(key))
+            {
+                return Ok(Some(id));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Adds (`insert`) or removes a message's key in the idempotency index.
+    fn idem_set(&mut self, key: &str, id: MessageId, insert: bool) {
+        let mut idem = lock(&self.shared.idem);
+        let h = idem.hash(key);
+        if insert {
+            idem.insert(h, id);
+        } else {
+            idem.remove(h, id);
+        }
+        self.idem_undo.push((h, id, insert));
     }
 
     fn get(&self, key: &[u8]) -> Res<Option<IVec>> {
@@ -1598,7 +1653,7 @@ impl<'a> Tx<'a> {
             let mut batch = sled::Batch::default();
             {
                 let mut dirty = lock(&self.shared.dirty);
-                for (k, v) in self.ops {
+                for (k, v) in std::mem::take(&mut self.ops) {
                     if let Some(d) = dirty.as_mut() {
                         d.insert(k.clone());
                     }
@@ -1609,7 +1664,8 @@ impl<'a> Tx<'a> {
                 }
             }
             if let Err(e) = self.db.apply_batch(batch) {
-                lock(&self.shared.sched).undo_all(self.sched_undo);
+                lock(&self.shared.sched).undo_all(std::mem::take(&mut self.sched_undo));
+                self.undo_idem(0);
                 return Err(e);
             }
         }
@@ -2269,14 +2325,9 @@ impl Writer {
         let mut out = Vec::with_capacity(msgs.len());
         for Checked { msg, normalized } in msgs {
             if let Some(key) = &msg.idempotency_key {
-                let ik = codec::idem_key(key);
-                if let Some(v) = tx.get(&ik)? {
-                    let b: [u8; 8] = v
-                        .as_ref()
-                        .try_into()
-                        .map_err(|_| tx.corrupt(&ik, "bad idempotency entry".into()))?;
+                if let Some(id) = tx.idem_lookup(key)? {
                     out.push(Ok(Enqueued {
-                        id: MessageId(u64::from_be_bytes(b)),
+                        id,
                         duplicate: true,
                         suppressed: Vec::new(),
                     }));
@@ -2339,7 +2390,7 @@ impl Writer {
                 Body::Segment(r)
             };
             if let Some(key) = &msg.idempotency_key {
-                tx.insert(&codec::idem_key(key), IVec::from(&id.0.to_be_bytes()));
+                tx.idem_set(key, id, true);
             }
             tx.put_meta(
                 id,
@@ -2657,7 +2708,7 @@ impl Writer {
             tx.remove_body(id, &meta);
         }
         if let Some(k) = &meta.idempotency_key {
-            tx.remove(&codec::idem_key(k));
+            tx.idem_set(k, id, false);
         }
         tx.remove(&codec::meta_key(id));
         Ok(true)
@@ -2701,7 +2752,7 @@ impl Writer {
                             tx.remove_body(rid.message, &meta);
                         }
                         if let Some(ik) = &meta.idempotency_key {
-                            tx.remove(&codec::idem_key(ik));
+                            tx.idem_set(ik, rid.message, false);
                         }
                         tx.remove(&codec::meta_key(rid.message));
                     } else {
@@ -2980,6 +3031,7 @@ fn recover(
         *n += 1;
     };
     let mut sched = Schedule::default();
+    let mut idem = IdemIndex::default();
 
     for item in metas {
         let (mk, mv) = item?;
@@ -3025,9 +3077,6 @@ fn recover(
                     fixes.remove(&codec::body_key(mid, c));
                 }
             }
-            if let Some(k) = &meta.idempotency_key {
-                fixes.remove(codec::idem_key(k));
-            }
             fixes.remove(&mk);
             nfixes += 3;
             orphans += 1;
@@ -3051,6 +3100,9 @@ fn recover(
                 sched.add(to_millis(rec.next_attempt), rec.id, to_millis(rec.created));
             }
             counters.add(rec.state, &rec.destination);
+        }
+        if let Some(k) = &meta.idempotency_key {
+            idem.insert(idem.hash(k), mid);
         }
         let pending = u32::try_from(pending).unwrap_or(u32::MAX);
         let live = u32::try_from(group.len()).unwrap_or(u32::MAX);
@@ -3082,8 +3134,9 @@ fn recover(
         flush_fixes(&mut fixes, &mut nfixes, false)?;
     }
     // Older stores kept the schedule in sled: under `d` per destination (schema 1), and
-    // under `s` until it moved into memory. No longer used.
-    for prefix in [codec::P_DEST, codec::P_SCHED] {
+    // under `s` until it moved into memory; and the idempotency index under `i` until
+    // schema 5. No longer used.
+    for prefix in [codec::P_DEST, codec::P_SCHED, codec::P_IDEM] {
         for item in db.scan_prefix([prefix]) {
             let (k, _) = item?;
             fixes.remove(k);
@@ -3098,6 +3151,7 @@ fn recover(
     }
     *lock(&shared.counters) = counters;
     *lock(&shared.sched) = sched;
+    *lock(&shared.idem) = idem;
     Ok((max_id, seg_live, seg_ids))
 }
 
@@ -3392,6 +3446,43 @@ mod tests {
             3
         );
         assert!(rids.iter().all(|r| q.message(r.message).unwrap().is_none()));
+    }
+
+    /// A schema-4 store (idempotency keys under `i`) opens, is marked version 5, loses its
+    /// `i` keys, and still knows every key: from the messages' metadata.
+    #[test]
+    fn schema_4_store_is_upgraded_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut ids = Vec::new();
+        {
+            let q = Queue::open(dir.path(), QueueOptions::default()).unwrap();
+            let db = q.shared.db();
+            for key in ["order-1", "order-2"] {
+                let mut m = message();
+                m.idempotency_key = Some(key.into());
+                let id = q.enqueue(m).unwrap().id;
+                db.insert(codec::idem_key(key), &id.0.to_be_bytes())
+                    .unwrap();
+                ids.push(id);
+            }
+            db.insert(codec::version_key(), codec::SCHEMA_VERSION_4)
+                .unwrap();
+            q.flush().unwrap();
+        }
+        let q = Queue::open(dir.path(), QueueOptions::default()).unwrap();
+        assert_eq!(
+            q.shared.db().get(codec::version_key()).unwrap().as_deref(),
+            Some(codec::SCHEMA_VERSION)
+        );
+        assert!(q.shared.db().scan_prefix([codec::P_IDEM]).next().is_none());
+        for (key, id) in ["order-1", "order-2"].into_iter().zip(&ids) {
+            let mut m = message();
+            m.idempotency_key = Some(key.into());
+            let e = q.enqueue(m).unwrap();
+            assert!(e.duplicate, "{key}");
+            assert_eq!(e.id, *id);
+        }
+        assert_eq!(lock(&q.shared.idem).len(), 2);
     }
 
     /// A store written by a newer version than this one knows is refused, naming the path
