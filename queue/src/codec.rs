@@ -21,12 +21,14 @@ pub(crate) const P_IDEM: u8 = b'i';
 pub(crate) const P_SUPP: u8 = b'x';
 
 /// Version 5: the idempotency index is no longer stored (`i` keys; see `idem`): a version-4
-/// binary would accept a duplicate. Version 4: a final-index entry lists every record that became final at its time in one
-/// group commit (see `final_entry`); a version-3 binary would purge only the first. Version
-/// 3: the record of a message's only recipient lives in its metadata (see `Meta::record`). Version 2: the schedule is no longer stored (see `schedule`). Older
-/// stores are upgraded at open; a binary that knows only an older version refuses a newer
-/// store instead of misreading it (a version-2 binary cannot decode format-4 metadata, a
-/// version-1 binary took the schedule from sled and would find nothing due).
+/// binary would accept a duplicate. Version 4: a final-index entry lists the records that
+/// became final at its time in one group commit, up to 64 (see `final_entry`); a version-3
+/// binary would purge only the first. Version 3: the record of a message's only recipient
+/// lives in its metadata (see `Meta::record`). Version 2: the schedule is no longer stored
+/// (see `schedule`). Older stores are upgraded at open; a binary that knows only an older
+/// version refuses a newer store instead of misreading it (a version-2 binary cannot decode
+/// format-4 metadata, a version-1 binary took the schedule from sled and would find nothing
+/// due).
 pub(crate) const SCHEMA_VERSION: &[u8] = b"bulksend-queue/5";
 pub(crate) const SCHEMA_VERSION_4: &[u8] = b"bulksend-queue/4";
 pub(crate) const SCHEMA_VERSION_3: &[u8] = b"bulksend-queue/3";
@@ -152,9 +154,10 @@ pub(crate) fn final_entry(
     (final_key(at_ms, first), rest)
 }
 
-/// The records of a final-index entry (key tail `final_at_ms ++ rid`, and its value).
-pub(crate) fn parse_final_entry(tail: &[u8], value: &[u8]) -> Option<Vec<RecipientId>> {
-    let (_, first) = parse_final_tail(tail)?;
+/// The time and records of a final-index entry (key tail `final_at_ms ++ rid`, and its
+/// value).
+pub(crate) fn parse_final_entry(tail: &[u8], value: &[u8]) -> Option<(u64, Vec<RecipientId>)> {
+    let (at, first) = parse_final_tail(tail)?;
     if !value.len().is_multiple_of(12) {
         return None;
     }
@@ -163,7 +166,7 @@ pub(crate) fn parse_final_entry(tail: &[u8], value: &[u8]) -> Option<Vec<Recipie
     for c in value.chunks_exact(12) {
         ids.push(rid_from(c)?);
     }
-    Some(ids)
+    Some((at, ids))
 }
 
 /// `i ++ key` → message id: the idempotency index of stores before schema 5 (removed at
@@ -585,10 +588,10 @@ mod tests {
         let ids = [id(7, 0), id(3, 2), id(9, 1)];
         let (k, v) = final_entry(42, ids.iter().copied());
         assert_eq!(k, final_key(42, id(7, 0)));
-        assert_eq!(parse_final_entry(&k[1..], &v), Some(ids.to_vec()));
+        assert_eq!(parse_final_entry(&k[1..], &v), Some((42, ids.to_vec())));
         // A key of a store before schema 4: no value, one record.
         let old = final_key(5, id(1, 0));
-        assert_eq!(parse_final_entry(&old[1..], &[]), Some(vec![id(1, 0)]));
+        assert_eq!(parse_final_entry(&old[1..], &[]), Some((5, vec![id(1, 0)])));
         assert_eq!(parse_final_entry(&k[1..], &v[..13]), None, "cut short");
     }
 }

@@ -629,15 +629,19 @@ impl Queue {
             sched: Mutex::new(Schedule::default()),
             idem: Mutex::new(IdemIndex::default()),
         });
-        let (last_id, seg_live, seg_ids) = recover(&shared, &seg_files)?;
         if upgrade {
-            // `recover` removed the stored schedule; the first sync below makes both durable.
+            // Marked before `recover` removes what older versions stored (the schedule, the
+            // idempotency keys): sled's log keeps the order of writes, so a crash part-way
+            // cannot leave a store an older binary would open without its keys (it refuses
+            // the new version). Every open removes such leftovers again; the first sync below
+            // makes it all durable.
             shared
                 .db()
                 .insert(codec::version_key(), codec::SCHEMA_VERSION)
                 .map_err(|e| open_err(path, e))?;
             tracing::info!(path = %path.display(), "queue upgraded to {}", String::from_utf8_lossy(codec::SCHEMA_VERSION));
         }
+        let (last_id, seg_live, seg_ids) = recover(&shared, &seg_files)?;
         let durable = shared.opts.durable;
         let next_seg = seg_files.keys().next_back().map_or(1, |s| s + 1);
         // Segments nothing refers to are deleted by the first sync below.
@@ -1303,14 +1307,26 @@ struct Tx<'a> {
     /// and the whole group when its sled batch fails (then none of it reached sled).
     sched_undo: Vec<schedule::Undo>,
     /// Records that became final in this group, with the time they did. They go into the
-    /// final index at commit, one key per distinct time holding them all (see
-    /// `codec::final_key`): one sled write per group instead of one per record, which was
+    /// final index at commit, one key per distinct time holding up to 64 of them (see
+    /// `codec::final_entry`): one sled write per group instead of one per record, which was
     /// ~10 % of the CPU per message of the 2 KB SMTP drain (BENCHMARKS.md, SMTP, "Ninth
     /// session"). Never read back within the group.
     finals: Vec<(u64, RecipientId)>,
     /// Idempotency index changes (key hash, message, inserted or removed). Applied to
     /// `Shared::idem` at once, like the schedule's, and undone the same way.
     idem_undo: Vec<(u64, MessageId, bool)>,
+}
+
+/// A `Tx` dropped without `commit` (a request or purge chunk that failed part-way, or bodies
+/// that could not be written) reached sled with none of its writes: its in-memory schedule
+/// and idempotency index changes are undone too.
+impl Drop for Tx<'_> {
+    fn drop(&mut self) {
+        self.undo_idem(0);
+        if !self.sched_undo.is_empty() {
+            lock(&self.shared.sched).undo_all(std::mem::take(&mut self.sched_undo));
+        }
+    }
 }
 
 /// Where a request started inside the group's `Tx`.
@@ -1663,11 +1679,8 @@ impl<'a> Tx<'a> {
                     }
                 }
             }
-            if let Err(e) = self.db.apply_batch(batch) {
-                lock(&self.shared.sched).undo_all(std::mem::take(&mut self.sched_undo));
-                self.undo_idem(0);
-                return Err(e);
-            }
+            // On an error none of it reached sled: `drop` undoes the in-memory changes.
+            self.db.apply_batch(batch)?;
         }
         if !self.seg_delta.is_empty() {
             lock(&self.shared.segs).apply(&self.seg_delta);
@@ -1683,6 +1696,9 @@ impl<'a> Tx<'a> {
                 c.add(s, &ch.destination);
             }
         }
+        // Committed: nothing for `drop` to undo.
+        self.sched_undo.clear();
+        self.idem_undo.clear();
         Ok(())
     }
 }
@@ -2724,7 +2740,7 @@ impl Writer {
         for item in tx.db.clone().range(vec![codec::P_FINAL]..end) {
             let (k, v) = item?;
             tx.remove(&k);
-            let ids = codec::parse_final_entry(&k[1..], &v).unwrap_or_else(|| {
+            let (at_ms, ids) = codec::parse_final_entry(&k[1..], &v).unwrap_or_else(|| {
                 // Only an index: what it listed is still stored, counted and listed, and
                 // `queue delete` removes it. Dropping the entry keeps the purge going.
                 tracing::warn!(
@@ -2732,7 +2748,7 @@ impl Writer {
                     key = %String::from_utf8_lossy(&k),
                     "unreadable final-index entry dropped; the records it listed stay until deleted"
                 );
-                Vec::new()
+                (0, Vec::new())
             });
             seen += ids.len().max(1);
             for rid in ids {
@@ -2740,7 +2756,11 @@ impl Writer {
                     // Deleted since.
                     continue;
                 };
-                if !rec.state.is_final() {
+                // Not final, or not the record this entry was written for: entries of deleted
+                // messages stay, and a message id can be reused after the newest messages
+                // were deleted and the clock stepped back. A record becomes final once, and
+                // its entry carries that time.
+                if !rec.state.is_final() || to_millis(rec.updated) != at_ms {
                     continue;
                 }
                 tx.remove_record(&rec)?;
@@ -3395,8 +3415,80 @@ mod tests {
         );
     }
 
-    /// A schema-3 store (a final-index key per record, with no value) opens, is marked
-    /// version 4, and its final records are purged.
+    fn delivered(q: &Queue, key: Option<&str>) -> MessageId {
+        let mut m = message();
+        m.idempotency_key = key.map(str::to_string);
+        let id = q.enqueue(m).unwrap().id;
+        let rid = RecipientId {
+            message: id,
+            index: 0,
+        };
+        let l = q
+            .take_due(SystemTime::now() + Duration::from_secs(1), 10)
+            .unwrap();
+        assert_eq!(l.len(), 1);
+        let reply = "250 ok".to_string();
+        q.complete(rid, Outcome::Delivered { reply }).unwrap();
+        id
+    }
+
+    /// A purge that fails part-way commits nothing, and forgets none of the idempotency keys
+    /// of the messages it had got to: they are still stored, so a retried enqueue is still
+    /// a duplicate.
+    #[test]
+    fn a_failed_purge_keeps_the_idempotency_keys_of_what_it_did_not_remove() {
+        let dir = tempfile::tempdir().unwrap();
+        let q = Queue::open(dir.path(), QueueOptions::default()).unwrap();
+        let first = delivered(&q, Some("order-1"));
+        std::thread::sleep(Duration::from_millis(5));
+        let second = delivered(&q, None);
+        // The second message's metadata becomes unreadable: the purge reaches it after the
+        // first's (final later) and fails there.
+        q.shared
+            .db()
+            .insert(codec::meta_key(second), &b"garbage"[..])
+            .unwrap();
+        assert!(q
+            .purge_final(SystemTime::now() + Duration::from_secs(1))
+            .is_err());
+        assert!(q.message(first).unwrap().is_some(), "nothing purged");
+        let mut m = message();
+        m.idempotency_key = Some("order-1".into());
+        let again = q.enqueue(m).unwrap();
+        assert!(again.duplicate, "key forgotten by the failed purge");
+        assert_eq!(again.id, first);
+    }
+
+    /// An index entry left by a deleted message, naming a record that is final at another
+    /// time (its id reused after the clock stepped back), does not purge that record early.
+    #[test]
+    fn a_stale_final_entry_does_not_purge_a_later_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let q = Queue::open(dir.path(), QueueOptions::default()).unwrap();
+        let id = delivered(&q, None);
+        let rid = RecipientId {
+            message: id,
+            index: 0,
+        };
+        q.shared
+            .db()
+            .insert(codec::final_key(1_000, rid), &[][..])
+            .unwrap();
+        assert_eq!(
+            q.purge_final(SystemTime::now() - Duration::from_secs(60))
+                .unwrap(),
+            0
+        );
+        assert!(q.message(id).unwrap().is_some());
+        assert_eq!(
+            q.purge_final(SystemTime::now() + Duration::from_secs(1))
+                .unwrap(),
+            1
+        );
+    }
+
+    /// A schema-3 store (a final-index key per record, with no value) opens, is marked with
+    /// the current version, and its final records are purged.
     #[test]
     fn schema_3_store_is_upgraded_at_open() {
         let dir = tempfile::tempdir().unwrap();
