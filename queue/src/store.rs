@@ -71,6 +71,9 @@ type Res<T> = Result<T, QueueError>;
 pub struct Queue {
     shared: Arc<Shared>,
     requests: Option<Sender<Request>>,
+    /// The writer thread: unparked after sending it anything but an outcome that may wait
+    /// (see the hold in `Writer::run`).
+    writer: std::thread::Thread,
     threads: Mutex<Vec<JoinHandle<()>>>,
 }
 
@@ -691,9 +694,11 @@ impl Queue {
                 .spawn(move || syncer.run(done_rx))
                 .map_err(|e| open_err(path, e))?,
         );
+        let writer = threads[0].thread().clone();
         Ok(Queue {
             shared,
             requests: Some(req_tx),
+            writer,
             threads: Mutex::new(threads),
         })
     }
@@ -714,6 +719,7 @@ impl Queue {
                 reply: ReplyTo::Blocking(tx),
             })
             .map_err(|_| closed())?;
+        self.writer.unpark();
         slot.wait()
     }
 
@@ -730,6 +736,7 @@ impl Queue {
         };
         let (tx, rx) = tokio::sync::oneshot::channel();
         let requests = self.requests.as_ref().ok_or_else(closed)?;
+        let may_wait = matches!(op, Op::Complete { may_wait: true, .. });
         let req = Request {
             op,
             reply: ReplyTo::Async(tx),
@@ -753,6 +760,9 @@ impl Queue {
                 }
             }
             Err(crossbeam_channel::TrySendError::Disconnected(_)) => return Err(closed()),
+        }
+        if !may_wait {
+            self.writer.unpark();
         }
         rx.await.map_err(|_| closed())?
     }
@@ -1871,15 +1881,26 @@ impl Writer {
                     // stays open longer still, up to `outcome_commit_delay`: in the 20 KB
                     // drain that made a third as many syncs (BENCHMARKS.md, SMTP, "Eighth
                     // session").
+                    //
+                    // While it holds, the writer parks instead of waiting on the channel, so
+                    // that an outcome which may wait does not wake it (each wake-up was a
+                    // futex call on both sides, for every outcome): anything else unparks it
+                    // (`Queue::call`, `Queue::call_async`), and the deadline ends the park.
                     let hold = || {
-                        if had_company
-                            && only_outcomes
-                            && outcomes > 0
-                            && Instant::now() < hold_until
-                        {
-                            requests.recv_deadline(hold_until).ok()
-                        } else {
-                            None
+                        if !(had_company && only_outcomes && outcomes > 0) {
+                            return None;
+                        }
+                        loop {
+                            match requests.try_recv() {
+                                Ok(r) => return Some(r),
+                                Err(crossbeam_channel::TryRecvError::Disconnected) => return None,
+                                Err(crossbeam_channel::TryRecvError::Empty) => {}
+                            }
+                            let now = Instant::now();
+                            if now >= hold_until {
+                                return None;
+                            }
+                            std::thread::park_timeout(hold_until - now);
                         }
                     };
                     next_req = match requests.try_recv() {
