@@ -3391,29 +3391,33 @@ mod tests {
         assert!(q.message(rid.message).unwrap().is_none());
     }
 
+    /// Marks `q`'s store as schema `version`, closes it, reopens it and checks that the open
+    /// upgraded it to the current version.
+    fn reopen_as_upgraded_from(q: Queue, dir: &Path, version: &[u8]) -> Queue {
+        q.shared.db().insert(codec::version_key(), version).unwrap();
+        q.flush().unwrap();
+        drop(q);
+        let q = Queue::open(dir, QueueOptions::default()).unwrap();
+        assert_eq!(
+            q.shared.db().get(codec::version_key()).unwrap().as_deref(),
+            Some(codec::SCHEMA_VERSION),
+            "upgraded"
+        );
+        q
+    }
+
     /// A schema-2 store (every record under its own key) opens, is marked version 3, and its
     /// records are read and changed where they are.
     #[test]
     fn schema_2_store_is_upgraded_at_open() {
         let dir = tempfile::tempdir().unwrap();
-        let rid;
-        {
-            let q = Queue::open(dir.path(), QueueOptions::default()).unwrap();
-            rid = RecipientId {
-                message: q.enqueue(message()).unwrap().id,
-                index: 0,
-            };
-            let db = q.shared.db();
-            to_record_key(&db, rid, RecipientState::Scheduled);
-            db.insert(codec::version_key(), codec::SCHEMA_VERSION_2)
-                .unwrap();
-            q.flush().unwrap();
-        }
         let q = Queue::open(dir.path(), QueueOptions::default()).unwrap();
-        assert_eq!(
-            q.shared.db().get(codec::version_key()).unwrap().as_deref(),
-            Some(codec::SCHEMA_VERSION)
-        );
+        let rid = RecipientId {
+            message: q.enqueue(message()).unwrap().id,
+            index: 0,
+        };
+        to_record_key(&q.shared.db(), rid, RecipientState::Scheduled);
+        let q = reopen_as_upgraded_from(q, dir.path(), codec::SCHEMA_VERSION_2);
         let leases = q
             .take_due(SystemTime::now() + Duration::from_secs(1), 10)
             .unwrap();
@@ -3514,40 +3518,32 @@ mod tests {
     fn schema_3_store_is_upgraded_at_open() {
         let dir = tempfile::tempdir().unwrap();
         let mut rids = Vec::new();
-        {
-            let q = Queue::open(dir.path(), QueueOptions::default()).unwrap();
-            for _ in 0..3 {
-                q.enqueue(message()).unwrap();
-            }
-            let done = q
-                .take_due(SystemTime::now() + Duration::from_secs(1), 10)
-                .unwrap()
-                .into_iter()
-                .map(|l| {
-                    rids.push(l.recipient.id);
-                    let reply = "250 ok".to_string();
-                    (l.recipient.id, Outcome::Delivered { reply })
-                })
-                .collect();
-            q.complete_batch(done).unwrap();
-            // The index as version 3 wrote it.
-            let db = q.shared.db();
-            for item in db.scan_prefix([codec::P_FINAL]) {
-                db.remove(item.unwrap().0).unwrap();
-            }
-            for &rid in &rids {
-                let at = to_millis(stored_record(&db, rid).updated);
-                db.insert(codec::final_key(at, rid), &[][..]).unwrap();
-            }
-            db.insert(codec::version_key(), codec::SCHEMA_VERSION_3)
-                .unwrap();
-            q.flush().unwrap();
-        }
         let q = Queue::open(dir.path(), QueueOptions::default()).unwrap();
-        assert_eq!(
-            q.shared.db().get(codec::version_key()).unwrap().as_deref(),
-            Some(codec::SCHEMA_VERSION)
-        );
+        for _ in 0..3 {
+            q.enqueue(message()).unwrap();
+        }
+        let done = q
+            .take_due(SystemTime::now() + Duration::from_secs(1), 10)
+            .unwrap()
+            .into_iter()
+            .map(|l| {
+                rids.push(l.recipient.id);
+                let reply = "250 ok".to_string();
+                (l.recipient.id, Outcome::Delivered { reply })
+            })
+            .collect();
+        q.complete_batch(done).unwrap();
+        // The index as version 3 wrote it.
+        let db = q.shared.db();
+        for item in db.scan_prefix([codec::P_FINAL]) {
+            db.remove(item.unwrap().0).unwrap();
+        }
+        for &rid in &rids {
+            let at = to_millis(stored_record(&db, rid).updated);
+            db.insert(codec::final_key(at, rid), &[][..]).unwrap();
+        }
+        drop(db);
+        let q = reopen_as_upgraded_from(q, dir.path(), codec::SCHEMA_VERSION_3);
         assert_eq!(
             q.shared.db().scan_prefix([codec::P_FINAL]).count(),
             3,
@@ -3567,26 +3563,18 @@ mod tests {
     fn schema_4_store_is_upgraded_at_open() {
         let dir = tempfile::tempdir().unwrap();
         let mut ids = Vec::new();
-        {
-            let q = Queue::open(dir.path(), QueueOptions::default()).unwrap();
-            let db = q.shared.db();
-            for key in ["order-1", "order-2"] {
-                let mut m = message();
-                m.idempotency_key = Some(key.into());
-                let id = q.enqueue(m).unwrap().id;
-                db.insert(codec::idem_key(key), &id.0.to_be_bytes())
-                    .unwrap();
-                ids.push(id);
-            }
-            db.insert(codec::version_key(), codec::SCHEMA_VERSION_4)
-                .unwrap();
-            q.flush().unwrap();
-        }
         let q = Queue::open(dir.path(), QueueOptions::default()).unwrap();
-        assert_eq!(
-            q.shared.db().get(codec::version_key()).unwrap().as_deref(),
-            Some(codec::SCHEMA_VERSION)
-        );
+        for key in ["order-1", "order-2"] {
+            let mut m = message();
+            m.idempotency_key = Some(key.into());
+            let id = q.enqueue(m).unwrap().id;
+            q.shared
+                .db()
+                .insert(codec::idem_key(key), &id.0.to_be_bytes())
+                .unwrap();
+            ids.push(id);
+        }
+        let q = reopen_as_upgraded_from(q, dir.path(), codec::SCHEMA_VERSION_4);
         assert!(q.shared.db().scan_prefix([codec::P_IDEM]).next().is_none());
         for (key, id) in ["order-1", "order-2"].into_iter().zip(&ids) {
             let mut m = message();
