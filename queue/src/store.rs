@@ -662,39 +662,37 @@ impl Queue {
             .map_err(|e| open_err(path, e))?;
         let (req_tx, req_rx) = crossbeam_channel::bounded::<Request>(REQUEST_QUEUE);
         let (done_tx, done_rx) = syncer_line();
-        let mut threads = Vec::new();
         let s = Arc::clone(&shared);
-        threads.push(
-            std::thread::Builder::new()
-                .name("queue-writer".into())
-                .spawn(move || {
-                    Writer {
-                        shared: s,
-                        last_id,
-                        // Purge at once: records may have aged past `final_retention`
-                        // while the process was down.
-                        next_purge: Instant::now(),
-                        next_compact_check: Some(Instant::now() + COMPACT_CHECK_DELAY),
-                        background: None,
-                        compacted_size: 0,
-                        compacted_live: 0,
-                        compact_not_before: Instant::now(),
-                        appender: segments::Appender::new(&seg_dir, next_seg, durable),
-                        supp_filter,
-                        next_lease_check_ms: 0,
-                        last_outcomes: 0,
-                    }
-                    .run(req_rx, done_tx)
-                })
-                .map_err(|e| open_err(path, e))?,
-        );
+        let writer_thread = std::thread::Builder::new()
+            .name("queue-writer".into())
+            .spawn(move || {
+                Writer {
+                    shared: s,
+                    last_id,
+                    // Purge at once: records may have aged past `final_retention`
+                    // while the process was down.
+                    next_purge: Instant::now(),
+                    next_compact_check: Some(Instant::now() + COMPACT_CHECK_DELAY),
+                    background: None,
+                    compacted_size: 0,
+                    compacted_live: 0,
+                    compact_not_before: Instant::now(),
+                    appender: segments::Appender::new(&seg_dir, next_seg, durable),
+                    supp_filter,
+                    next_lease_check_ms: 0,
+                    last_outcomes: 0,
+                }
+                .run(req_rx, done_tx)
+            })
+            .map_err(|e| open_err(path, e))?;
+        let writer = writer_thread.thread().clone();
+        let mut threads = vec![writer_thread];
         threads.push(
             std::thread::Builder::new()
                 .name("queue-syncer".into())
                 .spawn(move || syncer.run(done_rx))
                 .map_err(|e| open_err(path, e))?,
         );
-        let writer = threads[0].thread().clone();
         Ok(Queue {
             shared,
             requests: Some(req_tx),
@@ -1333,9 +1331,7 @@ struct Tx<'a> {
 impl Drop for Tx<'_> {
     fn drop(&mut self) {
         self.undo_idem(0);
-        if !self.sched_undo.is_empty() {
-            lock(&self.shared.sched).undo_all(std::mem::take(&mut self.sched_undo));
-        }
+        self.undo_sched(0);
     }
 }
 
@@ -1401,9 +1397,7 @@ impl<'a> Tx<'a> {
         self.seg_delta.truncate(sp.seg_delta);
         self.finals.truncate(sp.finals);
         self.undo_idem(sp.idem_undo);
-        if self.sched_undo.len() > sp.sched_undo {
-            lock(&self.shared.sched).undo_all(self.sched_undo.drain(sp.sched_undo..));
-        }
+        self.undo_sched(sp.sched_undo);
         while self.undo.len() > sp.undo {
             if let Some((k, prev)) = self.undo.pop() {
                 match prev {
@@ -1411,6 +1405,13 @@ impl<'a> Tx<'a> {
                     None => self.overlay.remove(&k),
                 };
             }
+        }
+    }
+
+    /// Undoes the schedule and lease changes after the first `keep`.
+    fn undo_sched(&mut self, keep: usize) {
+        if self.sched_undo.len() > keep {
+            lock(&self.shared.sched).undo_all(self.sched_undo.drain(keep..));
         }
     }
 

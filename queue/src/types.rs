@@ -45,12 +45,12 @@ pub struct QueueOptions {
     pub lease_timeout: Option<Duration>,
     /// How long the writer may hold a group commit open, gathering more, when everything in
     /// it is an outcome recorded through [`crate::Queue::complete_batch_async`] (the
-    /// engine's), or a take. Any other request in the group (an enqueue, a blocking
-    /// outcome) commits it at once. Outcomes arrive a few at a time from every connection; each commit costs a sled
-    /// log write and an `fdatasync`, so a short wait means fewer of them (in a 20 KB drain:
-    /// a third as many syncs, ~10 % less CPU per message, BENCHMARKS.md, SMTP, "Eighth
-    /// session") for outcomes that are durable that much later. Zero: commit at once.
-    /// Default 3 ms.
+    /// engine's), or a take. Any other request in the group (an enqueue, a blocking or
+    /// urgent outcome) commits it at once. Outcomes arrive a few at a time from every
+    /// connection; each commit costs a sled log write and an `fdatasync`, so a short wait
+    /// means fewer of them (in a 20 KB drain: a third as many syncs, 22–27 % less CPU per
+    /// message, BENCHMARKS.md, SMTP, "Eighth session") for outcomes that are durable that
+    /// much later. Zero: commit at once. Default 3 ms.
     pub outcome_commit_delay: Duration,
     /// ... and only when the group before had at least this many such outcomes (as
     /// PostgreSQL's `commit_siblings`): at low load an outcome has no company to wait for,

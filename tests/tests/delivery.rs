@@ -90,6 +90,14 @@ fn msg(from: &str, to: &[String], i: usize) -> NewMessage {
     }
 }
 
+/// Enqueues `n` one-recipient messages, to `u0@domain`, `u1@domain`, ...
+fn enqueue_users(q: &Queue, domain: &str, n: usize) {
+    for i in 0..n {
+        q.enqueue(msg("b@esp.test", &[format!("u{i}@{domain}")], i))
+            .unwrap();
+    }
+}
+
 /// `m` with `lines` more body lines of 78 octets (80 with CRLF).
 fn padded(mut m: NewMessage, lines: usize) -> NewMessage {
     for _ in 0..lines {
@@ -212,11 +220,7 @@ async fn transient_4xx_is_retried_after_backoff_and_delivered() {
     let dir = tempfile::tempdir().unwrap();
     let s = base_settings(dir.path(), &[("dest.test", server.addr)]);
     let r = rig(dir, s);
-    for i in 0..3 {
-        r.queue
-            .enqueue(msg("b@esp.test", &[format!("u{i}@dest.test")], i))
-            .unwrap();
-    }
+    enqueue_users(&r.queue, "dest.test", 3);
     let q = r.queue.clone();
     let summary = run_until(&r.engine, Duration::from_secs(30), || {
         state_count(&q, RecipientState::Delivered) == 3
@@ -479,11 +483,7 @@ async fn shutdown_mid_delivery_loses_nothing_and_quits_every_connection() {
     let s = base_settings(dir.path(), &[("dest.test", server.addr)]);
     let path = s.queue.path.clone();
     let r = rig(dir, s);
-    for i in 0..200 {
-        r.queue
-            .enqueue(msg("b@esp.test", &[format!("u{i}@dest.test")], i))
-            .unwrap();
-    }
+    enqueue_users(&r.queue, "dest.test", 200);
     let token = CancellationToken::new();
     let (e, t) = (r.engine.clone(), token.clone());
     let run = tokio::spawn(async move { e.run(t, false).await });
@@ -665,16 +665,8 @@ async fn slow_destination_does_not_hold_up_others() {
     s.delivery.max_in_flight = 40;
     let r = rig(dir, s);
     // Oldest first: every slow recipient is due before any fast one.
-    for i in 0..100 {
-        r.queue
-            .enqueue(msg("b@esp.test", &[format!("u{i}@slow.test")], i))
-            .unwrap();
-    }
-    for i in 0..30 {
-        r.queue
-            .enqueue(msg("b@esp.test", &[format!("u{i}@fast.test")], i))
-            .unwrap();
-    }
+    enqueue_users(&r.queue, "slow.test", 100);
+    enqueue_users(&r.queue, "fast.test", 30);
     let f = &fast;
     run_until(&r.engine, Duration::from_secs(20), || {
         f.messages().len() == 30
@@ -711,11 +703,7 @@ async fn drain_of_one_big_destination_delivers_everything() {
     let mut s = base_settings(dir.path(), &[("dest.test", server.addr)]);
     s.delivery.max_in_flight = 40;
     let r = rig(dir, s);
-    for i in 0..300 {
-        r.queue
-            .enqueue(msg("b@esp.test", &[format!("u{i}@dest.test")], i))
-            .unwrap();
-    }
+    enqueue_users(&r.queue, "dest.test", 300);
     let summary = r.engine.run(CancellationToken::new(), true).await;
     assert_eq!(summary.delivered, 300, "{summary:?}");
     assert_eq!(server.messages().len(), 300);
@@ -765,11 +753,7 @@ async fn greeting_5xx_defers_and_backs_off_instead_of_bouncing() {
     let dir = tempfile::tempdir().unwrap();
     let s = base_settings(dir.path(), &[("dest.test", server.addr)]);
     let r = rig(dir, s);
-    for i in 0..20 {
-        r.queue
-            .enqueue(msg("b@esp.test", &[format!("u{i}@dest.test")], i))
-            .unwrap();
-    }
+    enqueue_users(&r.queue, "dest.test", 20);
     let summary = r.engine.run(CancellationToken::new(), true).await;
     assert_eq!(summary.bounced, 0, "{summary:?}");
     assert_eq!(state_count(&r.queue, RecipientState::Scheduled), 20);
@@ -890,11 +874,7 @@ async fn jobs_waiting_longer_than_the_lease_timeout_are_not_sent_twice() {
     let mut s = base_settings(dir.path(), &[("slow.test", slow.addr)]);
     one_connection(&mut s, "slow.test");
     let r = rig_with_one_second_leases(dir, s);
-    for i in 0..20 {
-        r.queue
-            .enqueue(msg("b@esp.test", &[format!("u{i}@slow.test")], i))
-            .unwrap();
-    }
+    enqueue_users(&r.queue, "slow.test", 20);
     let q = &r.queue;
     run_until(&r.engine, Duration::from_secs(30), || {
         state_count(q, RecipientState::Delivered) == 20
@@ -934,11 +914,7 @@ async fn jobs_waiting_for_a_rate_limit_slot_are_not_sent_twice() {
         },
     );
     let r = rig_with_one_second_leases(dir, s);
-    for i in 0..5 {
-        r.queue
-            .enqueue(msg("b@esp.test", &[format!("u{i}@rated.test")], i))
-            .unwrap();
-    }
+    enqueue_users(&r.queue, "rated.test", 5);
     // Drain: run until nothing is due or in flight, so a second copy would be sent too.
     let summary = tokio::time::timeout(
         Duration::from_secs(60),
@@ -1044,11 +1020,7 @@ async fn reputation_reply_to_a_dot_with_an_envelope_behind_it() {
     let mut s = base_settings(dir.path(), &[("dest.test", server.addr)]);
     s.delivery.max_connections_per_destination = 1;
     let r = rig(dir, s);
-    for i in 0..6 {
-        r.queue
-            .enqueue(msg("b@esp.test", &[format!("u{i}@dest.test")], i))
-            .unwrap();
-    }
+    enqueue_users(&r.queue, "dest.test", 6);
     let q = r.queue.clone();
     let summary = run_until(&r.engine, Duration::from_secs(30), || {
         state_count(&q, RecipientState::Delivered) == 6
@@ -1116,11 +1088,7 @@ async fn with_no_unrecorded_outcomes_each_is_durable_before_the_next_message_goe
         };
         let r = rig_with(dir, s, opts);
         let _ = queue.set(r.queue.clone());
-        for i in 0..4 {
-            r.queue
-                .enqueue(msg("b@esp.test", &[format!("u{i}@dest.test")], i))
-                .unwrap();
-        }
+        enqueue_users(&r.queue, "dest.test", 4);
         let summary = r.engine.run(CancellationToken::new(), true).await;
         assert_eq!(summary.delivered, 4, "{summary:?}");
         assert_eq!(server.messages().len(), 4);
@@ -1198,11 +1166,7 @@ async fn a_worker_waiting_for_its_outcomes_does_not_wait_out_the_commit_delay() 
         ..QueueOptions::default()
     };
     let r = rig_with(dir, s, opts);
-    for i in 0..30 {
-        r.queue
-            .enqueue(msg("b@esp.test", &[format!("u{i}@dest.test")], i))
-            .unwrap();
-    }
+    enqueue_users(&r.queue, "dest.test", 30);
     let started = Instant::now();
     let all_sent = std::sync::Mutex::new(None);
     let srv = &server;
