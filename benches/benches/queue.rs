@@ -118,6 +118,41 @@ fn enqueue_run(q: &Arc<Queue>, producers: usize, limit: u64, secs: u64, offset: 
     (n, n as f64 / start.elapsed().as_secs_f64())
 }
 
+/// Like [`enqueue_run`] with `tasks` tokio tasks calling `enqueue_async` on a runtime with one
+/// worker per core, the way the HTTP injection API calls the queue.
+fn enqueue_run_async(q: &Arc<Queue>, tasks: usize, secs: u64) -> (u64, f64) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap_or_else(|e| panic!("tokio runtime: {e}"));
+    let count = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    let deadline = start + Duration::from_secs(secs);
+    rt.block_on(async {
+        let handles: Vec<_> = (0..tasks)
+            .map(|p| {
+                let (q, count) = (Arc::clone(q), Arc::clone(&count));
+                tokio::spawn(async move {
+                    let body = body();
+                    while Instant::now() < deadline {
+                        let i = count.fetch_add(1, Ordering::Relaxed);
+                        if let Err(e) = q.enqueue_async(message(p, i, &body)).await {
+                            eprintln!("enqueue_async failed: {e}");
+                            count.fetch_sub(1, Ordering::Relaxed);
+                            break;
+                        }
+                    }
+                })
+            })
+            .collect();
+        for h in handles {
+            let _ = h.await;
+        }
+    });
+    let n = count.load(Ordering::Relaxed);
+    (n, n as f64 / start.elapsed().as_secs_f64())
+}
+
 fn row(name: &str, value: String) {
     println!("| {name:<58} | {value:>26} |");
 }
@@ -147,6 +182,18 @@ fn throughput(a: &Args, base: &Path) {
         };
         row(
             &format!("enqueue, {p} producers, {what}"),
+            format!("{rate:.0} ({n} msgs)"),
+        );
+        drop(q);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    for &p in &a.producers {
+        let dir = base.join(format!("tp-async-{p}"));
+        let q =
+            Arc::new(Queue::open(&dir, opts(a.cache_mib, true)).unwrap_or_else(|e| panic!("{e}")));
+        let (n, rate) = enqueue_run_async(&q, p, a.secs);
+        row(
+            &format!("enqueue_async, {p} tokio tasks, durable"),
             format!("{rate:.0} ({n} msgs)"),
         );
         drop(q);

@@ -327,8 +327,12 @@ async fn post_messages(
     let body = body.map_err(|r| body_error(&r))?;
     let built = parse_messages(&body, st.max_message_size)?;
     let counts: Vec<usize> = built.iter().map(|m| m.recipients.len()).collect();
-    let queue = st.queue.clone();
-    let results = blocking(move || queue.enqueue_batch(built)).await?;
+    // Awaited, not on a blocking thread: many clients at once cost no thread each.
+    let results = st
+        .queue
+        .enqueue_batch_async(built)
+        .await
+        .map_err(|e| ApiError::queue(&e))?;
 
     let (mut stored, mut scheduled, mut failed) = (0u64, 0usize, None);
     let mut receipts = Vec::with_capacity(results.len());

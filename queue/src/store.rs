@@ -343,6 +343,15 @@ enum Reply {
     Compacted(Compaction),
 }
 
+impl Reply {
+    fn into_enqueued(self) -> Res<Vec<Res<Enqueued>>> {
+        match self {
+            Reply::Enqueued(v) => Ok(v),
+            _ => Err(unexpected()),
+        }
+    }
+}
+
 /// What [`Queue::compact`] did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Compaction {
@@ -482,6 +491,30 @@ fn check_address(a: &str, what: &str) -> Res<String> {
         )));
     }
     Ok(domain.to_lowercase())
+}
+
+/// Checks every message of a batch: the slots of the invalid ones (filled) and the valid ones.
+fn check_batch(msgs: Vec<NewMessage>) -> (Vec<Option<Res<Enqueued>>>, Vec<Checked>) {
+    let mut out = Vec::with_capacity(msgs.len());
+    let mut valid = Vec::new();
+    for m in msgs {
+        match check_message(m) {
+            Ok(c) => {
+                valid.push(c);
+                out.push(None);
+            }
+            Err(e) => out.push(Some(Err(e))),
+        }
+    }
+    (out, valid)
+}
+
+/// Fills the empty slots of [`check_batch`] with the writer's results, in order.
+fn merge_batch(out: Vec<Option<Res<Enqueued>>>, stored: Vec<Res<Enqueued>>) -> Vec<Res<Enqueued>> {
+    let mut stored = stored.into_iter();
+    out.into_iter()
+        .map(|slot| slot.unwrap_or_else(|| stored.next().unwrap_or_else(|| Err(unexpected()))))
+        .collect()
 }
 
 fn check_message(msg: NewMessage) -> Res<Checked> {
@@ -768,8 +801,9 @@ impl Queue {
     /// Stores a message; returns once it is durable (see the crate docs).
     pub fn enqueue(&self, msg: NewMessage) -> Res<Enqueued> {
         let checked = check_message(msg)?;
-        match self.call(Op::Enqueue(vec![checked]))? {
-            Reply::Enqueued(mut v) if v.len() == 1 => v.pop().unwrap_or_else(|| Err(unexpected())),
+        let mut v = self.call(Op::Enqueue(vec![checked]))?.into_enqueued()?;
+        match (v.pop(), v.is_empty()) {
+            (Some(r), true) => r,
             _ => Err(unexpected()),
         }
     }
@@ -777,29 +811,39 @@ impl Queue {
     /// Stores several messages with one durable commit (one sled batch). Invalid messages get
     /// an `Err` in their slot; the rest are stored.
     pub fn enqueue_batch(&self, msgs: Vec<NewMessage>) -> Res<Vec<Res<Enqueued>>> {
-        let mut out: Vec<Option<Res<Enqueued>>> = Vec::with_capacity(msgs.len());
-        let mut valid = Vec::new();
-        for m in msgs {
-            match check_message(m) {
-                Ok(c) => {
-                    valid.push(c);
-                    out.push(None);
-                }
-                Err(e) => out.push(Some(Err(e))),
-            }
-        }
-        let mut stored = if valid.is_empty() {
-            Vec::new().into_iter()
+        let (out, valid) = check_batch(msgs);
+        let stored = if valid.is_empty() {
+            Vec::new()
         } else {
-            match self.call(Op::Enqueue(valid))? {
-                Reply::Enqueued(v) => v.into_iter(),
-                _ => return Err(unexpected()),
-            }
+            self.call(Op::Enqueue(valid))?.into_enqueued()?
         };
-        Ok(out
-            .into_iter()
-            .map(|slot| slot.unwrap_or_else(|| stored.next().unwrap_or_else(|| Err(unexpected()))))
-            .collect())
+        Ok(merge_batch(out, stored))
+    }
+
+    /// [`Queue::enqueue`] for async code (call it from a tokio runtime): the task awaits the
+    /// durable commit without holding a thread, so an injection API serving many clients at
+    /// once needs no blocking thread per request.
+    pub async fn enqueue_async(&self, msg: NewMessage) -> Res<Enqueued> {
+        let checked = check_message(msg)?;
+        let mut v = self
+            .call_async(Op::Enqueue(vec![checked]))
+            .await?
+            .into_enqueued()?;
+        match (v.pop(), v.is_empty()) {
+            (Some(r), true) => r,
+            _ => Err(unexpected()),
+        }
+    }
+
+    /// [`Queue::enqueue_batch`] for async code; see [`Queue::enqueue_async`].
+    pub async fn enqueue_batch_async(&self, msgs: Vec<NewMessage>) -> Res<Vec<Res<Enqueued>>> {
+        let (out, valid) = check_batch(msgs);
+        let stored = if valid.is_empty() {
+            Vec::new()
+        } else {
+            self.call_async(Op::Enqueue(valid)).await?.into_enqueued()?
+        };
+        Ok(merge_batch(out, stored))
     }
 
     /// Leases up to `limit` recipients due at `now` (oldest `next_attempt` first), marking

@@ -102,6 +102,43 @@ fn crash_child() {
         }));
     }
     {
+        // Async producers too, as the HTTP API enqueues: 8 tasks on one runtime thread.
+        let q = Arc::clone(&q);
+        threads.push(std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let tasks: Vec<_> = (0..8u64)
+                    .map(|t| {
+                        let q = Arc::clone(&q);
+                        tokio::spawn(async move {
+                            for i in 0u64.. {
+                                let n = 1 + ((i + t) % 3) as usize;
+                                if i % 5 == 0 {
+                                    let keys: Vec<String> =
+                                        (0..3).map(|j| format!("c{cycle}-a{t}-{i}-b{j}")).collect();
+                                    let msgs = keys.iter().map(|k| new_message(k.clone(), n));
+                                    let res = q.enqueue_batch_async(msgs.collect()).await.unwrap();
+                                    for (k, r) in keys.iter().zip(res) {
+                                        say(&format!("E {} {k} {n}", r.unwrap().id));
+                                    }
+                                } else {
+                                    let key = format!("c{cycle}-a{t}-{i}");
+                                    let e = q.enqueue_async(new_message(key.clone(), n)).await;
+                                    say(&format!("E {} {key} {n}", e.unwrap().id));
+                                }
+                            }
+                        })
+                    })
+                    .collect();
+                for t in tasks {
+                    t.await.unwrap();
+                }
+            });
+        }));
+    }
+    {
         let q = Arc::clone(&q);
         threads.push(std::thread::spawn(move || loop {
             let leases = q.take_due(SystemTime::now(), 20).unwrap();
@@ -371,6 +408,10 @@ fn sigkill_at_random_moments() {
     assert!(
         !acked.enqueued.is_empty(),
         "the child never acknowledged anything"
+    );
+    assert!(
+        acked.enqueued.keys().any(|k| k.contains("-a")),
+        "the child never acknowledged an async enqueue"
     );
     assert!(
         !acked.completed.is_empty(),

@@ -1353,6 +1353,66 @@ async fn complete_batch_async_records_outcomes_durably() {
     );
 }
 
+/// The async enqueue stores what the blocking one stores: one message per idempotency key
+/// (also across the two APIs), an `Err` in the slot of an invalid message of a batch, and
+/// everything there after a reopen.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enqueue_async_matches_the_blocking_enqueue() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = Arc::new(open(&dir));
+    let mut tasks = Vec::new();
+    for i in 0..16 {
+        let q = Arc::clone(&q);
+        let mut m = msg(&[&format!("u{i}@x.test")]);
+        m.idempotency_key = Some(format!("order-{}", i % 8));
+        tasks.push(tokio::spawn(async move { q.enqueue_async(m).await }));
+    }
+    let mut ids = std::collections::HashMap::new();
+    let mut fresh = 0;
+    for (i, t) in tasks.into_iter().enumerate() {
+        let e = t.await.unwrap().unwrap();
+        fresh += usize::from(!e.duplicate);
+        assert_eq!(
+            *ids.entry(i % 8).or_insert(e.id),
+            e.id,
+            "key order-{}",
+            i % 8
+        );
+    }
+    assert_eq!(fresh, 8, "one message per key");
+    // The blocking API sees the same keys.
+    let mut m = msg(&["late@x.test"]);
+    m.idempotency_key = Some("order-3".into());
+    let e = q.enqueue(m).unwrap();
+    assert!(e.duplicate);
+    assert_eq!(e.id, ids[&3]);
+    // A batch with a bad message: its slot fails, the others are stored.
+    let res = q
+        .enqueue_batch_async(vec![
+            msg(&["b1@y.test"]),
+            msg(&["not an address"]),
+            msg(&["b2@y.test"]),
+        ])
+        .await
+        .unwrap();
+    assert!(res[0].is_ok() && res[2].is_ok(), "{res:?}");
+    assert!(
+        matches!(res[1], Err(QueueError::InvalidInput(_))),
+        "{res:?}"
+    );
+    assert!(q.enqueue_batch_async(Vec::new()).await.unwrap().is_empty());
+    assert!(matches!(
+        q.enqueue_async(msg(&[])).await,
+        Err(QueueError::InvalidInput(_))
+    ));
+    let kept = res[2].as_ref().unwrap().id;
+    drop(q);
+    let q = open(&dir);
+    assert_eq!(q.list(None, 100).unwrap().len(), 10);
+    let info = q.message(kept).unwrap().unwrap();
+    assert_eq!(info.recipients[0].address, "b2@y.test");
+}
+
 /// Final records older than `final_retention` are purged by the writer on its own, the first
 /// time right after open (records can age while the process is down).
 #[test]
