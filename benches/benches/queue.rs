@@ -4,7 +4,10 @@
 //! ```text
 //! CARGO_TARGET_DIR=target-queue cargo bench -p bulksend-benches --bench queue -- \
 //!     [--n 200000] [--secs 5] [--producers 1,8,64] [--rounds 1] [--cache-mib 64] [--dir PATH]
+//!     [--skip-throughput] [--exit-after-fill]
 //! ```
+//! `--exit-after-fill` ends the process right after the first fill's figures, without
+//! freeing anything: under `heaptrack` its "leaked" memory is what the full queue holds.
 //! `--n` may also come from `BULKSEND_BENCH_N`.
 
 use std::path::{Path, PathBuf};
@@ -23,6 +26,7 @@ struct Args {
     cache_mib: u64,
     dir: Option<PathBuf>,
     skip_throughput: bool,
+    exit_after_fill: bool,
 }
 
 fn parse_args() -> Args {
@@ -37,6 +41,7 @@ fn parse_args() -> Args {
         cache_mib: 64,
         dir: None,
         skip_throughput: false,
+        exit_after_fill: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -51,6 +56,7 @@ fn parse_args() -> Args {
                 a.producers = val().split(',').filter_map(|s| s.parse().ok()).collect();
             }
             "--skip-throughput" => a.skip_throughput = true,
+            "--exit-after-fill" => a.exit_after_fill = true,
             "--bench" => {} // passed by cargo bench
             other => eprintln!("ignoring argument {other:?}"),
         }
@@ -266,6 +272,9 @@ fn lifecycle(a: &Args, base: &Path) {
             &format!("round {round}: RSS after fill (VmRSS / VmHWM)"),
             format!("{} / {}", mib(r), mib(h)),
         );
+        if a.exit_after_fill {
+            std::process::exit(0);
+        }
 
         // Drain: one thread takes 1000 at a time and completes them as delivered.
         let start = Instant::now();

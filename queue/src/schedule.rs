@@ -10,6 +10,15 @@
 //!
 //! Memory: one `BTreeMap` entry (32 bytes of key and value, plus the tree's overhead) per
 //! scheduled recipient, and one `HashMap` entry per lease.
+//!
+//! New entries mostly come in ascending order (a fresh message is due now), and the standard
+//! `BTreeMap` splits a full node so that the left part keeps 6 of its 11 slots: a tree grown
+//! by appends is about half full, 61–66 bytes an entry. So once the entries added since the
+//! last time outnumber a quarter of the tree (and 64Ki), `add` repacks it: `append` of two
+//! non-empty maps rebuilds the whole tree from their merged, sorted entries with full nodes.
+//! That keeps ~40 bytes an entry (BENCHMARKS.md, Queue, "Tenth session"), for ~90 ns of
+//! copying per added entry, paid in pauses of the writer (with the schedule's lock held)
+//! that grow with the tree: ~25 ms at a million entries on the benchmark machine.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -18,10 +27,17 @@ use crate::RecipientId;
 /// Schedule order: due time, then recipient id.
 type Key = (u64, RecipientId);
 
+/// The tree is repacked when more than `max(len / REPACK_DIVISOR, REPACK_MIN)` entries were
+/// added since the last repack.
+const REPACK_DIVISOR: usize = 4;
+const REPACK_MIN: usize = 1 << 16;
+
 #[derive(Default)]
 pub(crate) struct Schedule {
     /// (due ms, recipient) → created ms (for expiry without reading the record).
     due: BTreeMap<Key, u64>,
+    /// Entries added to `due` since it was last repacked.
+    added: usize,
     /// Leased recipient → when it was leased (ms).
     leased: HashMap<RecipientId, u64>,
 }
@@ -43,9 +59,31 @@ impl Schedule {
     /// Schedules `rid` at `due_ms`. Returns the undo entry, or `None` if it was already there.
     pub(crate) fn add(&mut self, due_ms: u64, rid: RecipientId, created_ms: u64) -> Option<Undo> {
         match self.due.insert((due_ms, rid), created_ms) {
-            None => Some(Undo::Added(due_ms, rid)),
+            None => {
+                self.added += 1;
+                if self.added > REPACK_MIN.max(self.due.len() / REPACK_DIVISOR) {
+                    self.repack();
+                }
+                Some(Undo::Added(due_ms, rid))
+            }
             Some(_) => None,
         }
+    }
+
+    /// Rebuilds `due` with full nodes (see the module docs). Its entries do not change, so
+    /// undo logs stay valid.
+    pub(crate) fn repack(&mut self) {
+        self.added = 0;
+        let Some(&first) = self.due.keys().next() else {
+            return;
+        };
+        // `append` only rebuilds when both maps have entries: one map of the first entry,
+        // one of the rest.
+        let mut rest = self.due.split_off(&first);
+        if let Some((k, v)) = rest.pop_first() {
+            self.due.insert(k, v);
+        }
+        self.due.append(&mut rest);
     }
 
     pub(crate) fn remove(&mut self, due_ms: u64, rid: RecipientId) -> Option<Undo> {
@@ -202,6 +240,39 @@ mod tests {
         assert_eq!(s.due(100, None, 10), vec![(5, rid(1, 0), 1)]);
         assert!(s.leased_at(rid(1, 0)).is_none());
         assert_eq!(s.len(), 1);
+    }
+
+    /// Repacking keeps every entry and its order, and happens on its own once enough was
+    /// added (it changes no entry, so an undo log written across it still applies).
+    #[test]
+    fn repacking_keeps_every_entry() {
+        let mut s = Schedule::default();
+        let n = REPACK_MIN as u64 + 10;
+        let mut log = Vec::new();
+        for m in 0..n {
+            log.extend(s.add(1_000 + m / 3, rid(m, 0), m));
+        }
+        assert!(s.added < 11, "repacked on the way: {} added since", s.added);
+        assert_eq!(s.len() as u64, n);
+        s.add(5, rid(n, 1), 7);
+        s.repack();
+        assert_eq!(s.added, 0);
+        let all = s.due(u64::MAX, None, usize::MAX);
+        assert_eq!(all.len() as u64, n + 1);
+        assert_eq!(all[0], (5, rid(n, 1), 7));
+        assert!(all.windows(2).all(|w| (w[0].0, w[0].1) < (w[1].0, w[1].1)));
+        assert_eq!(
+            all[1..].iter().map(|e| e.2).collect::<Vec<_>>(),
+            (0..n).collect::<Vec<_>>()
+        );
+        s.undo_all(log);
+        assert_eq!(s.due(u64::MAX, None, 10), vec![(5, rid(n, 1), 7)]);
+        // Empty and one-entry trees too.
+        let mut e = Schedule::default();
+        e.repack();
+        e.add(1, rid(1, 0), 1);
+        e.repack();
+        assert_eq!(e.due(9, None, 9), vec![(1, rid(1, 0), 1)]);
     }
 
     #[test]

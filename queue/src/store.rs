@@ -3219,6 +3219,8 @@ fn recover(
         orphans += 1;
         flush_fixes(&mut fixes, &mut nfixes, false)?;
     }
+    // The scan added the schedule in id order, mostly ascending: full nodes from here.
+    sched.repack();
     // Older stores kept the schedule in sled: under `d` per destination (schema 1), and
     // under `s` until it moved into memory; and the idempotency index under `i` until
     // schema 5. No longer used.
