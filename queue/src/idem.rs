@@ -7,46 +7,70 @@
 //! its rate (BENCHMARKS.md, Queue, "Ninth session").
 //!
 //! It maps a 64-bit hash of the key (SipHash with a key drawn at open, so it cannot be
-//! steered from outside) to a message id: 16 bytes an entry, where the key itself would be
-//! up to 512. A hit is only a candidate: the caller compares the key stored in that
-//! message's metadata. Two keys with the same hash both stay findable (`more`).
+//! steered from outside) to a message id. A hit is only a candidate: the caller compares the
+//! key stored in that message's metadata, so keys whose hashes agree all stay findable.
 //!
-//! The map is split in 2,048 small tables by the hash's top bits. One table of a million
-//! entries is reallocated to 35 MiB as it grows, and freeing such a table (glibc allocates
-//! it with `mmap`) raises glibc's dynamic mmap threshold to its size: from then on the
-//! writer's and sled's big transient buffers stay in the heap, and RSS after a 200k fill
-//! with an 8 MiB cache was 88–131 MiB against 46–51 MiB (43 MiB with the threshold pinned
-//! by `MALLOC_MMAP_THRESHOLD_`; BENCHMARKS.md, Queue, "Ninth session"). A table of the
-//! split map stays under glibc's initial 128 KiB threshold up to ~7M entries in all.
+//! Layout: 16,384 shards picked by the hash's top 14 bits, each a sorted `Vec` of 12-byte
+//! entries (32 more bits of the hash, the message id), grown by an eighth at a time. That is
+//! ~13 bytes a queued message. Hash tables (the first two versions) cost 30–38 bytes an entry
+//! at 16 bytes plus the control byte and their load factor, and one big table had the
+//! trouble the shards still avoid: reallocated to 35 MiB as it grew, it was `mmap`ed by
+//! glibc, and freeing it raised glibc's dynamic mmap threshold to its size, so that from then
+//! on the writer's and sled's big transient buffers stayed in the heap (RSS after a 200k fill
+//! with an 8 MiB cache was 88–131 MiB against 46–51 MiB; BENCHMARKS.md, Queue, "Ninth
+//! session"). A shard stays under glibc's initial 128 KiB threshold up to ~170M entries in
+//! all. An insert or removal moves the entries after it within its shard: ~60 of them at a
+//! million entries. 46 bits of hash in all: a false candidate (one more metadata read) is
+//! about one lookup in 2^46 / entries.
 
-use std::collections::hash_map::{Entry, HashMap};
 use std::hash::{BuildHasher, RandomState};
 
 use crate::MessageId;
 
-const SHARD_BITS: u32 = 11;
+const SHARD_BITS: u32 = 14;
+
+/// 32 bits of a key's hash and the message: 12 bytes, ordered by tag, then id.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct Entry {
+    tag: u32,
+    id: [u32; 2],
+}
+
+impl Entry {
+    fn new(h: u64, id: MessageId) -> Entry {
+        Entry {
+            tag: h as u32,
+            id: [(id.0 >> 32) as u32, id.0 as u32],
+        }
+    }
+
+    fn id(&self) -> MessageId {
+        MessageId(u64::from(self.id[0]) << 32 | u64::from(self.id[1]))
+    }
+}
 
 pub(crate) struct IdemIndex {
     hasher: RandomState,
-    /// `1 << SHARD_BITS` tables; a hash lives in the one its top bits name.
-    ids: Vec<HashMap<u64, MessageId>>,
-    /// Further messages whose key has a hash already in `ids` (practically always empty).
-    more: HashMap<u64, Vec<MessageId>>,
+    /// `1 << SHARD_BITS` sorted shards; a hash lives in the one its top bits name.
+    shards: Vec<Vec<Entry>>,
 }
 
 impl Default for IdemIndex {
     fn default() -> Self {
         IdemIndex {
             hasher: RandomState::new(),
-            ids: (0..1 << SHARD_BITS).map(|_| HashMap::new()).collect(),
-            more: HashMap::new(),
+            shards: (0..1 << SHARD_BITS).map(|_| Vec::new()).collect(),
         }
     }
 }
 
 impl IdemIndex {
-    fn table(&mut self, h: u64) -> &mut HashMap<u64, MessageId> {
-        &mut self.ids[(h >> (64 - SHARD_BITS)) as usize]
+    fn shard(&self, h: u64) -> &Vec<Entry> {
+        &self.shards[(h >> (64 - SHARD_BITS)) as usize]
+    }
+
+    fn shard_mut(&mut self, h: u64) -> &mut Vec<Entry> {
+        &mut self.shards[(h >> (64 - SHARD_BITS)) as usize]
     }
 
     pub(crate) fn hash(&self, key: &str) -> u64 {
@@ -55,54 +79,45 @@ impl IdemIndex {
 
     /// The messages whose key may be the one that hashed to `h`.
     pub(crate) fn candidates(&self, h: u64) -> Vec<MessageId> {
-        let table = &self.ids[(h >> (64 - SHARD_BITS)) as usize];
-        let mut out: Vec<MessageId> = table.get(&h).copied().into_iter().collect();
-        if let Some(more) = self.more.get(&h) {
-            out.extend_from_slice(more);
-        }
-        out
+        let shard = self.shard(h);
+        let tag = h as u32;
+        let from = shard.partition_point(|e| e.tag < tag);
+        shard[from..]
+            .iter()
+            .take_while(|e| e.tag == tag)
+            .map(Entry::id)
+            .collect()
     }
 
+    /// Adds `id` under `h` (nothing if it is there already).
     pub(crate) fn insert(&mut self, h: u64, id: MessageId) {
-        match self.table(h).entry(h) {
-            Entry::Vacant(e) => {
-                e.insert(id);
+        let e = Entry::new(h, id);
+        let shard = self.shard_mut(h);
+        if let Err(at) = shard.binary_search(&e) {
+            if shard.len() == shard.capacity() {
+                // An eighth more, not double: the slack is what costs memory here.
+                shard.reserve_exact((shard.len() / 8).max(4));
             }
-            Entry::Occupied(e) if *e.get() == id => {}
-            Entry::Occupied(_) => {
-                let more = self.more.entry(h).or_default();
-                if !more.contains(&id) {
-                    more.push(id);
-                }
-            }
+            shard.insert(at, e);
         }
     }
 
     pub(crate) fn remove(&mut self, h: u64, id: MessageId) {
-        if self.table(h).get(&h) == Some(&id) {
-            match self.more.get_mut(&h).and_then(Vec::pop) {
-                Some(next) => {
-                    self.table(h).insert(h, next);
-                    if self.more.get(&h).is_some_and(Vec::is_empty) {
-                        self.more.remove(&h);
-                    }
-                }
-                None => {
-                    self.table(h).remove(&h);
-                }
-            }
-        } else if let Some(more) = self.more.get_mut(&h) {
-            more.retain(|&m| m != id);
-            if more.is_empty() {
-                self.more.remove(&h);
+        let e = Entry::new(h, id);
+        let shard = self.shard_mut(h);
+        if let Ok(at) = shard.binary_search(&e) {
+            shard.remove(at);
+            if shard.is_empty() {
+                // Freed when empty, not shrunk on the way there: reallocating at every
+                // halving during a purge left ~8 MiB more RSS after a 100k purge.
+                *shard = Vec::new();
             }
         }
     }
 
     #[cfg(test)]
     pub(crate) fn len(&self) -> usize {
-        self.ids.iter().map(HashMap::len).sum::<usize>()
-            + self.more.values().map(Vec::len).sum::<usize>()
+        self.shards.iter().map(Vec::len).sum()
     }
 }
 
@@ -133,7 +148,41 @@ mod tests {
         assert!(idx.candidates(7).is_empty());
         assert_eq!(idx.candidates(9), vec![a]);
         assert_eq!(idx.len(), 1);
-        assert!(idx.more.is_empty());
+    }
+
+    #[test]
+    fn ids_round_trip_and_shards_stay_sorted_through_growth_and_removal() {
+        let mut idx = IdemIndex::default();
+        let big = MessageId(0x0123_4567_89ab_cdef);
+        idx.insert(u64::MAX, big);
+        assert_eq!(idx.candidates(u64::MAX), vec![big]);
+        // Many entries in one shard (same top bits), added out of order.
+        let hs: Vec<u64> = (0..1000u64).map(|i| (i * 7919) % 1000 + 1).collect();
+        for (n, &h) in hs.iter().enumerate() {
+            idx.insert(h, MessageId(n as u64));
+        }
+        for (n, &h) in hs.iter().enumerate() {
+            assert_eq!(idx.candidates(h), vec![MessageId(n as u64)], "hash {h}");
+        }
+        assert_eq!(idx.len(), 1001);
+        for (n, &h) in hs.iter().enumerate().filter(|(n, _)| n % 3 != 0) {
+            idx.remove(h, MessageId(n as u64));
+        }
+        for (n, &h) in hs.iter().enumerate() {
+            let want = if n % 3 == 0 {
+                vec![MessageId(n as u64)]
+            } else {
+                vec![]
+            };
+            assert_eq!(idx.candidates(h), want, "hash {h} after removals");
+        }
+        assert!(idx.shard(1).windows(2).all(|w| w[0] < w[1]));
+        let len = idx.shard(1).len();
+        for (n, &h) in hs.iter().enumerate().filter(|(n, _)| n % 3 == 0) {
+            idx.remove(h, MessageId(n as u64));
+        }
+        assert_eq!(len, 334);
+        assert_eq!(idx.shard(1).capacity(), 0, "freed when empty");
     }
 
     #[test]
