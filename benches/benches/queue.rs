@@ -4,10 +4,12 @@
 //! ```text
 //! CARGO_TARGET_DIR=target-queue cargo bench -p bulksend-benches --bench queue -- \
 //!     [--n 200000] [--secs 5] [--producers 1,8,64] [--rounds 1] [--cache-mib 64] [--dir PATH]
-//!     [--skip-throughput] [--exit-after-fill]
+//!     [--skip-throughput] [--exit-after-fill] [--reopen-full]
 //! ```
 //! `--exit-after-fill` ends the process right after the first fill's figures, without
-//! freeing anything: under `heaptrack` its "leaked" memory is what the full queue holds.
+//! freeing anything: under `heaptrack` its "leaked" memory is what the full queue holds. It
+//! leaves the store behind: give it a `--dir` to remove afterwards. `--reopen-full` closes
+//! and reopens the queue after each fill and times the recovery of the full queue.
 //! `--n` may also come from `BULKSEND_BENCH_N`.
 
 use std::path::{Path, PathBuf};
@@ -27,6 +29,7 @@ struct Args {
     dir: Option<PathBuf>,
     skip_throughput: bool,
     exit_after_fill: bool,
+    reopen_full: bool,
 }
 
 fn parse_args() -> Args {
@@ -42,6 +45,7 @@ fn parse_args() -> Args {
         dir: None,
         skip_throughput: false,
         exit_after_fill: false,
+        reopen_full: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -57,6 +61,7 @@ fn parse_args() -> Args {
             }
             "--skip-throughput" => a.skip_throughput = true,
             "--exit-after-fill" => a.exit_after_fill = true,
+            "--reopen-full" => a.reopen_full = true,
             "--bench" => {} // passed by cargo bench
             other => eprintln!("ignoring argument {other:?}"),
         }
@@ -254,7 +259,8 @@ fn lifecycle(a: &Args, base: &Path) {
         "RSS before open (VmRSS / VmHWM)",
         format!("{} / {}", mib(r), mib(h)),
     );
-    let q = Arc::new(Queue::open(&dir, opts(a.cache_mib, true)).unwrap_or_else(|e| panic!("{e}")));
+    let mut q =
+        Arc::new(Queue::open(&dir, opts(a.cache_mib, true)).unwrap_or_else(|e| panic!("{e}")));
     for round in 0..a.rounds {
         let offset = u64::from(round) * a.n;
         let (n, rate) = enqueue_run(&q, producers, a.n, u64::MAX, offset);
@@ -274,6 +280,21 @@ fn lifecycle(a: &Args, base: &Path) {
         );
         if a.exit_after_fill {
             std::process::exit(0);
+        }
+        if a.reopen_full {
+            // A restart with everything queued: recovery scans every record and rebuilds
+            // the schedule and the idempotency index. Not a new process: glibc keeps the
+            // first instance's freed memory (in its writer thread's arena), so RSS from
+            // here on is not comparable with runs without this option.
+            drop(q);
+            let start = Instant::now();
+            q = Arc::new(
+                Queue::open(&dir, opts(a.cache_mib, true)).unwrap_or_else(|e| panic!("{e}")),
+            );
+            row(
+                &format!("round {round}: reopen of the full queue"),
+                format!("{:.2} s", start.elapsed().as_secs_f64()),
+            );
         }
 
         // Drain: one thread takes 1000 at a time and completes them as delivered.

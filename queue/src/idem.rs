@@ -10,24 +10,27 @@
 //! steered from outside) to a message id. A hit is only a candidate: the caller compares the
 //! key stored in that message's metadata, so keys whose hashes agree all stay findable.
 //!
-//! Layout: 16,384 shards picked by the hash's top 14 bits, each a sorted `Vec` of 12-byte
-//! entries (32 more bits of the hash, the message id), grown by an eighth at a time. That is
-//! ~13 bytes a queued message. Hash tables (the first two versions) cost 30–38 bytes an entry
-//! at 16 bytes plus the control byte and their load factor, and one big table had the
-//! trouble the shards still avoid: reallocated to 35 MiB as it grew, it was `mmap`ed by
-//! glibc, and freeing it raised glibc's dynamic mmap threshold to its size, so that from then
-//! on the writer's and sled's big transient buffers stayed in the heap (RSS after a 200k fill
-//! with an 8 MiB cache was 88–131 MiB against 46–51 MiB; BENCHMARKS.md, Queue, "Ninth
-//! session"). A shard stays under glibc's initial 128 KiB threshold up to ~170M entries in
-//! all. An insert or removal moves the entries after it within its shard: ~60 of them at a
-//! million entries. 46 bits of hash in all: a false candidate (one more metadata read) is
-//! about one lookup in 2^46 / entries.
+//! Layout: 4,096 shards picked by the hash's top 12 bits, each a sorted `Vec` of 12-byte
+//! entries (32 more bits of the hash, the message id), grown by an eighth at a time: ~13
+//! bytes a queued message. Hash tables (the first two versions) cost 30–38 bytes an entry at
+//! 16 bytes plus a control byte and their load factor. And one big table had the trouble the
+//! shards avoid: reallocated to 35 MiB as it grew, it was `mmap`ed by glibc, and freeing it
+//! raised glibc's dynamic mmap threshold to its size, so that from then on the writer's and
+//! sled's big transient buffers stayed in the heap (RSS after a 200k fill with an 8 MiB
+//! cache was 88–131 MiB against 46–51 MiB; BENCHMARKS.md, Queue, "Ninth session"). So every
+//! allocation here stays under glibc's initial 128 KiB threshold: the shard list (96 KiB)
+//! and each shard up to ~44M entries in all. An insert or removal moves half a shard on
+//! average: ~120 entries at a million. 44 bits of hash in all: a false candidate (one more
+//! metadata read) comes about once in 2^44 / entries lookups.
+//!
+//! Recovery fills the index unsorted (`push`) and sorts each shard once (`finish`): inserting
+//! in hash order would move a quadratic amount.
 
 use std::hash::{BuildHasher, RandomState};
 
 use crate::MessageId;
 
-const SHARD_BITS: u32 = 14;
+const SHARD_BITS: u32 = 12;
 
 /// 32 bits of a key's hash and the message: 12 bytes, ordered by tag, then id.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -51,7 +54,8 @@ impl Entry {
 
 pub(crate) struct IdemIndex {
     hasher: RandomState,
-    /// `1 << SHARD_BITS` sorted shards; a hash lives in the one its top bits name.
+    /// `1 << SHARD_BITS` sorted shards (unsorted between `push` and `finish`); a hash lives
+    /// in the one its top bits name.
     shards: Vec<Vec<Entry>>,
 }
 
@@ -99,6 +103,21 @@ impl IdemIndex {
                 shard.reserve_exact((shard.len() / 8).max(4));
             }
             shard.insert(at, e);
+        }
+    }
+
+    /// Adds `id` under `h` without keeping its shard sorted: for recovery, which calls
+    /// [`IdemIndex::finish`] before the index is used.
+    pub(crate) fn push(&mut self, h: u64, id: MessageId) {
+        self.shard_mut(h).push(Entry::new(h, id));
+    }
+
+    /// Sorts every shard after [`IdemIndex::push`] (dropping repeats) and trims its slack.
+    pub(crate) fn finish(&mut self) {
+        for shard in &mut self.shards {
+            shard.sort_unstable();
+            shard.dedup();
+            shard.shrink_to(shard.len() + shard.len() / 8);
         }
     }
 
@@ -176,13 +195,38 @@ mod tests {
             };
             assert_eq!(idx.candidates(h), want, "hash {h} after removals");
         }
-        assert!(idx.shard(1).windows(2).all(|w| w[0] < w[1]));
-        let len = idx.shard(1).len();
+        // Hashes 1..=1000 have top bits 0: all in shard 0, the one `shard(0)` names.
+        assert!(idx.shard(0).windows(2).all(|w| w[0] < w[1]));
+        let len = idx.shard(0).len();
         for (n, &h) in hs.iter().enumerate().filter(|(n, _)| n % 3 == 0) {
             idx.remove(h, MessageId(n as u64));
         }
         assert_eq!(len, 334);
-        assert_eq!(idx.shard(1).capacity(), 0, "freed when empty");
+        assert_eq!(idx.shard(0).capacity(), 0, "freed when empty");
+    }
+
+    #[test]
+    fn pushed_then_finished_is_the_same_index() {
+        let mut a = IdemIndex::default();
+        let mut b = IdemIndex {
+            hasher: a.hasher.clone(),
+            ..IdemIndex::default()
+        };
+        let keys: Vec<u64> = (0..5000u64)
+            .map(|i| i.wrapping_mul(0x9e37_79b9_7f4a_7c15))
+            .collect();
+        for (n, &h) in keys.iter().enumerate() {
+            a.insert(h, MessageId(n as u64 / 2));
+            b.push(h, MessageId(n as u64 / 2));
+        }
+        b.push(keys[7], MessageId(3)); // a repeat
+        b.finish();
+        assert_eq!(a.len(), b.len());
+        for &h in &keys {
+            assert_eq!(a.candidates(h), b.candidates(h));
+        }
+        b.insert(keys[0], MessageId(99));
+        assert_eq!(b.candidates(keys[0]), vec![MessageId(0), MessageId(99)]);
     }
 
     #[test]

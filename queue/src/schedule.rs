@@ -17,8 +17,9 @@
 //! last time outnumber a quarter of the tree (and 64Ki), `add` repacks it: `append` of two
 //! non-empty maps rebuilds the whole tree from their merged, sorted entries with full nodes.
 //! That keeps ~40 bytes an entry (BENCHMARKS.md, Queue, "Tenth session"), for ~90 ns of
-//! copying per added entry, paid in pauses of the writer (with the schedule's lock held)
-//! that grow with the tree: ~25 ms at a million entries on the benchmark machine.
+//! copying per added entry, paid in pauses that grow with the tree: ~25 ms at a million
+//! entries on the benchmark machine. The writer holds the schedule's lock meanwhile, so a
+//! `renew_leases` or `stats` call (the engine's, a metrics scrape) waits for it too.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -243,7 +244,8 @@ mod tests {
     }
 
     /// Repacking keeps every entry and its order, and happens on its own once enough was
-    /// added (it changes no entry, so an undo log written across it still applies).
+    /// added (it changes no entry, so an undo log written across it still applies). That it
+    /// saves memory is measured by the queue benchmark, not here.
     #[test]
     fn repacking_keeps_every_entry() {
         let mut s = Schedule::default();

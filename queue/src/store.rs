@@ -3188,7 +3188,7 @@ fn recover(
             counters.add(rec.state, &rec.destination);
         }
         if let Some(k) = &meta.idempotency_key {
-            idem.insert(idem.hash(k), mid);
+            idem.push(idem.hash(k), mid);
         }
         let pending = u32::try_from(pending).unwrap_or(u32::MAX);
         let live = u32::try_from(group.len()).unwrap_or(u32::MAX);
@@ -3221,6 +3221,7 @@ fn recover(
     }
     // The scan added the schedule in id order, mostly ascending: full nodes from here.
     sched.repack();
+    idem.finish();
     // Older stores kept the schedule in sled: under `d` per destination (schema 1), and
     // under `s` until it moved into memory; and the idempotency index under `i` until
     // schema 5. No longer used.

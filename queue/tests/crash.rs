@@ -103,6 +103,9 @@ fn crash_child() {
     }
     {
         // Async producers too, as the HTTP API enqueues: 8 tasks on one runtime thread.
+        // (A SIGKILL keeps what was written but not synced, so this catches an
+        // acknowledgement sent before the write, not one sent before the fdatasync: the
+        // async reply leaves from the same syncer step as the blocking one.)
         let q = Arc::clone(&q);
         threads.push(std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread()
