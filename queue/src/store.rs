@@ -100,6 +100,9 @@ struct Shared {
     sched: Mutex<Schedule>,
     /// Idempotency key → message (in memory only; see `idem`). Used by the writer only.
     idem: Mutex<IdemIndex>,
+    /// Tests: this many coming group commits fail as a failing sled batch would.
+    #[cfg(test)]
+    fail_commits: AtomicUsize,
 }
 
 /// One generation of the sled store.
@@ -664,6 +667,8 @@ impl Queue {
             seg_readers: segments::Readers::default(),
             sched: Mutex::new(Schedule::default()),
             idem: Mutex::new(IdemIndex::default()),
+            #[cfg(test)]
+            fail_commits: AtomicUsize::new(0),
         });
         if upgrade {
             // Marked before `recover` removes what older versions stored (the schedule, the
@@ -1733,6 +1738,15 @@ impl<'a> Tx<'a> {
                         None => batch.remove(k),
                     }
                 }
+            }
+            #[cfg(test)]
+            if self
+                .shared
+                .fail_commits
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
+                .is_ok()
+            {
+                return Err(sled::Error::Io(std::io::Error::other("injected failure")));
             }
             // On an error none of it reached sled: `drop` undoes the in-memory changes.
             self.db.apply_batch(batch)?;
@@ -3530,6 +3544,79 @@ mod tests {
         let again = q.enqueue(m).unwrap();
         assert!(again.duplicate, "key forgotten by the failed purge");
         assert_eq!(again.id, first);
+    }
+
+    /// A group commit whose sled batch fails leaves nothing behind, on disk or in memory:
+    /// a failed enqueue is not in the schedule, the counters or the idempotency index (its
+    /// retry is stored as new), and a failed outcome leaves its recipient leased as before,
+    /// so that recording it again works.
+    #[test]
+    fn a_failed_group_commit_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let q = Queue::open(dir.path(), QueueOptions::default()).unwrap();
+        let mut m1 = message();
+        m1.idempotency_key = Some("order-1".into());
+        let first = q.enqueue(m1.clone()).unwrap();
+        let before = q.stats();
+
+        let mut m2 = message();
+        m2.idempotency_key = Some("order-2".into());
+        m2.recipients = vec!["b@two.test".into(), "c@two.test".into()];
+        q.shared.fail_commits.store(1, Ordering::Release);
+        assert!(matches!(q.enqueue(m2.clone()), Err(QueueError::Sled(_))));
+        // (Stale entries would do no harm to lookups, which check the stored metadata and
+        // the record, but they would stay in memory.)
+        assert_eq!(lock(&q.shared.sched).len(), 1, "schedule entries undone");
+        {
+            let idem = lock(&q.shared.idem);
+            assert!(
+                idem.candidates(idem.hash("order-2")).is_empty(),
+                "key undone"
+            );
+            assert_eq!(idem.len(), 1);
+        }
+        let after = q.stats();
+        assert_eq!(after.by_state, before.by_state, "counters");
+        assert_eq!(after.by_destination, before.by_destination);
+        let leases = q
+            .take_due(SystemTime::now() + Duration::from_secs(1), 10)
+            .unwrap();
+        assert_eq!(leases.len(), 1, "only the first message is scheduled");
+        let rid = leases[0].recipient.id;
+        assert_eq!(rid.message, first.id);
+        let retried = q.enqueue(m2).unwrap();
+        assert!(!retried.duplicate, "the failed enqueue's key was not kept");
+        assert!(q.enqueue(m1).unwrap().duplicate);
+
+        q.shared.fail_commits.store(1, Ordering::Release);
+        let delivered = || Outcome::Delivered {
+            reply: "250 ok".into(),
+        };
+        assert!(matches!(
+            q.complete_batch(vec![(rid, delivered())]),
+            Err(QueueError::Sled(_))
+        ));
+        assert_eq!(
+            stored_record(&q.shared.db(), rid).state,
+            RecipientState::Scheduled
+        );
+        assert!(
+            lock(&q.shared.sched).leased_at(rid).is_some(),
+            "still leased"
+        );
+        assert_eq!(q.stats().by_state.get(&RecipientState::Delivered), None);
+        assert_eq!(
+            q.complete(rid, delivered()).unwrap().state,
+            RecipientState::Delivered
+        );
+        assert!(
+            q.body(first.id).unwrap().is_none(),
+            "body gone once delivered"
+        );
+        // Nothing of the failed enqueue shows after a reopen either.
+        drop(q);
+        let q = Queue::open(dir.path(), QueueOptions::default()).unwrap();
+        assert_eq!(q.list(None, 100).unwrap().len(), 3);
     }
 
     /// An index entry left by a deleted message, naming a record that is final at another
