@@ -8,15 +8,22 @@
 //! at enqueue and removed at the lease, and the record rewritten for the lease: three of
 //! nine sled writes (BENCHMARKS.md, "Fourth session", has what that bought).
 //!
-//! Memory: one `BTreeMap` entry (32 bytes of key and value, plus the tree's overhead) per
-//! scheduled recipient, and one `HashMap` entry per lease.
+//! Memory: one `BTreeMap` entry per scheduled recipient, and one `HashMap` entry per lease.
+//! An entry is 24 bytes: the key packed as five `u32`s (due time, message id, recipient
+//! index: 20 bytes, where the tuple `(u64, RecipientId)` takes 24 with its padding) and the
+//! created time as a `u32` of milliseconds before the due time. That is exact from 0 to 49
+//! days; a longer gap is clamped (the entry looks younger: its expiry waits for a take or an
+//! expiry run at most 49 days after it is due), and a due time before the created time (the
+//! clock stepped back between them) reads as created then (older: an entry past that
+//! lifetime is left to `expire_due`, which checks the record's own created time). Against 32
+//! bytes unpacked that is a quarter less.
 //!
 //! New entries mostly come in ascending order (a fresh message is due now), and the standard
 //! `BTreeMap` splits a full node so that the left part keeps 6 of its 11 slots: a tree grown
 //! by appends is about half full, 61–66 bytes an entry. So once the entries added since the
 //! last time outnumber a quarter of the tree (and 64Ki), `add` repacks it: `append` of two
 //! non-empty maps rebuilds the whole tree from their merged, sorted entries with full nodes.
-//! That keeps ~40 bytes an entry (BENCHMARKS.md, Queue, "Tenth session"), for ~90 ns of
+//! That keeps ~30 bytes an entry (BENCHMARKS.md, Queue, "Tenth session"), for ~90 ns of
 //! copying per added entry, paid in pauses that grow with the tree: ~25 ms at a million
 //! entries on the benchmark machine. The writer holds the schedule's lock meanwhile, so a
 //! `renew_leases` or `stats` call (the engine's, a metrics scrape) waits for it too.
@@ -28,6 +35,43 @@ use crate::RecipientId;
 /// Schedule order: due time, then recipient id.
 type Key = (u64, RecipientId);
 
+/// A [`Key`] as five `u32`s, most significant first, so that the derived order is the key's.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct Packed([u32; 5]);
+
+impl Packed {
+    fn new((due, rid): Key) -> Packed {
+        let m = rid.message.0;
+        Packed([
+            (due >> 32) as u32,
+            due as u32,
+            (m >> 32) as u32,
+            m as u32,
+            rid.index,
+        ])
+    }
+
+    fn key(self) -> Key {
+        let [d1, d0, m1, m0, index] = self.0;
+        (
+            u64::from(d1) << 32 | u64::from(d0),
+            RecipientId {
+                message: crate::MessageId(u64::from(m1) << 32 | u64::from(m0)),
+                index,
+            },
+        )
+    }
+}
+
+/// The created time as stored next to its due time (see the module docs).
+fn age(due_ms: u64, created_ms: u64) -> u32 {
+    u32::try_from(due_ms.saturating_sub(created_ms)).unwrap_or(u32::MAX)
+}
+
+fn created(due_ms: u64, age: u32) -> u64 {
+    due_ms.saturating_sub(u64::from(age))
+}
+
 /// The tree is repacked when more than `max(len / REPACK_DIVISOR, REPACK_MIN)` entries were
 /// added since the last repack.
 const REPACK_DIVISOR: usize = 4;
@@ -35,8 +79,8 @@ const REPACK_MIN: usize = 1 << 16;
 
 #[derive(Default)]
 pub(crate) struct Schedule {
-    /// (due ms, recipient) → created ms (for expiry without reading the record).
-    due: BTreeMap<Key, u64>,
+    /// (due ms, recipient) → ms from created to due (for expiry without reading the record).
+    due: BTreeMap<Packed, u32>,
     /// Entries added to `due` since it was last repacked.
     added: usize,
     /// Leased recipient → when it was leased (ms).
@@ -59,7 +103,8 @@ pub(crate) enum Undo {
 impl Schedule {
     /// Schedules `rid` at `due_ms`. Returns the undo entry, or `None` if it was already there.
     pub(crate) fn add(&mut self, due_ms: u64, rid: RecipientId, created_ms: u64) -> Option<Undo> {
-        match self.due.insert((due_ms, rid), created_ms) {
+        let key = Packed::new((due_ms, rid));
+        match self.due.insert(key, age(due_ms, created_ms)) {
             None => {
                 self.added += 1;
                 if self.added > REPACK_MIN.max(self.due.len() / REPACK_DIVISOR) {
@@ -89,8 +134,8 @@ impl Schedule {
 
     pub(crate) fn remove(&mut self, due_ms: u64, rid: RecipientId) -> Option<Undo> {
         self.due
-            .remove(&(due_ms, rid))
-            .map(|created| Undo::Removed(due_ms, rid, created))
+            .remove(&Packed::new((due_ms, rid)))
+            .map(|age| Undo::Removed(due_ms, rid, created(due_ms, age)))
     }
 
     pub(crate) fn lease(&mut self, rid: RecipientId, at_ms: u64) -> Option<Undo> {
@@ -145,10 +190,10 @@ impl Schedule {
     pub(crate) fn undo(&mut self, u: Undo) {
         match u {
             Undo::Added(due, rid) => {
-                self.due.remove(&(due, rid));
+                self.due.remove(&Packed::new((due, rid)));
             }
             Undo::Removed(due, rid, created) => {
-                self.due.insert((due, rid), created);
+                self.due.insert(Packed::new((due, rid)), age(due, created));
             }
             Undo::Leased(rid) => {
                 self.leased.remove(&rid);
@@ -169,20 +214,21 @@ impl Schedule {
     ) -> Vec<(u64, RecipientId, u64)> {
         use std::ops::Bound::{Excluded, Unbounded};
         let lower = match after {
-            Some(k) => Excluded(k),
+            Some(k) => Excluded(Packed::new(k)),
             None => Unbounded,
         };
         self.due
             .range((lower, Unbounded))
+            .map(|(k, &age)| (k.key(), age))
             .take_while(|((due, _), _)| *due <= now_ms)
             .take(max)
-            .map(|(&(due, rid), &created)| (due, rid, created))
+            .map(|((due, rid), age)| (due, rid, created(due, age)))
             .collect()
     }
 
     /// The earliest due time.
     pub(crate) fn oldest_due(&self) -> Option<u64> {
-        self.due.keys().next().map(|(due, _)| *due)
+        self.due.keys().next().map(|k| k.key().0)
     }
 
     /// Scheduled entries.
@@ -252,29 +298,69 @@ mod tests {
         let n = REPACK_MIN as u64 + 10;
         let mut log = Vec::new();
         for m in 0..n {
-            log.extend(s.add(1_000 + m / 3, rid(m, 0), m));
+            log.extend(s.add(1_000 + m / 3, rid(m, 0), m / 3));
         }
         assert!(s.added < 11, "repacked on the way: {} added since", s.added);
         assert_eq!(s.len() as u64, n);
-        s.add(5, rid(n, 1), 7);
+        s.add(5, rid(n, 1), 2);
         s.repack();
         assert_eq!(s.added, 0);
         let all = s.due(u64::MAX, None, usize::MAX);
         assert_eq!(all.len() as u64, n + 1);
-        assert_eq!(all[0], (5, rid(n, 1), 7));
+        assert_eq!(all[0], (5, rid(n, 1), 2));
         assert!(all.windows(2).all(|w| (w[0].0, w[0].1) < (w[1].0, w[1].1)));
         assert_eq!(
             all[1..].iter().map(|e| e.2).collect::<Vec<_>>(),
-            (0..n).collect::<Vec<_>>()
+            (0..n).map(|m| m / 3).collect::<Vec<_>>()
         );
         s.undo_all(log);
-        assert_eq!(s.due(u64::MAX, None, 10), vec![(5, rid(n, 1), 7)]);
+        assert_eq!(s.due(u64::MAX, None, 10), vec![(5, rid(n, 1), 2)]);
         // Empty and one-entry trees too.
         let mut e = Schedule::default();
         e.repack();
         e.add(1, rid(1, 0), 1);
         e.repack();
         assert_eq!(e.due(9, None, 9), vec![(1, rid(1, 0), 1)]);
+    }
+
+    /// Packed keys order as the keys do, and entries come back with their exact created
+    /// time (a gap over 49 days is clamped: younger, never older).
+    #[test]
+    fn packed_entries_keep_order_and_created_time() {
+        let mut s = Schedule::default();
+        let big = u64::MAX - 5;
+        let keys = [
+            (1u64 << 40, rid(big, u32::MAX)),
+            (1 << 40, rid(big, 0)),
+            (1 << 40, rid(1 << 33, 7)),
+            ((1 << 40) + 1, rid(1, 0)),
+            (5, rid(u64::MAX, 1)),
+            (u32::MAX as u64 + 1, rid(2, 2)),
+        ];
+        for (i, &(due, r)) in keys.iter().enumerate() {
+            s.add(due, r, due.saturating_sub(i as u64 * 1_000));
+        }
+        let mut want: Vec<_> = keys.to_vec();
+        want.sort();
+        let got = s.due(u64::MAX, None, 100);
+        assert_eq!(
+            got.iter().map(|&(d, r, _)| (d, r)).collect::<Vec<_>>(),
+            want
+        );
+        for &(due, r, created) in &got {
+            let i = keys.iter().position(|k| *k == (due, r)).unwrap() as u64;
+            assert_eq!(created, due.saturating_sub(i * 1_000), "{r}");
+        }
+        let mut far = Schedule::default();
+        let due = 100 * 86_400_000;
+        far.add(due, rid(1, 0), 0);
+        assert_eq!(
+            far.due(due, None, 1),
+            vec![(due, rid(1, 0), due - u32::MAX as u64)]
+        );
+        far.add(3, rid(2, 0), 10); // due before created (a clock step): read as due
+        assert_eq!(far.due(3, None, 1), vec![(3, rid(2, 0), 3)]);
+        assert!(far.remove(due, rid(1, 0)).is_some());
     }
 
     #[test]
