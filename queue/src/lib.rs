@@ -85,7 +85,7 @@
 //! is what a crash must return it to. This takes three of the nine sled writes a delivered
 //! recipient used to cost (the schedule entry written at enqueue and removed at the lease, and
 //! the record rewritten for the lease); the price is memory, one `BTreeMap` entry per
-//! scheduled recipient (~40 bytes with the repacking `schedule.rs` describes).
+//! scheduled recipient (~31 bytes with the packing and repacking `schedule.rs` describes).
 //!
 //! Reads ([`Queue::message`], [`Queue::list`]) show the lease: they combine sled's committed
 //! records with the in-memory leases, which the writer changes while it handles a group,
