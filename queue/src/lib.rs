@@ -72,9 +72,9 @@
 //! at once.
 //! [`Queue::enqueue`], [`Queue::complete`], suppression changes, retry, delete and expiry
 //! return only after that sync; so do the async [`Queue::enqueue_async`] and
-//! [`Queue::enqueue_batch_async`] (the HTTP API's), whose callers wait as tasks, not threads. With [`QueueOptions::durable`] `= false` the fdatasync is
-//! skipped: acknowledged data then survives a process crash (it is in the page cache) but not
-//! necessarily a power loss.
+//! [`Queue::enqueue_batch_async`] (the HTTP API's), whose callers wait as tasks, not threads.
+//! With [`QueueOptions::durable`] `= false` the fdatasync is skipped: acknowledged data then
+//! survives a process crash (it is in the page cache) but not necessarily a power loss.
 //!
 //! # Schedule and leases
 //!

@@ -20,9 +20,10 @@
 //!
 //! New entries mostly come in ascending order (a fresh message is due now), and the standard
 //! `BTreeMap` splits a full node so that the left part keeps 6 of its 11 slots: a tree grown
-//! by appends is about half full, 61–66 bytes an unpacked entry. So once the entries added since the
-//! last time outnumber a quarter of the tree (and 64Ki), `add` repacks it: `append` of two
-//! non-empty maps rebuilds the whole tree from their merged, sorted entries with full nodes.
+//! by appends is about half full (61–66 bytes an unpacked entry). So once the entries added
+//! since the last time outnumber a quarter of the tree (and 64Ki), `add` repacks it: `append`
+//! of two non-empty maps rebuilds the whole tree from their merged, sorted entries with full
+//! nodes.
 //! That keeps ~31 bytes an entry (BENCHMARKS.md, Queue, "Tenth session"), for ~90 ns of
 //! copying per added entry, paid in pauses that grow with the tree: ~25 ms at a million
 //! entries on the benchmark machine. The writer holds the schedule's lock meanwhile, so a
