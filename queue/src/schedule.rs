@@ -12,11 +12,10 @@
 //! An entry is 24 bytes: the key packed as five `u32`s (due time, message id, recipient
 //! index: 20 bytes, where the tuple `(u64, RecipientId)` takes 24 with its padding) and the
 //! created time as a `u32` of milliseconds before the due time. That is exact from 0 to 49
-//! days; a longer gap is clamped (the entry looks younger: its expiry waits for a take or an
-//! expiry run at most 49 days after it is due), and a due time before the created time (the
-//! clock stepped back between them) reads as created then (older: an entry past that
-//! lifetime is left to `expire_due`, which checks the record's own created time). Against 32
-//! bytes unpacked that is a quarter less.
+//! days; a longer gap, or a due time before the created time (the clock stepped back between
+//! them, or a caller's deferral into the past), is stored as "not known" and then whoever
+//! needs the created time for expiry reads the record's own. Against 32 bytes unpacked that
+//! is a quarter less.
 //!
 //! New entries mostly come in ascending order (a fresh message is due now), and the standard
 //! `BTreeMap` splits a full node so that the left part keeps 6 of its 11 slots: a tree grown
@@ -64,13 +63,20 @@ impl Packed {
     }
 }
 
-/// The created time as stored next to its due time (see the module docs).
+/// The stored age of an entry whose created time is not `due - age` (see the module docs).
+const INEXACT: u32 = u32::MAX;
+
+/// The created time as stored next to its due time: milliseconds before it, or [`INEXACT`].
 fn age(due_ms: u64, created_ms: u64) -> u32 {
-    u32::try_from(due_ms.saturating_sub(created_ms)).unwrap_or(u32::MAX)
+    due_ms
+        .checked_sub(created_ms)
+        .and_then(|gap| u32::try_from(gap).ok())
+        .filter(|&gap| gap != INEXACT)
+        .unwrap_or(INEXACT)
 }
 
-fn created(due_ms: u64, age: u32) -> u64 {
-    due_ms.saturating_sub(u64::from(age))
+fn created(due_ms: u64, age: u32) -> Option<u64> {
+    (age != INEXACT).then(|| due_ms - u64::from(age))
 }
 
 /// The tree is repacked when more than `max(len / REPACK_DIVISOR, REPACK_MIN)` entries were
@@ -93,8 +99,8 @@ pub(crate) struct Schedule {
 pub(crate) enum Undo {
     /// `due` gained this entry (undo: remove it).
     Added(u64, RecipientId),
-    /// `due` lost this entry, with its created time (undo: put it back).
-    Removed(u64, RecipientId, u64),
+    /// `due` lost this entry, with its stored age (undo: put it back).
+    Removed(u64, RecipientId, u32),
     /// This recipient was leased (undo: release it).
     Leased(RecipientId),
     /// This lease, taken at the given time, was dropped (undo: take it again).
@@ -136,7 +142,7 @@ impl Schedule {
     pub(crate) fn remove(&mut self, due_ms: u64, rid: RecipientId) -> Option<Undo> {
         self.due
             .remove(&Packed::new((due_ms, rid)))
-            .map(|age| Undo::Removed(due_ms, rid, created(due_ms, age)))
+            .map(|age| Undo::Removed(due_ms, rid, age))
     }
 
     pub(crate) fn lease(&mut self, rid: RecipientId, at_ms: u64) -> Option<Undo> {
@@ -193,8 +199,8 @@ impl Schedule {
             Undo::Added(due, rid) => {
                 self.due.remove(&Packed::new((due, rid)));
             }
-            Undo::Removed(due, rid, created) => {
-                self.due.insert(Packed::new((due, rid)), age(due, created));
+            Undo::Removed(due, rid, age) => {
+                self.due.insert(Packed::new((due, rid)), age);
             }
             Undo::Leased(rid) => {
                 self.leased.remove(&rid);
@@ -206,13 +212,14 @@ impl Schedule {
     }
 
     /// Up to `max` entries due at or before `now_ms`, in schedule order, starting after
-    /// `after` (exclusive): `(due, recipient, created)`.
+    /// `after` (exclusive): `(due, recipient, created)`, created `None` where the schedule
+    /// does not know it exactly (see the module docs).
     pub(crate) fn due(
         &self,
         now_ms: u64,
         after: Option<Key>,
         max: usize,
-    ) -> Vec<(u64, RecipientId, u64)> {
+    ) -> Vec<(u64, RecipientId, Option<u64>)> {
         use std::ops::Bound::{Excluded, Unbounded};
         let lower = match after {
             Some(k) => Excluded(Packed::new(k)),
@@ -269,7 +276,7 @@ mod tests {
         assert_eq!(first.len(), 2);
         let (d, r, _) = first[1];
         let rest = s.due(50, Some((d, r)), 2);
-        assert_eq!(rest, vec![(30, rid(1, 0), 1)]);
+        assert_eq!(rest, vec![(30, rid(1, 0), Some(1))]);
         assert_eq!(s.oldest_due(), Some(10));
     }
 
@@ -285,7 +292,7 @@ mod tests {
         assert_eq!(log.len(), 4);
         assert!(s.leased_at(rid(1, 0)).is_none());
         s.undo_all(log);
-        assert_eq!(s.due(100, None, 10), vec![(5, rid(1, 0), 1)]);
+        assert_eq!(s.due(100, None, 10), vec![(5, rid(1, 0), Some(1))]);
         assert!(s.leased_at(rid(1, 0)).is_none());
         assert_eq!(s.len(), 1);
     }
@@ -308,60 +315,90 @@ mod tests {
         assert_eq!(s.added, 0);
         let all = s.due(u64::MAX, None, usize::MAX);
         assert_eq!(all.len() as u64, n + 1);
-        assert_eq!(all[0], (5, rid(n, 1), 2));
+        assert_eq!(all[0], (5, rid(n, 1), Some(2)));
         assert!(all.windows(2).all(|w| (w[0].0, w[0].1) < (w[1].0, w[1].1)));
         assert_eq!(
             all[1..].iter().map(|e| e.2).collect::<Vec<_>>(),
-            (0..n).map(|m| m / 3).collect::<Vec<_>>()
+            (0..n).map(|m| Some(m / 3)).collect::<Vec<_>>()
         );
         s.undo_all(log);
-        assert_eq!(s.due(u64::MAX, None, 10), vec![(5, rid(n, 1), 2)]);
+        assert_eq!(s.due(u64::MAX, None, 10), vec![(5, rid(n, 1), Some(2))]);
         // Empty and one-entry trees too.
         let mut e = Schedule::default();
         e.repack();
         e.add(1, rid(1, 0), 1);
         e.repack();
-        assert_eq!(e.due(9, None, 9), vec![(1, rid(1, 0), 1)]);
+        assert_eq!(e.due(9, None, 9), vec![(1, rid(1, 0), Some(1))]);
     }
 
-    /// Packed keys order as the keys do, and entries come back with their exact created
-    /// time (a gap over 49 days is clamped: younger, never older).
+    /// Packed keys order as the keys do and unpack to them, and entries come back with their
+    /// exact created time, or `None` where it is not `due - age` for a `u32` age.
     #[test]
     fn packed_entries_keep_order_and_created_time() {
-        let mut s = Schedule::default();
-        let big = u64::MAX - 5;
-        let keys = [
-            (1u64 << 40, rid(big, u32::MAX)),
-            (1 << 40, rid(big, 0)),
-            (1 << 40, rid(1 << 33, 7)),
-            ((1 << 40) + 1, rid(1, 0)),
-            (5, rid(u64::MAX, 1)),
-            (u32::MAX as u64 + 1, rid(2, 2)),
+        let edges = [
+            0u64,
+            1,
+            2,
+            u32::MAX as u64,
+            1 << 32,
+            (1 << 32) + 1,
+            u64::MAX - 1,
+            u64::MAX,
         ];
-        for (i, &(due, r)) in keys.iter().enumerate() {
-            s.add(due, r, due.saturating_sub(i as u64 * 1_000));
+        let mut keys = Vec::new();
+        for &due in &edges {
+            for &m in &edges {
+                for index in [0, 1, u32::MAX] {
+                    keys.push((due, rid(m, index)));
+                }
+            }
         }
-        let mut want: Vec<_> = keys.to_vec();
+        for &a in &keys {
+            assert_eq!(Packed::new(a).key(), a);
+            for &b in &keys {
+                assert_eq!(
+                    Packed::new(a).cmp(&Packed::new(b)),
+                    a.cmp(&b),
+                    "{a:?} {b:?}"
+                );
+            }
+        }
+        let mut s = Schedule::default();
+        for (i, &(due, r)) in keys.iter().enumerate() {
+            s.add(due, r, due.saturating_sub(i as u64));
+        }
+        let got = s.due(u64::MAX, None, usize::MAX);
+        let mut want = keys.clone();
         want.sort();
-        let got = s.due(u64::MAX, None, 100);
         assert_eq!(
             got.iter().map(|&(d, r, _)| (d, r)).collect::<Vec<_>>(),
             want
         );
         for &(due, r, created) in &got {
-            let i = keys.iter().position(|k| *k == (due, r)).unwrap() as u64;
-            assert_eq!(created, due.saturating_sub(i * 1_000), "{r}");
+            let i = keys.iter().position(|k| *k == (due, r)).expect("added") as u64;
+            assert_eq!(created, Some(due.saturating_sub(i)), "{r}");
         }
+        // Not known: a gap of 2^32 - 1 ms or more (49.7 days), a due time before the
+        // created time (a clock step, a caller's deferral into the past). An undo puts
+        // such an entry back as it was.
         let mut far = Schedule::default();
         let due = 100 * 86_400_000;
         far.add(due, rid(1, 0), 0);
+        far.add(due, rid(1, 1), due - (u32::MAX as u64 - 1));
+        far.add(due, rid(1, 2), due - u32::MAX as u64);
+        far.add(due, rid(2, 0), due + 10);
         assert_eq!(
-            far.due(due, None, 1),
-            vec![(due, rid(1, 0), due - u32::MAX as u64)]
+            far.due(due, None, 9),
+            vec![
+                (due, rid(1, 0), None),
+                (due, rid(1, 1), Some(due - (u32::MAX as u64 - 1))),
+                (due, rid(1, 2), None),
+                (due, rid(2, 0), None),
+            ]
         );
-        far.add(3, rid(2, 0), 10); // due before created (a clock step): read as due
-        assert_eq!(far.due(3, None, 1), vec![(3, rid(2, 0), 3)]);
-        assert!(far.remove(due, rid(1, 0)).is_some());
+        let undo = far.remove(due, rid(1, 0)).expect("there");
+        far.undo(undo);
+        assert_eq!(far.due(due, None, 1), vec![(due, rid(1, 0), None)]);
     }
 
     #[test]

@@ -2517,7 +2517,10 @@ impl Writer {
 
     /// The schedule entries due at or before `now_ms`, in order, read a page at a time (the
     /// caller changes the schedule as it goes; an entry it removed is simply not met again).
-    fn due_entries(&self, now_ms: u64) -> impl Iterator<Item = (u64, RecipientId, u64)> + '_ {
+    fn due_entries(
+        &self,
+        now_ms: u64,
+    ) -> impl Iterator<Item = (u64, RecipientId, Option<u64>)> + '_ {
         const PAGE: usize = 512;
         let mut after = None;
         let mut page = std::collections::VecDeque::new();
@@ -2565,12 +2568,15 @@ impl Writer {
             if leases.len() >= limit {
                 break;
             }
-            if self.expired(created, now_ms) {
+            if created.is_some_and(|c| self.expired(c, now_ms)) {
                 continue; // for `expire_due`
             }
             let Some(rec) = Self::scheduled_record(tx, due, rid)? else {
                 continue;
             };
+            if created.is_none() && self.expired(to_millis(rec.created), now_ms) {
+                continue; // the schedule did not know its created time
+            }
             if destination.is_some_and(|d| d != rec.destination) {
                 continue;
             }
@@ -2733,7 +2739,7 @@ impl Writer {
         let mut out = Vec::new();
         let due: Vec<_> = self
             .due_entries(now_ms)
-            .filter(|&(_, _, created)| self.expired(created, now_ms))
+            .filter(|&(_, _, created)| created.is_none_or(|c| self.expired(c, now_ms)))
             .collect();
         for (due, rid, _) in due {
             let Some(mut rec) = Self::scheduled_record(tx, due, rid)? else {

@@ -283,6 +283,52 @@ fn deferred_beyond_lifetime_expires() {
     assert!(q.body(e.id).unwrap().is_some());
 }
 
+/// A deferral to a time before the message was created (a caller's clock, a clock stepped
+/// back) is taken when due and expires only at the message's own lifetime: the in-memory
+/// schedule does not know such an entry's created time and reads the record.
+#[test]
+fn a_deferral_into_the_past_is_taken_and_expires_on_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = Queue::open(
+        dir.path(),
+        QueueOptions {
+            max_queue_lifetime: Duration::from_secs(3600),
+            ..opts()
+        },
+    )
+    .unwrap();
+    q.enqueue(msg(&["a@x.test"])).unwrap();
+    let rid = q.take_due(later(1), 10).unwrap()[0].recipient.id;
+    let past = SystemTime::now() - Duration::from_secs(2 * 3600);
+    let c = q
+        .complete(
+            rid,
+            Outcome::Deferred {
+                reply: "451 later".into(),
+                next_attempt: past,
+            },
+        )
+        .unwrap();
+    assert_eq!(c.state, RecipientState::Scheduled);
+    // Due for two hours, but created just now: within its lifetime.
+    assert!(q.expire_due(SystemTime::now()).unwrap().is_empty());
+    let again = q.take_due(SystemTime::now(), 10).unwrap();
+    assert_eq!(again.len(), 1, "taken, not skipped as expired");
+    q.complete(
+        rid,
+        Outcome::Deferred {
+            reply: "451 later".into(),
+            next_attempt: past,
+        },
+    )
+    .unwrap();
+    // Past its lifetime it is not taken, and expires.
+    assert!(q.take_due(later(3601), 10).unwrap().is_empty());
+    let expired = q.expire_due(later(3601)).unwrap();
+    assert_eq!(expired.len(), 1);
+    assert_eq!(state(&q, rid), RecipientState::Expired);
+}
+
 #[test]
 fn expire_due_and_take_skips_expired() {
     let dir = tempfile::tempdir().unwrap();
