@@ -512,6 +512,14 @@ fn check_batch(msgs: Vec<NewMessage>) -> (Vec<Option<Res<Enqueued>>>, Vec<Checke
     (out, valid)
 }
 
+/// The one result of a one-message enqueue.
+fn only(mut v: Vec<Res<Enqueued>>) -> Res<Enqueued> {
+    match (v.pop(), v.is_empty()) {
+        (Some(r), true) => r,
+        _ => Err(unexpected()),
+    }
+}
+
 /// Fills the empty slots of [`check_batch`] with the writer's results, in order.
 fn merge_batch(out: Vec<Option<Res<Enqueued>>>, stored: Vec<Res<Enqueued>>) -> Vec<Res<Enqueued>> {
     let mut stored = stored.into_iter();
@@ -806,11 +814,7 @@ impl Queue {
     /// Stores a message; returns once it is durable (see the crate docs).
     pub fn enqueue(&self, msg: NewMessage) -> Res<Enqueued> {
         let checked = check_message(msg)?;
-        let mut v = self.call(Op::Enqueue(vec![checked]))?.into_enqueued()?;
-        match (v.pop(), v.is_empty()) {
-            (Some(r), true) => r,
-            _ => Err(unexpected()),
-        }
+        only(self.call(Op::Enqueue(vec![checked]))?.into_enqueued()?)
     }
 
     /// Stores several messages with one durable commit (one sled batch). Invalid messages get
@@ -830,14 +834,11 @@ impl Queue {
     /// once needs no blocking thread per request.
     pub async fn enqueue_async(&self, msg: NewMessage) -> Res<Enqueued> {
         let checked = check_message(msg)?;
-        let mut v = self
-            .call_async(Op::Enqueue(vec![checked]))
-            .await?
-            .into_enqueued()?;
-        match (v.pop(), v.is_empty()) {
-            (Some(r), true) => r,
-            _ => Err(unexpected()),
-        }
+        only(
+            self.call_async(Op::Enqueue(vec![checked]))
+                .await?
+                .into_enqueued()?,
+        )
     }
 
     /// [`Queue::enqueue_batch`] for async code; see [`Queue::enqueue_async`].

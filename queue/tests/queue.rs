@@ -29,6 +29,14 @@ fn msg(to: &[&str]) -> NewMessage {
     }
 }
 
+fn open_with_lifetime(dir: &tempfile::TempDir, lifetime: Duration) -> Queue {
+    let opts = QueueOptions {
+        max_queue_lifetime: lifetime,
+        ..opts()
+    };
+    Queue::open(dir.path(), opts).unwrap()
+}
+
 fn later(secs: u64) -> SystemTime {
     SystemTime::now() + Duration::from_secs(secs)
 }
@@ -243,14 +251,7 @@ fn every_outcome() {
 #[test]
 fn deferred_beyond_lifetime_expires() {
     let dir = tempfile::tempdir().unwrap();
-    let q = Queue::open(
-        dir.path(),
-        QueueOptions {
-            max_queue_lifetime: Duration::from_secs(600),
-            ..opts()
-        },
-    )
-    .unwrap();
+    let q = open_with_lifetime(&dir, Duration::from_secs(600));
     let e = q.enqueue(msg(&["a@x.test", "b@x.test"])).unwrap();
     let leases = q.take_due(later(1), 10).unwrap();
     let r0 = leases[0].recipient.id;
@@ -289,39 +290,20 @@ fn deferred_beyond_lifetime_expires() {
 #[test]
 fn a_deferral_into_the_past_is_taken_and_expires_on_time() {
     let dir = tempfile::tempdir().unwrap();
-    let q = Queue::open(
-        dir.path(),
-        QueueOptions {
-            max_queue_lifetime: Duration::from_secs(3600),
-            ..opts()
-        },
-    )
-    .unwrap();
+    let q = open_with_lifetime(&dir, Duration::from_secs(3600));
     q.enqueue(msg(&["a@x.test"])).unwrap();
     let rid = q.take_due(later(1), 10).unwrap()[0].recipient.id;
-    let past = SystemTime::now() - Duration::from_secs(2 * 3600);
-    let c = q
-        .complete(
-            rid,
-            Outcome::Deferred {
-                reply: "451 later".into(),
-                next_attempt: past,
-            },
-        )
-        .unwrap();
+    let into_the_past = || Outcome::Deferred {
+        reply: "451 later".into(),
+        next_attempt: SystemTime::now() - Duration::from_secs(2 * 3600),
+    };
+    let c = q.complete(rid, into_the_past()).unwrap();
     assert_eq!(c.state, RecipientState::Scheduled);
     // Due for two hours, but created just now: within its lifetime.
     assert!(q.expire_due(SystemTime::now()).unwrap().is_empty());
     let again = q.take_due(SystemTime::now(), 10).unwrap();
     assert_eq!(again.len(), 1, "taken, not skipped as expired");
-    q.complete(
-        rid,
-        Outcome::Deferred {
-            reply: "451 later".into(),
-            next_attempt: past,
-        },
-    )
-    .unwrap();
+    q.complete(rid, into_the_past()).unwrap();
     // Past its lifetime it is not taken, and expires.
     assert!(q.take_due(later(3601), 10).unwrap().is_empty());
     let expired = q.expire_due(later(3601)).unwrap();
@@ -332,14 +314,7 @@ fn a_deferral_into_the_past_is_taken_and_expires_on_time() {
 #[test]
 fn expire_due_and_take_skips_expired() {
     let dir = tempfile::tempdir().unwrap();
-    let q = Queue::open(
-        dir.path(),
-        QueueOptions {
-            max_queue_lifetime: Duration::from_secs(60),
-            ..opts()
-        },
-    )
-    .unwrap();
+    let q = open_with_lifetime(&dir, Duration::from_secs(60));
     let e = q.enqueue(msg(&["a@x.test", "b@y.test"])).unwrap();
     // Give one a transient reply first.
     let l = q.take_due_for("y.test", later(1), 10).unwrap();
