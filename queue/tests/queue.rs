@@ -1795,3 +1795,144 @@ async fn an_urgent_outcome_commits_the_held_group() {
         .expect("the held outcome went with it");
     assert!(matches!(res.unwrap().as_slice(), [Ok(_)]));
 }
+
+fn shallow_opts(memory_entries: usize) -> QueueOptions {
+    QueueOptions {
+        schedule_memory_entries: memory_entries,
+        ..opts()
+    }
+}
+
+/// Takes everything due at `at`, `per_take` at a time, until a take finds nothing: the
+/// recipients in the order they were leased, with their `next_attempt`.
+fn take_all(q: &Queue, at: SystemTime, per_take: usize) -> Vec<(SystemTime, RecipientId)> {
+    let mut out = Vec::new();
+    for _ in 0..10_000 {
+        let leases = q.take_due(at, per_take).unwrap();
+        if leases.is_empty() {
+            return out;
+        }
+        assert!(leases.len() <= per_take);
+        out.extend(
+            leases
+                .iter()
+                .map(|l| (l.recipient.next_attempt, l.recipient.id)),
+        );
+    }
+    panic!("takes never ran dry");
+}
+
+/// With room for 8 schedule entries in memory, 30 scheduled recipients spill to sled: every
+/// one is still taken, exactly once and in due order, through deferrals to other times, a
+/// retry and a delete of recipients that are in sled, and a reopen that rebuilds it all.
+#[test]
+fn a_schedule_deeper_than_memory_is_taken_in_order_and_survives_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = Queue::open(dir.path(), shallow_opts(8)).unwrap();
+    let mut ids = Vec::new();
+    for i in 0..30 {
+        let to = format!("u{i}@d{}.test", i % 3);
+        ids.push(q.enqueue(msg(&[to.as_str()])).unwrap().id);
+    }
+    let rid = |i: usize| RecipientId {
+        message: ids[i],
+        index: 0,
+    };
+    let taken = take_all(&q, later(1), 5);
+    assert_eq!(
+        taken.iter().map(|t| t.1).collect::<Vec<_>>(),
+        (0..30).map(rid).collect::<Vec<_>>(),
+        "every recipient once, in due order (enqueue order here)"
+    );
+
+    // Deferred in reverse order: recipient i is due at base + (30 - i) s.
+    // (Whole milliseconds, as the queue stores times.)
+    let now_ms = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let base = SystemTime::UNIX_EPOCH + Duration::from_millis(now_ms + 600_000);
+    let due = |i: usize| base + Duration::from_secs(30 - i as u64);
+    for i in 0..30 {
+        let c = q
+            .complete(
+                rid(i),
+                Outcome::Deferred {
+                    reply: "451 4.7.1 later".into(),
+                    next_attempt: due(i),
+                },
+            )
+            .unwrap();
+        assert_eq!(c.state, RecipientState::Scheduled);
+    }
+    assert!(q.take_due(later(1), 100).unwrap().is_empty());
+    assert_eq!(q.stats().oldest_due, Some(due(29)));
+    // Recipient 2 (due last, so in sled) is retried: due now. Recipient 3 (also in sled)
+    // is deleted.
+    assert_eq!(q.retry(ids[2]).unwrap(), 1);
+    assert!(q.delete(ids[3]).unwrap());
+    let retried = take_all(&q, later(1), 5);
+    assert_eq!(
+        retried.iter().map(|t| t.1).collect::<Vec<_>>(),
+        vec![rid(2)]
+    );
+    q.complete(rid(2), Outcome::Released).unwrap();
+    let retried_at = retried[0].0;
+    let mut want: Vec<(SystemTime, RecipientId)> = (0..30)
+        .filter(|&i| i != 3)
+        .map(|i| (if i == 2 { retried_at } else { due(i) }, rid(i)))
+        .collect();
+    want.sort();
+    // The retry and the delete left entries in sled that no longer match their records:
+    // dropped when they come back into memory.
+    let all = take_all(&q, base + Duration::from_secs(60), 7);
+    assert_eq!(all, want, "every scheduled recipient once, in due order");
+    for (_, r) in &all {
+        q.complete(*r, Outcome::Released).unwrap();
+    }
+
+    drop(q);
+    let q = Queue::open(dir.path(), shallow_opts(8)).unwrap();
+    let stats = q.stats();
+    assert_eq!(stats.by_state[&RecipientState::Scheduled], 29);
+    assert_eq!(stats.oldest_due, Some(retried_at));
+    let all = take_all(&q, base + Duration::from_secs(60), 7);
+    assert_eq!(all, want, "after a reopen too");
+    // Nothing was left behind in memory or in sled.
+    drop(q);
+    let q = Queue::open(dir.path(), shallow_opts(8)).unwrap();
+    assert_eq!(take_all(&q, base + Duration::from_secs(60), 50).len(), 29);
+}
+
+/// Recipients whose schedule entries are in sled expire too, once their turn in memory
+/// comes: repeated sweeps expire them all.
+#[test]
+fn spilled_recipients_expire() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = QueueOptions {
+        max_queue_lifetime: Duration::from_secs(3600),
+        ..shallow_opts(8)
+    };
+    let q = Queue::open(dir.path(), opts).unwrap();
+    for i in 0..25 {
+        let to = format!("u{i}@x.test");
+        q.enqueue(msg(&[to.as_str(), "same@y.test"])).unwrap();
+    }
+    let mut expired = Vec::new();
+    let mut sweeps = 0;
+    loop {
+        let got = q.expire_due(later(7200)).unwrap();
+        if got.is_empty() {
+            break;
+        }
+        sweeps += 1;
+        assert!(sweeps < 100, "sweeps never ran dry");
+        expired.extend(got.into_iter().map(|r| r.id));
+    }
+    assert!(sweeps > 1, "all in memory at once: nothing spilled");
+    expired.sort();
+    expired.dedup();
+    assert_eq!(expired.len(), 50);
+    assert_eq!(q.stats().by_state[&RecipientState::Expired], 50);
+    assert!(q.take_due(later(7200), 100).unwrap().is_empty());
+}
