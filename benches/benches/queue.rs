@@ -4,13 +4,12 @@
 //! ```text
 //! CARGO_TARGET_DIR=target-queue cargo bench -p bulksend-benches --bench queue -- \
 //!     [--n 200000] [--secs 5] [--producers 1,8,64] [--rounds 1] [--cache-mib 64] [--dir PATH]
-//!     [--skip-throughput] [--exit-after-fill] [--reopen-full] [--schedule-memory ENTRIES]
+//!     [--skip-throughput] [--exit-after-fill] [--reopen-full]
 //! ```
 //! `--exit-after-fill` ends the process right after the first fill's figures, without
 //! freeing anything: under `heaptrack` its "leaked" memory is what the full queue holds. It
 //! leaves the store behind: give it a `--dir` to remove afterwards. `--reopen-full` closes
 //! and reopens the queue after each fill and times the recovery of the full queue.
-//! `--schedule-memory` sets `QueueOptions::schedule_memory_entries` (default 250,000).
 //! `--n` may also come from `BULKSEND_BENCH_N`.
 
 use std::path::{Path, PathBuf};
@@ -31,8 +30,6 @@ struct Args {
     skip_throughput: bool,
     exit_after_fill: bool,
     reopen_full: bool,
-    /// `QueueOptions::schedule_memory_entries`, if not the default.
-    schedule_memory: Option<usize>,
 }
 
 fn parse_args() -> Args {
@@ -49,7 +46,6 @@ fn parse_args() -> Args {
         skip_throughput: false,
         exit_after_fill: false,
         reopen_full: false,
-        schedule_memory: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -66,7 +62,6 @@ fn parse_args() -> Args {
             "--skip-throughput" => a.skip_throughput = true,
             "--exit-after-fill" => a.exit_after_fill = true,
             "--reopen-full" => a.reopen_full = true,
-            "--schedule-memory" => a.schedule_memory = val().parse().ok(),
             "--bench" => {} // passed by cargo bench
             other => eprintln!("ignoring argument {other:?}"),
         }
@@ -89,13 +84,11 @@ fn message(p: usize, i: u64, body: &[u8]) -> NewMessage {
     }
 }
 
-fn opts(a: &Args, durable: bool) -> QueueOptions {
-    let d = QueueOptions::default();
+fn opts(cache_mib: u64, durable: bool) -> QueueOptions {
     QueueOptions {
-        cache_capacity_bytes: a.cache_mib << 20,
+        cache_capacity_bytes: cache_mib << 20,
         durable,
-        schedule_memory_entries: a.schedule_memory.unwrap_or(d.schedule_memory_entries),
-        ..d
+        ..QueueOptions::default()
     }
 }
 
@@ -189,7 +182,9 @@ fn throughput(a: &Args, base: &Path) {
     }
     for (p, durable) in runs {
         let dir = base.join(format!("tp-{p}-{durable}"));
-        let q = Arc::new(Queue::open(&dir, opts(a, durable)).unwrap_or_else(|e| panic!("{e}")));
+        let q = Arc::new(
+            Queue::open(&dir, opts(a.cache_mib, durable)).unwrap_or_else(|e| panic!("{e}")),
+        );
         let (n, rate) = enqueue_run(&q, p, u64::MAX, a.secs, 0);
         let what = if durable {
             "durable (flush + fdatasync)"
@@ -205,7 +200,8 @@ fn throughput(a: &Args, base: &Path) {
     }
     for &p in &a.producers {
         let dir = base.join(format!("tp-async-{p}"));
-        let q = Arc::new(Queue::open(&dir, opts(a, true)).unwrap_or_else(|e| panic!("{e}")));
+        let q =
+            Arc::new(Queue::open(&dir, opts(a.cache_mib, true)).unwrap_or_else(|e| panic!("{e}")));
         let (n, rate) = enqueue_run_async(&q, p, a.secs);
         row(
             &format!("enqueue_async, {p} tokio tasks, durable"),
@@ -216,7 +212,7 @@ fn throughput(a: &Args, base: &Path) {
     }
     // enqueue_batch: 8 producers x batches of 100.
     let dir = base.join("tp-batch");
-    let q = Arc::new(Queue::open(&dir, opts(a, true)).unwrap_or_else(|e| panic!("{e}")));
+    let q = Arc::new(Queue::open(&dir, opts(a.cache_mib, true)).unwrap_or_else(|e| panic!("{e}")));
     let count = Arc::new(AtomicU64::new(0));
     let start = Instant::now();
     let deadline = start + Duration::from_secs(a.secs);
@@ -263,7 +259,8 @@ fn lifecycle(a: &Args, base: &Path) {
         "RSS before open (VmRSS / VmHWM)",
         format!("{} / {}", mib(r), mib(h)),
     );
-    let mut q = Arc::new(Queue::open(&dir, opts(a, true)).unwrap_or_else(|e| panic!("{e}")));
+    let mut q =
+        Arc::new(Queue::open(&dir, opts(a.cache_mib, true)).unwrap_or_else(|e| panic!("{e}")));
     for round in 0..a.rounds {
         let offset = u64::from(round) * a.n;
         let (n, rate) = enqueue_run(&q, producers, a.n, u64::MAX, offset);
@@ -291,7 +288,9 @@ fn lifecycle(a: &Args, base: &Path) {
             // here on is not comparable with runs without this option.
             drop(q);
             let start = Instant::now();
-            q = Arc::new(Queue::open(&dir, opts(a, true)).unwrap_or_else(|e| panic!("{e}")));
+            q = Arc::new(
+                Queue::open(&dir, opts(a.cache_mib, true)).unwrap_or_else(|e| panic!("{e}")),
+            );
             row(
                 &format!("round {round}: reopen of the full queue"),
                 format!("{:.2} s", start.elapsed().as_secs_f64()),
@@ -380,7 +379,7 @@ fn lifecycle(a: &Args, base: &Path) {
     }
     drop(q);
     let start = Instant::now();
-    let q = Queue::open(&dir, opts(a, true)).unwrap_or_else(|e| panic!("{e}"));
+    let q = Queue::open(&dir, opts(a.cache_mib, true)).unwrap_or_else(|e| panic!("{e}"));
     row(
         "reopen of the drained queue",
         format!("{:.2} s", start.elapsed().as_secs_f64()),

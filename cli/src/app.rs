@@ -38,7 +38,6 @@ pub(crate) fn queue_options(settings: &Settings) -> QueueOptions {
         auto_compact: settings.queue.auto_compact,
         lease_timeout: Some(settings.queue.lease_timeout).filter(|t| !t.is_zero()),
         outcome_commit_delay: settings.queue.outcome_commit_delay,
-        schedule_memory_entries: settings.queue.schedule_memory_entries,
         ..QueueOptions::default()
     }
 }
@@ -141,9 +140,7 @@ mod tests {
         settings.queue.auto_compact = false;
         settings.queue.lease_timeout = Duration::from_secs(7200);
         settings.queue.outcome_commit_delay = Duration::from_millis(11);
-        settings.queue.schedule_memory_entries = 1234;
         let o = queue_options(&settings);
-        assert_eq!(o.schedule_memory_entries, 1234);
         assert_eq!(o.outcome_commit_delay, Duration::from_millis(11));
         assert_eq!(o.lease_timeout, Some(Duration::from_secs(7200)));
         assert_eq!(o.cache_capacity_bytes, 17 << 20);

@@ -97,11 +97,6 @@ pub struct QueueSettings {
     /// a busy drain, for outcomes durable that much later. `0s`: commit at once. At most 1 s.
     #[serde(with = "humantime_serde")]
     pub outcome_commit_delay: Duration,
-    /// Most schedule entries (one per scheduled recipient, ~31 bytes each) kept in memory;
-    /// the latest due beyond them wait in the store until the earlier ones are taken. With
-    /// `cache_capacity_mb` this bounds the memory of a deep queue; each recipient queued or
-    /// deferred while the queue is deeper costs one store write more. At least 4.
-    pub schedule_memory_entries: usize,
 }
 
 impl Default for QueueSettings {
@@ -113,7 +108,6 @@ impl Default for QueueSettings {
             auto_compact: true,
             lease_timeout: Duration::from_secs(3600),
             outcome_commit_delay: Duration::from_millis(3),
-            schedule_memory_entries: 250_000,
         }
     }
 }
@@ -608,9 +602,6 @@ impl Settings {
                 humantime::format_duration(self.queue.outcome_commit_delay)
             ));
         }
-        if self.queue.schedule_memory_entries < 4 {
-            return Err("queue.schedule_memory_entries: must be at least 4".into());
-        }
         if d.max_in_flight < 4 {
             return Err("delivery.max_in_flight: must be at least 4".into());
         }
@@ -800,13 +791,6 @@ max_queue_lifetime = "3d"
         let f = file("[queue]\noutcome_commit_delay = \"0s\"\n");
         let s = Settings::load_with_env(Some(f.path()), env(&[])).unwrap();
         assert!(s.queue.outcome_commit_delay.is_zero());
-
-        let f = file("[queue]\nschedule_memory_entries = 3\n");
-        let err = Settings::load_with_env(Some(f.path()), env(&[])).unwrap_err();
-        assert!(
-            err.to_string().contains("queue.schedule_memory_entries"),
-            "{err}"
-        );
 
         let f = file("[queue]\nlease_timeout = \"5m\"\n");
         let err = Settings::load_with_env(Some(f.path()), env(&[])).unwrap_err();

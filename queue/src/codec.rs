@@ -11,10 +11,8 @@ pub(crate) const P_VERSION: u8 = b'v';
 pub(crate) const P_META: u8 = b'm';
 pub(crate) const P_BODY: u8 = b'b';
 pub(crate) const P_RCPT: u8 = b'r';
-/// The part of the schedule that does not fit in memory (`schedule`, "Spilling"): entries at
-/// or after the spill boundary, in chunks of up to 64 (`sched_chunk`). Derived from the
-/// records like the rest of the schedule: removed and rebuilt at every open. (Stores before
-/// schema 2 kept their whole schedule here, one entry a key.)
+/// The on-disk schedule of stores written before the schedule moved into memory (see
+/// `schedule`); no longer written, removed on open.
 pub(crate) const P_SCHED: u8 = b's';
 /// The per-destination schedule of schema 1 stores; no longer written, removed on open.
 pub(crate) const P_DEST: u8 = b'd';
@@ -127,59 +125,6 @@ pub(crate) fn rcpt_key(id: RecipientId) -> [u8; 13] {
 pub(crate) fn parse_final_tail(tail: &[u8]) -> Option<(u64, RecipientId)> {
     let d: [u8; 8] = tail.get(..8)?.try_into().ok()?;
     Some((u64::from_be_bytes(d), rid_from(tail.get(8..)?)?))
-}
-
-/// Bytes of one spilled schedule entry in a chunk: due time, message id, recipient index,
-/// age (see `schedule`), big-endian.
-const SCHED_ENTRY: usize = 24;
-
-/// Most entries one spilled-schedule chunk holds (1.5 KB).
-pub(crate) const SCHED_CHUNK_ENTRIES: usize = 64;
-
-/// A spilled schedule entry: due time (ms), recipient, age.
-pub(crate) type SchedEntry = (u64, RecipientId, u32);
-
-/// `s ++ due_ms ++ rid ++ seq` → entries: a chunk of spilled schedule entries, keyed by its
-/// first (smallest) entry and a number unique in the process that wrote it (two chunks may
-/// start with the same entry). `entries` must be sorted and non-empty.
-pub(crate) fn sched_chunk(entries: &[SchedEntry], seq: u64) -> ([u8; 29], Vec<u8>) {
-    let mut k = [0u8; 29];
-    if let Some(&(due, rid, _)) = entries.first() {
-        k[..21].copy_from_slice(&final_key(due, rid));
-    }
-    k[0] = P_SCHED;
-    k[21..].copy_from_slice(&seq.to_be_bytes());
-    let mut v = Vec::with_capacity(entries.len() * SCHED_ENTRY);
-    for &(due, rid, age) in entries {
-        v.extend_from_slice(&due.to_be_bytes());
-        v.extend_from_slice(&rid_bytes(rid));
-        v.extend_from_slice(&age.to_be_bytes());
-    }
-    (k, v)
-}
-
-/// The first entry of a chunk, from its key.
-pub(crate) fn sched_chunk_first(key: &[u8]) -> Option<(u64, RecipientId)> {
-    if key.len() != 29 {
-        return None;
-    }
-    parse_final_tail(&key[1..21])
-}
-
-/// The entries of a chunk (`None` if it is not one).
-pub(crate) fn parse_sched_chunk(key: &[u8], value: &[u8]) -> Option<Vec<SchedEntry>> {
-    sched_chunk_first(key)?;
-    if value.is_empty() || !value.len().is_multiple_of(SCHED_ENTRY) {
-        return None;
-    }
-    value
-        .chunks_exact(SCHED_ENTRY)
-        .map(|e| {
-            let (due, rid) = parse_final_tail(&e[..20])?;
-            let age: [u8; 4] = e[20..].try_into().ok()?;
-            Some((due, rid, u32::from_be_bytes(age)))
-        })
-        .collect()
 }
 
 /// `f ++ final_at_ms ++ rid`: final records by the time they became final (for purging).

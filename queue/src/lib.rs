@@ -7,9 +7,8 @@
 //! * one delivery record per recipient ([`RecipientRecord`]) with its [`RecipientState`]:
 //!   `Scheduled` → `Leased` (in flight) → `Delivered` / `Bounced` / `Expired` / `Suppressed`
 //!   / `Unknown` (final), or back to `Scheduled` (deferred, released);
-//! * the schedule (due time → recipient) and the leases, in memory, but for the part of the
-//!   schedule beyond [`QueueOptions::schedule_memory_entries`] (in sled): both are rebuilt
-//!   from the records at open (see "Schedule and leases" below);
+//! * the schedule (due time → recipient) and the leases, in memory: both are rebuilt from
+//!   the records at open (see "Schedule and leases" below);
 //! * the suppression list (addresses, lowercased);
 //! * idempotency keys (a retried enqueue returns the first message's id): each is stored in
 //!   its message's metadata, and the index from key to message is in memory, rebuilt at open
@@ -34,7 +33,7 @@
 //! | `m` id | message metadata: created, size, sender, idempotency key, recipient counts, and the body itself when it is at most 256 bytes, else where it is in a segment file |
 //! | `b` id chunk | a body over 4 KiB in 4 KiB chunks: stores written before segment files existed (still read, no longer written) |
 //! | `r` id index | recipient record (compact binary, format byte first) |
-//! | `s` due_ms id index | the latest-due part of the schedule, beyond what memory holds (`schedule.rs`, "Spilling"): removed and rebuilt at every open; in stores before schema 2, the whole schedule |
+//! | `s` due_ms id index | the schedule of stores written before it moved into memory: removed on open |
 //! | `f` final_ms id index | final records by the time they became final, for purging: the key names the first record of a group commit that became final at that time, the value lists the others (12 bytes each, at most 63; empty in stores before schema 4) |
 //! | `i` key | idempotency key → message id: stores before schema 5, removed at open (the index is in memory now, rebuilt at open from the metadata; see `idem.rs`) |
 //! | `x` address | suppression: reason and time |
@@ -86,10 +85,7 @@
 //! is what a crash must return it to. This takes three of the nine sled writes a delivered
 //! recipient used to cost (the schedule entry written at enqueue and removed at the lease, and
 //! the record rewritten for the lease); the price is memory, one `BTreeMap` entry per
-//! scheduled recipient (~31 bytes with the packing and repacking `schedule.rs` describes),
-//! up to [`QueueOptions::schedule_memory_entries`]: the latest-due entries beyond that wait
-//! in sled, under `s`, until memory has room for them (a sled write per recipient scheduled
-//! while the queue is that deep).
+//! scheduled recipient (~31 bytes with the packing and repacking `schedule.rs` describes).
 //!
 //! Reads ([`Queue::message`], [`Queue::list`]) show the lease: they combine sled's committed
 //! records with the in-memory leases, which the writer changes while it handles a group,

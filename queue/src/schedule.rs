@@ -27,39 +27,6 @@
 //! copying per added entry, paid in pauses that grow with the tree: ~25 ms at a million
 //! entries on the benchmark machine. The writer holds the schedule's lock meanwhile, so a
 //! `renew_leases` or `stats` call (the engine's, a metrics scrape) waits for it too.
-//!
-//! # Spilling
-//!
-//! So that memory does not grow with the queue's depth, at most about
-//! `QueueOptions::schedule_memory_entries` (the *cap*) entries are kept here; the rest, the
-//! latest due, are in sled under `s`, up to 64 in a key (`codec::sched_chunk`: one sled key
-//! per entry cost sled about as much memory as the entry saved here). The invariant: every
-//! entry in memory is before the *boundary*, every entry in sled at or after it (`None`:
-//! nothing is in sled). So the first entries due are always in memory, and a take, an
-//! expiry sweep or `oldest_due` need look nowhere else:
-//!
-//! * a new entry at or after the boundary goes to sled, in chunks written with the batch of
-//!   the group that made them (`Tx::schedule`);
-//! * an entry in sled is not removed when its recipient is taken out of the schedule (a
-//!   retry, a delete): it stays as a stale hint, and is dropped when it comes back into
-//!   memory and a take or expiry finds that it no longer matches its record (the check any
-//!   entry gets: scheduled, at that time, not leased). Two copies of one entry are one in
-//!   memory;
-//! * at the start of a group, the writer moves the latest entries out when memory holds
-//!   more than the cap, down to three quarters of it (`excess`, `spill`: the boundary
-//!   becomes the first entry moved), and moves the first chunks in from sled when it holds
-//!   less than half of it and sled has some, up to three quarters (`room`, `load`: the
-//!   boundary becomes the first entry of the first chunk left in sled; chunks overlap, so
-//!   the entries read that are not before it go back to sled in new chunks). Each is its
-//!   own sled batches, not synced: like the rest of the schedule the `s` keys are derived
-//!   from the records, and every open removes them and rebuilds the schedule from the
-//!   records.
-//!
-//! Between two groups memory can exceed the cap by what one group adds while nothing is in
-//! sled. The price, while the queue is deeper than the cap: a share of a chunk write for
-//! every recipient enqueued or deferred, and of a read and a delete when its turn comes. A
-//! take sees only the entries in memory: a take for one destination (`take_due_for`) does
-//! not find that destination's entries while earlier ones of others fill the memory.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -100,7 +67,7 @@ impl Packed {
 const INEXACT: u32 = u32::MAX;
 
 /// The created time as stored next to its due time: milliseconds before it, or [`INEXACT`].
-pub(crate) fn age(due_ms: u64, created_ms: u64) -> u32 {
+fn age(due_ms: u64, created_ms: u64) -> u32 {
     due_ms
         .checked_sub(created_ms)
         .and_then(|gap| u32::try_from(gap).ok())
@@ -117,9 +84,7 @@ fn created(due_ms: u64, age: u32) -> Option<u64> {
 const REPACK_DIVISOR: usize = 4;
 const REPACK_MIN: usize = 1 << 16;
 
-/// The smallest cap: below it the marks (`low`, half) would not leave room to work.
-const MIN_CAP: usize = 4;
-
+#[derive(Default)]
 pub(crate) struct Schedule {
     /// (due ms, recipient) → ms from created to due (for expiry without reading the record).
     due: BTreeMap<Packed, u32>,
@@ -127,37 +92,6 @@ pub(crate) struct Schedule {
     added: usize,
     /// Leased recipient → when it was leased (ms).
     leased: HashMap<RecipientId, u64>,
-    /// Most entries kept in `due` (see "Spilling"; `usize::MAX`: all).
-    cap: usize,
-    /// Entries at or after this are in sled, entries before it in `due`; `None`: all in `due`.
-    boundary: Option<Packed>,
-}
-
-impl Default for Schedule {
-    fn default() -> Self {
-        Schedule::with_cap(usize::MAX)
-    }
-}
-
-/// Entries moved out of memory by [`Schedule::spill`], to be written to sled, or put back
-/// with [`Schedule::unspill`] if that fails.
-pub(crate) struct Spilled {
-    entries: BTreeMap<Packed, u32>,
-    boundary: Option<Packed>,
-}
-
-impl Spilled {
-    /// `(due, recipient, age)` in order.
-    pub(crate) fn iter(&self) -> impl Iterator<Item = (u64, RecipientId, u32)> + '_ {
-        self.entries.iter().map(|(k, &age)| {
-            let (due, rid) = k.key();
-            (due, rid, age)
-        })
-    }
-
-    pub(crate) fn len(&self) -> usize {
-        self.entries.len()
-    }
 }
 
 /// One change, as the undo log of a request records it.
@@ -174,89 +108,6 @@ pub(crate) enum Undo {
 }
 
 impl Schedule {
-    /// A schedule that keeps at most about `cap` entries in memory (at least 4).
-    pub(crate) fn with_cap(cap: usize) -> Schedule {
-        Schedule {
-            due: BTreeMap::new(),
-            added: 0,
-            leased: HashMap::new(),
-            cap: cap.max(MIN_CAP),
-            boundary: None,
-        }
-    }
-
-    /// Whether the entry `(due_ms, rid)` belongs in sled rather than in memory.
-    pub(crate) fn in_sled(&self, due_ms: u64, rid: RecipientId) -> bool {
-        self.boundary
-            .is_some_and(|b| Packed::new((due_ms, rid)) >= b)
-    }
-
-    /// Whether some entries may be in sled.
-    pub(crate) fn has_spilled(&self) -> bool {
-        self.boundary.is_some()
-    }
-
-    /// Three quarters of the cap: where a spill or a load leaves memory.
-    fn low(&self) -> usize {
-        self.cap - self.cap / 4
-    }
-
-    /// How many entries to move out now: memory holds more than the cap.
-    pub(crate) fn excess(&self) -> usize {
-        if self.due.len() > self.cap {
-            self.due.len() - self.low()
-        } else {
-            0
-        }
-    }
-
-    /// How many entries to move in now: memory holds less than half the cap and sled has
-    /// some.
-    pub(crate) fn room(&self) -> usize {
-        if self.boundary.is_some() && self.due.len() < self.cap / 2 {
-            self.low() - self.due.len()
-        } else {
-            0
-        }
-    }
-
-    /// Moves the latest `n` entries out of memory; they are to be written to sled. The
-    /// boundary becomes the first of them.
-    pub(crate) fn spill(&mut self, n: usize) -> Spilled {
-        let boundary = self.boundary;
-        let first = match n.checked_sub(1) {
-            Some(skip) => self.due.keys().rev().nth(skip).copied(),
-            None => None,
-        };
-        let Some(first) = first else {
-            return Spilled {
-                entries: BTreeMap::new(),
-                boundary,
-            };
-        };
-        let entries = self.due.split_off(&first);
-        self.boundary = Some(first);
-        Spilled { entries, boundary }
-    }
-
-    /// Puts back what [`Schedule::spill`] took (writing it to sled failed).
-    pub(crate) fn unspill(&mut self, mut s: Spilled) {
-        self.due.append(&mut s.entries);
-        self.boundary = s.boundary;
-    }
-
-    /// Takes in the first entries of sled's part, `(due, recipient, age)` in order, now
-    /// removed from sled; `next` is the first entry left there, if any: the new boundary.
-    pub(crate) fn load(&mut self, entries: &[(u64, RecipientId, u32)], next: Option<Key>) {
-        // Built from sorted entries, and `append` rebuilds (see `repack`): full nodes.
-        let mut more: BTreeMap<Packed, u32> = entries
-            .iter()
-            .map(|&(due, rid, age)| (Packed::new((due, rid)), age))
-            .collect();
-        self.due.append(&mut more);
-        self.boundary = next.map(Packed::new);
-    }
-
     /// Schedules `rid` at `due_ms`. Returns the undo entry, or `None` if it was already there.
     pub(crate) fn add(&mut self, due_ms: u64, rid: RecipientId, created_ms: u64) -> Option<Undo> {
         let key = Packed::new((due_ms, rid));
@@ -388,7 +239,7 @@ impl Schedule {
         self.due.keys().next().map(|k| k.key().0)
     }
 
-    /// Scheduled entries in memory.
+    /// Scheduled entries.
     #[cfg(test)]
     pub(crate) fn len(&self) -> usize {
         self.due.len()
@@ -548,56 +399,6 @@ mod tests {
         let undo = far.remove(due, rid(1, 0)).expect("there");
         far.undo(undo);
         assert_eq!(far.due(due, None, 1), vec![(due, rid(1, 0), None)]);
-    }
-
-    /// A spill moves the latest entries out and puts the boundary at the first of them; a
-    /// load takes the first back in and puts it at the first left out; an unspill undoes a
-    /// spill. Entries route by the boundary.
-    #[test]
-    fn spill_and_load_keep_memory_before_the_boundary() {
-        let mut s = Schedule::with_cap(8);
-        assert_eq!(Schedule::with_cap(0).cap, MIN_CAP);
-        for m in 0..12 {
-            assert!(!s.in_sled(100 + m, rid(m, 0)));
-            s.add(100 + m, rid(m, 0), 50);
-        }
-        assert_eq!((s.excess(), s.room()), (6, 0), "12 > 8: down to 6");
-        let out = s.spill(6);
-        let moved: Vec<_> = out.iter().collect();
-        assert_eq!(
-            moved,
-            (6..12)
-                .map(|m| (100 + m, rid(m, 0), 50 + m as u32)) // (age: due - created)
-                .collect::<Vec<_>>()
-        );
-        assert_eq!(s.len(), 6);
-        assert!(s.in_sled(106, rid(6, 0)) && s.in_sled(500, rid(0, 0)));
-        assert!(!s.in_sled(105, rid(99, 0)) && !s.in_sled(106, rid(5, 0)));
-        assert_eq!((s.excess(), s.room()), (0, 0));
-        s.unspill(out);
-        assert_eq!((s.len(), s.has_spilled()), (12, false));
-        let out = s.spill(6);
-        // Taken down to 3 (< 4): room for 3 more, up to 6.
-        for m in 0..3 {
-            s.remove(100 + m, rid(m, 0));
-        }
-        assert_eq!(s.room(), 3);
-        let back: Vec<_> = out.iter().take(3).collect();
-        s.load(&back, Some((109, rid(9, 0))));
-        assert_eq!(s.len(), 6);
-        assert_eq!(
-            s.due(u64::MAX, None, 99)
-                .iter()
-                .map(|e| e.1)
-                .collect::<Vec<_>>(),
-            (3..9).map(|m| rid(m, 0)).collect::<Vec<_>>()
-        );
-        assert!(s.in_sled(109, rid(9, 0)) && !s.in_sled(108, rid(8, 0)));
-        // The last load: nothing left in sled.
-        s.load(&[], None);
-        assert!(!s.has_spilled() && s.room() == 0);
-        assert_eq!(s.spill(0).len(), 0);
-        assert!(!s.has_spilled());
     }
 
     #[test]

@@ -5,7 +5,7 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 use std::ffi::OsString;
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
@@ -37,9 +37,8 @@ const PURGE_CHUNK: usize = 1_000;
 const FINAL_ENTRY_MAX: usize = 64;
 /// How often the writer purges final records older than `final_retention` on its own.
 const AUTO_PURGE_EVERY: Duration = Duration::from_secs(60);
-/// Recovery applies its fixes in batches of this many writes (small for the reason of
-/// [`SCHED_CHUNK`]: it writes the spilled schedule entries too).
-const RECOVERY_CHUNK: usize = 1_000;
+/// Recovery applies its fixes in batches of this many writes.
+const RECOVERY_CHUNK: usize = 10_000;
 const REQUEST_QUEUE: usize = 4096;
 /// Most requests handled in one sled batch.
 const MAX_GROUP: usize = 1024;
@@ -101,8 +100,6 @@ struct Shared {
     sched: Mutex<Schedule>,
     /// Idempotency key → message (in memory only; see `idem`). Used by the writer only.
     idem: Mutex<IdemIndex>,
-    /// Numbers the spilled-schedule chunks written by this process (`codec::sched_chunk`).
-    sched_seq: AtomicU64,
     /// Tests: this many coming group commits fail as a failing sled batch would.
     #[cfg(test)]
     fail_commits: AtomicUsize,
@@ -117,15 +114,6 @@ struct Store {
 }
 
 impl Shared {
-    /// Sorts spilled schedule entries and packs them into chunks (`codec::sched_chunk`).
-    fn sched_chunks(&self, entries: &mut [codec::SchedEntry]) -> Vec<([u8; 29], Vec<u8>)> {
-        entries.sort_unstable();
-        entries
-            .chunks(codec::SCHED_CHUNK_ENTRIES)
-            .map(|c| codec::sched_chunk(c, self.sched_seq.fetch_add(1, Ordering::Relaxed)))
-            .collect()
-    }
-
     fn store(&self) -> Arc<Store> {
         Arc::clone(&self.store.read().unwrap_or_else(|e| e.into_inner()))
     }
@@ -687,7 +675,6 @@ impl Queue {
             seg_readers: segments::Readers::default(),
             sched: Mutex::new(Schedule::default()),
             idem: Mutex::new(IdemIndex::default()),
-            sched_seq: AtomicU64::new(0),
             #[cfg(test)]
             fail_commits: AtomicUsize::new(0),
         });
@@ -869,9 +856,6 @@ impl Queue {
     /// them `Leased`; recipients of the same message and destination are returned adjacent.
     /// Recipients past their lifetime are skipped (left for [`Queue::expire_due`]).
     /// Leases are not fsynced: a lease that survives a crash is undone on open.
-    /// It looks only at the schedule entries in memory (the first due; see
-    /// [`QueueOptions::schedule_memory_entries`]): when the queue is deeper, a take may
-    /// return fewer than are due, and the next one the rest.
     pub fn take_due(&self, now: SystemTime, limit: usize) -> Res<Vec<Lease>> {
         self.take(None, now, limit)
     }
@@ -879,9 +863,7 @@ impl Queue {
     /// Like [`Queue::take_due`] for one destination (lowercased domain). There is no
     /// per-destination index (it cost two sled writes per schedule change and the engine does
     /// not need it): this walks the global due schedule, so its cost grows with every
-    /// destination's due backlog. Meant for tools and tests, not the delivery path. In a
-    /// queue deeper than [`QueueOptions::schedule_memory_entries`] it does not find the
-    /// destination's recipients that are due later than those in memory.
+    /// destination's due backlog. Meant for tools and tests, not the delivery path.
     pub fn take_due_for(
         &self,
         destination: &str,
@@ -1150,22 +1132,8 @@ impl Queue {
                 .map(|(k, v)| (k.clone(), *v))
                 .collect();
         }
-        let (oldest, spilled) = {
-            let s = lock(&self.shared.sched);
-            (s.oldest_due(), s.has_spilled())
-        };
+        stats.oldest_due = lock(&self.shared.sched).oldest_due().map(from_millis);
         let db = self.shared.db();
-        stats.oldest_due = match oldest {
-            // Memory holds the first entries, unless it was just emptied.
-            None if spilled => db
-                .scan_prefix([codec::P_SCHED])
-                .next()
-                .and_then(|item| item.ok())
-                .and_then(|(k, _)| codec::sched_chunk_first(&k))
-                .map(|(due, _)| due),
-            o => o,
-        }
-        .map(from_millis);
         stats.disk_bytes = db
             .size_on_disk()
             .unwrap_or(0)
@@ -1405,9 +1373,6 @@ struct Tx<'a> {
     /// Idempotency index changes (key hash, message, inserted or removed). Applied to
     /// `Shared::idem` at once, like the schedule's, and undone the same way.
     idem_undo: Vec<(u64, MessageId, bool)>,
-    /// Schedule entries at or after the spill boundary, written to sled in chunks at commit
-    /// (see "Spilling" in `schedule`).
-    spill: Vec<codec::SchedEntry>,
 }
 
 /// A `Tx` dropped without `commit` (a request or purge chunk that failed part-way, or bodies
@@ -1431,7 +1396,6 @@ struct Savepoint {
     sched_undo: usize,
     finals: usize,
     idem_undo: usize,
-    spill: usize,
 }
 
 fn apply_delta(n: &mut u64, delta: i64) {
@@ -1457,7 +1421,6 @@ impl<'a> Tx<'a> {
             sched_undo: Vec::new(),
             finals: Vec::new(),
             idem_undo: Vec::new(),
-            spill: Vec::new(),
         }
     }
 
@@ -1472,7 +1435,6 @@ impl<'a> Tx<'a> {
             sched_undo: self.sched_undo.len(),
             finals: self.finals.len(),
             idem_undo: self.idem_undo.len(),
-            spill: self.spill.len(),
         }
     }
 
@@ -1484,7 +1446,6 @@ impl<'a> Tx<'a> {
         self.supp_delta = sp.supp_delta;
         self.seg_delta.truncate(sp.seg_delta);
         self.finals.truncate(sp.finals);
-        self.spill.truncate(sp.spill);
         self.undo_idem(sp.idem_undo);
         self.undo_sched(sp.sched_undo);
         while self.undo.len() > sp.undo {
@@ -1701,20 +1662,10 @@ impl<'a> Tx<'a> {
         });
     }
 
-    /// Schedules a recipient at its `next_attempt`: in memory, or in sled if that is at or
-    /// after the spill boundary (see "Spilling" in `schedule`).
     fn schedule(&mut self, rec: &RecipientRecord) {
         let due = to_millis(rec.next_attempt);
-        let created = to_millis(rec.created);
-        let mut sched = lock(&self.shared.sched);
-        if sched.in_sled(due, rec.id) {
-            drop(sched);
-            self.spill.push((due, rec.id, schedule::age(due, created)));
-        } else {
-            let u = sched.add(due, rec.id, created);
-            drop(sched);
-            self.sched_undo.extend(u);
-        }
+        let u = lock(&self.shared.sched).add(due, rec.id, to_millis(rec.created));
+        self.sched_undo.extend(u);
     }
 
     fn unschedule(&mut self, rec: &RecipientRecord) {
@@ -1722,14 +1673,8 @@ impl<'a> Tx<'a> {
     }
 
     fn unschedule_at(&mut self, due_ms: u64, id: RecipientId) {
-        let mut sched = lock(&self.shared.sched);
-        // An entry in sled stays there: it is dropped when it comes back into memory and
-        // no longer matches its record (see "Spilling" in `schedule`).
-        if !sched.in_sled(due_ms, id) {
-            let u = sched.remove(due_ms, id);
-            drop(sched);
-            self.sched_undo.extend(u);
-        }
+        let u = lock(&self.shared.sched).remove(due_ms, id);
+        self.sched_undo.extend(u);
     }
 
     /// Leases a scheduled recipient: in memory only, nothing is written to sled.
@@ -1769,13 +1714,6 @@ impl<'a> Tx<'a> {
 
     /// Applies everything as one sled batch: atomic, also across a crash.
     fn commit(mut self) -> Result<(), sled::Error> {
-        if !self.spill.is_empty() {
-            let mut spill = std::mem::take(&mut self.spill);
-            for (key, value) in self.shared.sched_chunks(&mut spill) {
-                self.ops
-                    .push((IVec::from(&key[..]), Some(IVec::from(value))));
-            }
-        }
         if !self.finals.is_empty() {
             // Stable: a key's records keep the order they became final in.
             self.finals.sort_by_key(|&(at, _)| at);
@@ -1833,31 +1771,6 @@ impl<'a> Tx<'a> {
         self.idem_undo.clear();
         Ok(())
     }
-}
-
-/// Spilled-schedule chunks written or removed per sled batch. sled keeps every node version a
-/// batch replaces until the batch ends: moving 62,500 entries one a key in one batch peaked
-/// at ~220 MB of node copies (`heaptrack`, BENCHMARKS.md, Queue, "Eleventh session").
-const SCHED_CHUNK: usize = 256;
-
-/// Applies `writes` (key, value or `None` to remove) in sled batches of [`SCHED_CHUNK`],
-/// each through a `Tx` (so a background compaction sees them). Not synced.
-fn commit_in_chunks<K: AsRef<[u8]>, V: AsRef<[u8]>>(
-    shared: &Shared,
-    writes: impl Iterator<Item = (K, Option<V>)>,
-) -> Res<()> {
-    let mut writes = writes.peekable();
-    while writes.peek().is_some() {
-        let mut tx = Tx::new(shared);
-        for (k, v) in writes.by_ref().take(SCHED_CHUNK) {
-            match v {
-                Some(v) => tx.insert_blind(k.as_ref(), v.as_ref()),
-                None => tx.remove(k.as_ref()),
-            }
-        }
-        tx.commit()?;
-    }
-    Ok(())
 }
 
 /// Copies every key of `old` into a new sled store in `dir` (not yet flushed). Stops early
@@ -1989,7 +1902,6 @@ impl Writer {
                 }
             };
             if let Some(first) = first {
-                self.balance_schedule();
                 let mut tx = Tx::new(&shared);
                 let mut group: Vec<Done> = Vec::new();
                 // A token left from a sync that ended while nothing waited for it.
@@ -2082,92 +1994,6 @@ impl Writer {
             }
             self.poll_background();
         }
-    }
-
-    /// Moves schedule entries between memory and sled, between groups (see "Spilling" in
-    /// `schedule`): out when memory holds more than the cap, in when it holds less than half
-    /// and sled has some. Each move is a sled batch of its own, not synced (the entries are
-    /// rebuilt at open). If it fails, memory keeps (or lacks) the entries and the queue
-    /// closes, as after any failed write.
-    fn balance_schedule(&mut self) {
-        let shared = Arc::clone(&self.shared);
-        if lock(&shared.closed).is_some() {
-            return;
-        }
-        let (excess, room) = {
-            let s = lock(&shared.sched);
-            (s.excess(), s.room())
-        };
-        if excess > 0 {
-            let spilled = lock(&shared.sched).spill(excess);
-            let mut entries: Vec<_> = spilled.iter().collect();
-            let writes = shared
-                .sched_chunks(&mut entries)
-                .into_iter()
-                .map(|(k, v)| (IVec::from(&k[..]), Some(v)));
-            if let Err(e) = commit_in_chunks(&shared, writes) {
-                // Entries already written are in memory and in sled now: harmless, as the
-                // queue takes no more requests and the next open rebuilds the schedule.
-                lock(&shared.sched).unspill(spilled);
-                shared.close(&format!("cannot move schedule entries to sled: {e}"));
-            } else {
-                tracing::debug!(entries = spilled.len(), "schedule entries moved to sled");
-            }
-        } else if room > 0 {
-            if let Err(e) = self.load_schedule(room) {
-                shared.close(&format!("cannot move schedule entries from sled: {e}"));
-            }
-        }
-    }
-
-    /// Moves at least the first `n` schedule entries in sled into memory (whole chunks), and
-    /// the boundary up to the first chunk left in sled. Entries of the chunks read that are at
-    /// or after the new boundary (chunks overlap) go back to sled in new chunks.
-    fn load_schedule(&mut self, n: usize) -> Res<()> {
-        let shared = Arc::clone(&self.shared);
-        let mut entries: Vec<codec::SchedEntry> = Vec::with_capacity(n.min(1 << 16));
-        let mut writes: Vec<(IVec, Option<Vec<u8>>)> = Vec::new();
-        let mut next = None;
-        for item in shared.db().scan_prefix([codec::P_SCHED]) {
-            let (k, v) = item?;
-            if entries.len() >= n {
-                next = codec::sched_chunk_first(&k);
-                if next.is_some() {
-                    break;
-                }
-            }
-            match codec::parse_sched_chunk(&k, &v) {
-                Some(chunk) => entries.extend(chunk),
-                // Only this version writes `s` keys, and open removes them all: cannot
-                // normally happen. Its recipients are scheduled again at the next open.
-                None => tracing::error!(key = ?k, "removing an unreadable spilled schedule chunk"),
-            }
-            writes.push((k, None));
-        }
-        let mut back: Vec<codec::SchedEntry> = match next {
-            Some(b) => {
-                let (keep, back) = entries.into_iter().partition(|&(d, r, _)| (d, r) < b);
-                entries = keep;
-                back
-            }
-            None => Vec::new(),
-        };
-        writes.extend(
-            shared
-                .sched_chunks(&mut back)
-                .into_iter()
-                .map(|(k, v)| (IVec::from(&k[..]), Some(v))),
-        );
-        // On an error the queue closes: entries removed from sled so far are in neither
-        // place until the next open rebuilds the schedule.
-        commit_in_chunks(&shared, writes.into_iter())?;
-        lock(&shared.sched).load(&entries, next);
-        tracing::debug!(
-            entries = entries.len(),
-            back = back.len(),
-            "schedule entries moved from sled"
-        );
-        Ok(())
     }
 
     /// Handles one request into the group's `Tx`.
@@ -2717,19 +2543,12 @@ impl Writer {
         due: u64,
         rid: RecipientId,
     ) -> Res<Option<RecipientRecord>> {
-        // A leased recipient reads `Scheduled` on disk (leases are in memory only).
-        let leased = lock(&tx.shared.sched).leased_at(rid).is_some();
         match tx.record(rid)? {
-            Some(r)
-                if r.state == RecipientState::Scheduled
-                    && to_millis(r.next_attempt) == due
-                    && !leased =>
-            {
+            Some(r) if r.state == RecipientState::Scheduled && to_millis(r.next_attempt) == due => {
                 Ok(Some(r))
             }
             _ => {
-                // Normal for an entry that was in sled (see "Spilling" in `schedule`).
-                tracing::debug!(recipient = %rid, due, "dropping a stale schedule entry");
+                tracing::warn!(recipient = %rid, due, "dropping a stale schedule entry");
                 tx.unschedule_at(due, rid);
                 Ok(None)
             }
@@ -3318,20 +3137,8 @@ fn recover(
         fixes.remove(&codec::rcpt_key(rec.id));
         *n += 1;
     };
-    let mut sched = Schedule::with_cap(shared.opts.schedule_memory_entries);
-    // Entries for sled, written in chunks.
-    let mut spill: Vec<codec::SchedEntry> = Vec::new();
+    let mut sched = Schedule::default();
     let mut idem = IdemIndex::default();
-    // The schedule is rebuilt from the records: first remove what sled holds of it (the
-    // spilled entries of the last run, or the whole schedule of a store before schema 2), so
-    // that what the rebuild spills is all there is.
-    for item in db.scan_prefix([codec::P_SCHED]) {
-        let (k, _) = item?;
-        fixes.remove(k);
-        nfixes += 1;
-        flush_fixes(&mut fixes, &mut nfixes, false)?;
-    }
-    flush_fixes(&mut fixes, &mut nfixes, true)?;
 
     for item in metas {
         let (mk, mv) = item?;
@@ -3397,26 +3204,9 @@ fn recover(
                 released += 1;
             }
             if rec.state == RecipientState::Scheduled {
-                let (due, created) = (to_millis(rec.next_attempt), to_millis(rec.created));
-                if sched.in_sled(due, rec.id) {
-                    spill.push((due, rec.id, schedule::age(due, created)));
-                } else {
-                    sched.add(due, rec.id, created);
-                }
+                sched.add(to_millis(rec.next_attempt), rec.id, to_millis(rec.created));
             }
             counters.add(rec.state, &rec.destination);
-        }
-        let excess = sched.excess();
-        if excess > 0 {
-            spill.extend(sched.spill(excess).iter());
-        }
-        if spill.len() >= codec::SCHED_CHUNK_ENTRIES {
-            for (k, v) in shared.sched_chunks(&mut spill) {
-                fixes.insert(&k, v);
-                nfixes += 1;
-                flush_fixes(&mut fixes, &mut nfixes, false)?;
-            }
-            spill.clear();
         }
         if let Some(k) = &meta.idempotency_key {
             idem.push(idem.hash(k), mid);
@@ -3450,16 +3240,13 @@ fn recover(
         orphans += 1;
         flush_fixes(&mut fixes, &mut nfixes, false)?;
     }
-    for (k, v) in shared.sched_chunks(&mut spill) {
-        fixes.insert(&k, v);
-        nfixes += 1;
-    }
     // The scan added the schedule in id order, mostly ascending: full nodes from here.
     sched.repack();
     idem.finish();
-    // Older stores kept the schedule in sled under `d` per destination (schema 1), and the
-    // idempotency index under `i` until schema 5. No longer used.
-    for prefix in [codec::P_DEST, codec::P_IDEM] {
+    // Older stores kept the schedule in sled: under `d` per destination (schema 1), and
+    // under `s` until it moved into memory; and the idempotency index under `i` until
+    // schema 5. No longer used.
+    for prefix in [codec::P_DEST, codec::P_SCHED, codec::P_IDEM] {
         for item in db.scan_prefix([prefix]) {
             let (k, _) = item?;
             fixes.remove(k);
@@ -3671,67 +3458,6 @@ mod tests {
         );
         assert!(q.shared.db().scan_prefix([codec::P_RCPT]).next().is_none());
         assert!(q.message(rid.message).unwrap().is_none());
-    }
-
-    /// The schedule entries beyond the cap are in sled, all after those in memory, and every
-    /// open removes them and spills anew, or not at all with room enough.
-    #[test]
-    fn spilled_entries_are_in_sled_after_memory_and_rebuilt_at_open() {
-        let dir = tempfile::tempdir().unwrap();
-        let opts = |cap| QueueOptions {
-            schedule_memory_entries: cap,
-            ..QueueOptions::default()
-        };
-        let spilled = |q: &Queue| -> Vec<(u64, RecipientId)> {
-            let mut all: Vec<_> = q
-                .shared
-                .db()
-                .scan_prefix([codec::P_SCHED])
-                .flat_map(|item| {
-                    let (k, v) = item.unwrap();
-                    let chunk = codec::parse_sched_chunk(&k, &v).expect("readable");
-                    assert_eq!(codec::sched_chunk_first(&k), Some((chunk[0].0, chunk[0].1)));
-                    chunk.into_iter().map(|(due, rid, _)| (due, rid))
-                })
-                .collect();
-            all.sort();
-            all
-        };
-        let in_memory = |q: &Queue| lock(&q.shared.sched).due(u64::MAX, None, usize::MAX);
-        let check = |q: &Queue, memory: usize, sled: usize| {
-            q.flush().unwrap(); // a group: balanced at its start
-            let (m, s) = (in_memory(q), spilled(q));
-            assert_eq!((m.len(), s.len()), (memory, sled));
-            if let (Some(last), Some(first)) = (m.last(), s.first()) {
-                assert!((last.0, last.1) < *first, "memory before sled");
-            }
-        };
-        let q = Queue::open(dir.path(), opts(8)).unwrap();
-        for _ in 0..30 {
-            q.enqueue(message()).unwrap();
-        }
-        // The 9th made 9 > 8: moved out down to 6; those after went straight to sled.
-        check(&q, 6, 24);
-        drop(q);
-        let q = Queue::open(dir.path(), opts(1000)).unwrap();
-        check(&q, 30, 0);
-        drop(q);
-        let q = Queue::open(dir.path(), opts(8)).unwrap();
-        check(&q, 6, 24);
-        // The open spilled in one chunk of 24. Taking 5 leaves 1 < 4 in memory: the next
-        // group moves at least 5 in, whole chunks, so all 24; the one after moves 19 out.
-        assert_eq!(q.take_due(SystemTime::now(), 5).unwrap().len(), 5);
-        check(&q, 25, 0);
-        check(&q, 6, 19);
-        // More than a chunk holds: several chunks.
-        drop(q);
-        let q = Queue::open(dir.path(), opts(8)).unwrap();
-        for _ in 0..100 {
-            q.enqueue(message()).unwrap();
-        }
-        check(&q, 6, 124); // 30 (the 5 leases ended with the process) + 100
-        let chunks = q.shared.db().scan_prefix([codec::P_SCHED]).count();
-        assert!(chunks >= 2, "{chunks} chunks");
     }
 
     /// Marks `q`'s store as schema `version`, closes it, reopens it and checks that the open

@@ -56,13 +56,6 @@ pub struct QueueOptions {
     /// PostgreSQL's `commit_siblings`): at low load an outcome has no company to wait for,
     /// and waiting would only add the delay to it. 0: always. Default 4.
     pub outcome_commit_siblings: usize,
-    /// Most schedule entries (one per scheduled recipient) kept in memory, ~31 bytes each;
-    /// the latest due beyond them wait in sled until the earlier ones are taken (see
-    /// "Spilling" in `schedule.rs`). This, with sled's cache, bounds the memory of a deep
-    /// queue; each recipient enqueued or deferred while the queue is deeper costs a sled
-    /// write more, and a read and a delete when its turn comes. A take sees only the
-    /// entries in memory. At least 4. Default 250,000 (~8 MiB).
-    pub schedule_memory_entries: usize,
 }
 
 impl Default for QueueOptions {
@@ -78,7 +71,6 @@ impl Default for QueueOptions {
             lease_timeout: Some(Duration::from_secs(3600)),
             outcome_commit_delay: Duration::from_millis(3),
             outcome_commit_siblings: 4,
-            schedule_memory_entries: 250_000,
         }
     }
 }
