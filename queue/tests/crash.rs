@@ -6,7 +6,7 @@
 //! `BULKSEND_CRASH_CYCLES=200 cargo test -p bulksend-queue --release --test crash` for a
 //! longer run (default 20 cycles).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::{BufRead, Write};
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -305,6 +305,38 @@ fn check(dir: &Path, acked: &Acked) -> (usize, usize) {
         assert_eq!(rec.state, *st, "state of {rid}");
         assert!(rec.attempts >= 1, "attempts of {rid}");
     }
+    // Every scheduled recipient is in the schedule, once: taking everything due in two days
+    // (before any expires) leases each exactly once. The leases end with this process.
+    let scheduled: BTreeSet<RecipientId> = by_msg
+        .values()
+        .flatten()
+        .filter(|r| r.state == RecipientState::Scheduled)
+        .map(|r| r.id)
+        .collect();
+    let mut leased = BTreeSet::new();
+    let at = SystemTime::now() + Duration::from_secs(2 * 86_400);
+    loop {
+        let leases = q.take_due(at, 1000).unwrap();
+        if leases.is_empty() {
+            break;
+        }
+        for l in leases {
+            assert!(
+                leased.insert(l.recipient.id),
+                "{} leased twice",
+                l.recipient.id
+            );
+        }
+    }
+    let missing: Vec<_> = scheduled.difference(&leased).take(5).collect();
+    let extra: Vec<_> = leased.difference(&scheduled).take(5).collect();
+    assert!(
+        missing.is_empty() && extra.is_empty(),
+        "{} scheduled, {} taken: scheduled but never taken {missing:?}..., taken but not \
+         scheduled {extra:?}...",
+        scheduled.len(),
+        leased.len()
+    );
     // A retried enqueue of an acknowledged key is a duplicate with the same id.
     for (key, (id, n)) in acked.enqueued.iter().take(3) {
         let e = q.enqueue(new_message(key.clone(), *n)).unwrap();
