@@ -87,9 +87,9 @@ pub struct QueueSettings {
     /// space, e.g. after a drain. sled never shrinks its files otherwise.
     pub auto_compact: bool,
     /// A lease not completed or renewed within this time returns to scheduled (a safety net
-    /// for a lost lease; the engine renews the leases of jobs it keeps waiting). `0s`: off,
-    /// leases return only with a restart. At least `delivery.shutdown_grace`, which bounds a
-    /// transaction in hand.
+    /// for a lost lease; the engine renews the leases of every job it holds, in a transaction
+    /// or waiting, while it runs). `0s`: off, leases return only with a restart. At least
+    /// `delivery.shutdown_grace`, during which nothing is renewed.
     #[serde(with = "humantime_serde")]
     pub lease_timeout: Duration,
     /// How long a group commit of delivery outcomes may wait for more outcomes to share its
@@ -589,8 +589,8 @@ impl Settings {
         let lease = self.queue.lease_timeout;
         if !lease.is_zero() && lease < d.shutdown_grace {
             return Err(format!(
-                "queue.lease_timeout ({}) is shorter than delivery.shutdown_grace ({}): a lease \
-                 must outlive any transaction (0s turns the timeout off)",
+                "queue.lease_timeout ({}) is shorter than delivery.shutdown_grace ({}): leases are \
+                 not renewed while transactions finish at shutdown (0s turns the timeout off)",
                 humantime::format_duration(lease),
                 humantime::format_duration(d.shutdown_grace)
             ));

@@ -246,6 +246,53 @@ struct Inner {
     counters: Counters,
     /// When the last recipients given back by [`Inner::rebalance`] are due again.
     postponed_until: Mutex<Option<Instant>>,
+    /// The leased recipients the engine holds as jobs, wherever they are (see [`HeldLeases`]).
+    held: Arc<HeldLeases>,
+}
+
+/// The leased recipients the engine holds: every [`JobRcpt`] is counted here from its
+/// creation until it is dropped, in a ready queue, waiting for a rate-limit slot, in a
+/// transaction however long the server takes, or in a write of its outcome. The run loop
+/// renews all their leases (`queue.lease_timeout`), so only a lease the engine has lost (a
+/// job dropped without an outcome) runs out and is handed out again, and no transaction in
+/// progress has its recipients sent a second time on another connection.
+#[derive(Default)]
+struct HeldLeases {
+    /// Recipient → how many `JobRcpt`s hold it (two, briefly, if a recipient given back is
+    /// leased again before the old one is dropped).
+    ids: Mutex<HashMap<RecipientId, u32>>,
+}
+
+impl HeldLeases {
+    fn hold(self: &Arc<Self>, id: RecipientId) -> HeldLease {
+        *lock(&self.ids).entry(id).or_insert(0) += 1;
+        HeldLease {
+            id,
+            held: Arc::clone(self),
+        }
+    }
+
+    fn ids(&self) -> Vec<RecipientId> {
+        lock(&self.ids).keys().copied().collect()
+    }
+}
+
+/// One recipient's place in [`HeldLeases`], given up when dropped.
+struct HeldLease {
+    id: RecipientId,
+    held: Arc<HeldLeases>,
+}
+
+impl Drop for HeldLease {
+    fn drop(&mut self) {
+        let mut ids = lock(&self.held.ids);
+        if let std::collections::hash_map::Entry::Occupied(mut e) = ids.entry(self.id) {
+            *e.get_mut() -= 1;
+            if *e.get() == 0 {
+                e.remove();
+            }
+        }
+    }
 }
 
 /// One message to some recipients at one destination: one SMTP transaction.
@@ -264,6 +311,8 @@ struct JobRcpt {
     /// Attempts before this one.
     attempts: u32,
     created: SystemTime,
+    /// Keeps its lease renewed while it exists.
+    _held: HeldLease,
 }
 
 /// Limits of one destination (from `[delivery]`/`[smtp]`, overridden by `[destinations.X]`).
@@ -346,6 +395,7 @@ impl Engine {
                 wake: Notify::new(),
                 counters: Counters::default(),
                 postponed_until: Mutex::new(None),
+                held: Arc::default(),
             }),
         })
     }
@@ -384,7 +434,7 @@ impl Engine {
             }
             if let Some(timeout) = inner.queue.lease_timeout() {
                 if last_renew.elapsed() >= (timeout / 4).min(Duration::from_secs(60)) {
-                    inner.renew_ready_leases();
+                    inner.renew_held_leases();
                     last_renew = Instant::now();
                 }
             }
@@ -629,7 +679,7 @@ impl Inner {
                 Some(Ok(d)) => d.clone(),
                 Some(Err((class, reason))) => {
                     for l in leases {
-                        if let Some(r) = job_rcpt(&l) {
+                        if let Some(r) = job_rcpt(&self.held, &l) {
                             failed.push((r, local(*class, reason), false));
                         } else {
                             self.bad_address(&l).await;
@@ -653,7 +703,7 @@ impl Inner {
                     Ok(a) => Some(a),
                     Err(e) => {
                         for l in leases {
-                            if let Some(r) = job_rcpt(&l) {
+                            if let Some(r) = job_rcpt(&self.held, &l) {
                                 failed.push((
                                     r,
                                     local(Class::Permanent, &format!("bad sender address: {e}")),
@@ -670,7 +720,7 @@ impl Inner {
             // Group this message's recipients by destination.
             let mut per_dest: Vec<(Arc<Dest>, Vec<JobRcpt>)> = Vec::new();
             for l in leases {
-                let Some(rcpt) = job_rcpt(&l) else {
+                let Some(rcpt) = job_rcpt(&self.held, &l) else {
                     self.bad_address(&l).await;
                     continue;
                 };
@@ -877,18 +927,12 @@ impl Inner {
         dest
     }
 
-    /// Renews the leases of every job waiting in a ready queue: a slow or rate-limited
-    /// destination may hold its jobs longer than the queue's lease timeout, which would
-    /// otherwise hand them out a second time while they wait here. A job waiting in a worker
-    /// for its rate-limit slot renews its own; one in a transaction is covered by the
-    /// timeout itself, which must outlive a transaction (config check).
-    fn renew_ready_leases(&self) {
-        let dests: Vec<Arc<Dest>> = lock(&self.dests).values().cloned().collect();
-        let mut ids: Vec<RecipientId> = Vec::new();
-        for d in &dests {
-            let s = lock(&d.state);
-            ids.extend(s.ready.iter().flat_map(|j| j.rcpts.iter().map(|r| r.id)));
-        }
+    /// Renews the leases of every recipient the engine holds ([`HeldLeases`]): a slow or
+    /// rate-limited destination may keep its jobs waiting, and a slow server a transaction,
+    /// longer than the queue's lease timeout, which would otherwise hand them out a second
+    /// time meanwhile.
+    fn renew_held_leases(&self) {
+        let ids = self.held.ids();
         if !ids.is_empty() {
             self.queue.renew_leases(&ids, SystemTime::now());
         }
@@ -1312,14 +1356,10 @@ async fn worker(inner: Arc<Inner>, dest: Arc<Dest>) {
     let mut wind_down = false;
     loop {
         let (job, env) = if let Some((job, env)) = sent.take() {
-            renew(&inner, &job, SystemTime::now());
             (job, Some(env))
         } else {
             let job = match carried.take() {
-                Some(job) => {
-                    renew(&inner, &job, SystemTime::now());
-                    job
-                }
+                Some(job) => job,
                 None => {
                     let Some(job) = next_job(&inner, &dest, idle).await else {
                         break;
@@ -1405,13 +1445,10 @@ async fn worker(inner: Arc<Inner>, dest: Arc<Dest>) {
         {
             let popped = lock(&dest.state).pop();
             match popped {
-                Some(next) => {
-                    renew(&inner, &next, SystemTime::now());
-                    match screen(&inner, &dest, next).await {
-                        Screened::Send(next) => Some(next),
-                        Screened::Skip | Screened::Stop => None,
-                    }
-                }
+                Some(next) => match screen(&inner, &dest, next).await {
+                    Screened::Send(next) => Some(next),
+                    Screened::Skip | Screened::Stop => None,
+                },
                 None => None,
             }
         } else {
@@ -1645,12 +1682,7 @@ async fn wait_for_rate_slot(inner: &Arc<Inner>, dest: &Dest, job: &Job) -> bool 
         s.next_send = at + rate.per / rate.count;
         at
     };
-    // The job is out of the ready queue while it waits for its slot, so the periodic renewal
-    // does not see it: hold its leases until the slot (plus the timeout).
-    let wait = at.saturating_duration_since(Instant::now());
-    if !wait.is_zero() {
-        renew(inner, job, SystemTime::now() + wait);
-    }
+    // Its leases are renewed meanwhile, like those of every job the engine holds.
     let stop = inner.stop_token();
     tokio::select! {
         _ = tokio::time::sleep_until(at.into()) => true,
@@ -1732,17 +1764,6 @@ async fn give_back(inner: &Arc<Inner>, dest: &Dest, job: Job) {
         dest.defer_paused(inner, vec![job], until, reason).await;
     } else {
         release(inner, &job).await;
-    }
-}
-
-/// Restarts, from `from`, the lease timeout of a job this worker holds out of the ready
-/// queue (where the periodic renewal sees it): while it waits for its rate-limit slot, or
-/// while another transaction goes first (the one taken to go out behind a dot waits for
-/// that transaction, and then has its own).
-fn renew(inner: &Inner, job: &Job, from: SystemTime) {
-    if inner.queue.lease_timeout().is_some() {
-        let ids: Vec<RecipientId> = job.rcpts.iter().map(|r| r.id).collect();
-        inner.queue.renew_leases(&ids, from);
     }
 }
 
@@ -1849,12 +1870,13 @@ async fn split_suppressed(
     )
 }
 
-fn job_rcpt(l: &Lease) -> Option<JobRcpt> {
+fn job_rcpt(held: &Arc<HeldLeases>, l: &Lease) -> Option<JobRcpt> {
     Some(JobRcpt {
         id: l.recipient.id,
         address: Address::parse(&l.recipient.address).ok()?,
         attempts: l.recipient.attempts,
         created: l.recipient.created,
+        _held: held.hold(l.recipient.id),
     })
 }
 
@@ -1887,6 +1909,35 @@ fn jitter(max: Duration) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_recipient_is_held_until_its_last_holder_is_dropped() {
+        let held = Arc::new(HeldLeases::default());
+        let id = |i| RecipientId {
+            message: bulksend_queue::MessageId(7),
+            index: i,
+        };
+        let a = held.hold(id(0));
+        let b = held.hold(id(1));
+        // Given back and leased again before the first holder is gone: held twice.
+        let a_again = held.hold(id(0));
+        let mut ids = held.ids();
+        ids.sort();
+        assert_eq!(ids, vec![id(0), id(1)]);
+        drop(a);
+        assert_eq!(
+            held.ids().len(),
+            2,
+            "the second holder of u0 still holds it"
+        );
+        drop(a_again);
+        assert_eq!(held.ids(), vec![id(1)]);
+        drop(b);
+        assert!(
+            held.ids().is_empty(),
+            "a dropped job's lease is no longer renewed"
+        );
+    }
 
     #[test]
     fn take_loop_refills_a_quarter_at_a_time_and_is_told_once_per_crossing() {

@@ -39,9 +39,10 @@ pub struct QueueOptions {
     pub compact_max_live_bytes: u64,
     /// A lease older than this is taken back by the next [`crate::Queue::take_due`], as if
     /// released: its recipient is due again. A safety net for a lease its holder lost (a task
-    /// that panicked or hung); it must outlive the longest transaction, since a holder that
-    /// completes after it may have caused a second delivery. `None`: leases return only with
-    /// a restart. Default 1 hour.
+    /// that panicked or hung). A holder must renew ([`crate::Queue::renew_leases`]) what it
+    /// keeps longer (the engine renews everything it holds), since a holder that completes
+    /// after it may have caused a second delivery. `None`: leases return only with a
+    /// restart. Default 1 hour.
     pub lease_timeout: Option<Duration>,
     /// How long the writer may hold a group commit open, gathering more, when everything in
     /// it is an outcome recorded through [`crate::Queue::complete_batch_async`] (the

@@ -897,6 +897,29 @@ async fn jobs_waiting_longer_than_the_lease_timeout_are_not_sent_twice() {
     assert_eq!(got.len(), 20, "some messages were sent twice");
 }
 
+/// A transaction in progress keeps its leases, however long the server takes: with a 1 s
+/// lease timeout and a server that answers each connection's first dot after 5 s (nothing
+/// is pipelined behind it), no recipient is handed out again and sent a second time, on
+/// another connection, while its first transaction waits for the reply.
+#[tokio::test]
+async fn a_transaction_longer_than_the_lease_timeout_is_not_sent_twice() {
+    let slow = ScriptedServer::start(Script::default().holding_dot_reply(1)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = base_settings(dir.path(), &[("slow.test", slow.addr)]);
+    s.smtp.pipeline_transactions = false;
+    let r = rig_with_one_second_leases(dir, s);
+    enqueue_users(&r.queue, "slow.test", 3);
+    let summary = tokio::time::timeout(
+        Duration::from_secs(60),
+        r.engine.run(CancellationToken::new(), true),
+    )
+    .await
+    .unwrap();
+    assert_eq!(summary.delivered, 3, "{summary:?}");
+    assert_eq!(state_count(&r.queue, RecipientState::Delivered), 3);
+    assert_eq!(slow.messages().len(), 3, "some messages were sent twice");
+}
+
 /// A job waiting in a worker for its rate-limit slot holds its leases until the slot: at one
 /// message per 2 s each job waits ~2 s for its turn, past a 1 s lease timeout, and is still
 /// sent once.
