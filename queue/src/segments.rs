@@ -170,8 +170,9 @@ fn read_at(
 
 /// Segment files kept open for reading bodies, so that a read is one `pread` instead of
 /// open + stat + pread + close (the path lookup and the stat were most of a 2 KB body's
-/// read). A file is forgotten before it is deleted ([`delete`]), so no deleted segment's
-/// space is held; at most [`Readers::MAX_OPEN`] are open.
+/// read). A file is forgotten and deleted under the same lock ([`Readers::remove`]), and a
+/// file opened before its deletion is not kept once it is deleted ([`Readers::keep`]), so no
+/// deleted segment's space is held; at most [`Readers::MAX_OPEN`] are open.
 #[derive(Default)]
 pub(crate) struct Readers {
     open: std::sync::Mutex<HashMap<u64, (std::sync::Arc<File>, u64)>>,
@@ -188,12 +189,7 @@ impl Readers {
             Some(kept) => kept,
             None => {
                 let f = std::sync::Arc::new(File::open(&path).map_err(|e| io_error(&path, e))?);
-                let l = f.metadata().map_err(|e| io_error(&path, e))?.len();
-                let mut open = lock(&self.open);
-                if open.len() >= Self::MAX_OPEN {
-                    open.clear();
-                }
-                open.insert(r.seg, (f.clone(), l));
+                let l = self.keep(r.seg, &f).map_err(|e| io_error(&path, e))?;
                 (f, l)
             }
         };
@@ -215,9 +211,32 @@ impl Readers {
         }
     }
 
-    /// Closes segment `seg` (before it is deleted).
-    pub(crate) fn forget(&self, seg: u64) {
+    /// Keeps `file`, just opened, as segment `seg`'s, unless it was deleted since it was
+    /// opened ([`Readers::remove`] may run between the open and this). Returns its length.
+    fn keep(&self, seg: u64, file: &std::sync::Arc<File>) -> std::io::Result<u64> {
+        use std::os::unix::fs::MetadataExt;
+        let mut open = lock(&self.open);
+        let meta = file.metadata()?;
+        if meta.nlink() > 0 {
+            if open.len() >= Self::MAX_OPEN {
+                open.clear();
+            }
+            open.insert(seg, (std::sync::Arc::clone(file), meta.len()));
+        }
+        Ok(meta.len())
+    }
+
+    /// Closes segment `seg` (after a failed read).
+    fn forget(&self, seg: u64) {
         lock(&self.open).remove(&seg);
+    }
+
+    /// Closes and deletes segment `seg`, holding the lock across both so that no reader
+    /// keeps it open in between.
+    fn remove(&self, seg: u64, path: &Path) -> std::io::Result<()> {
+        let mut open = lock(&self.open);
+        open.remove(&seg);
+        std::fs::remove_file(path)
     }
 }
 
@@ -532,8 +551,7 @@ pub(crate) fn delete(
     let mut n = 0;
     for &seg in segs {
         lock(state).removed(seg);
-        readers.forget(seg);
-        match std::fs::remove_file(path_of(dir, seg)) {
+        match readers.remove(seg, &path_of(dir, seg)) {
             Ok(()) => n += 1,
             Err(e) if e.kind() == ErrorKind::NotFound => {}
             Err(e) => tracing::warn!(segment = seg, "cannot remove body segment: {e}"),
@@ -581,6 +599,34 @@ mod tests {
             Err(ReadError::Damaged(_))
         ));
         assert!(read(dir.path(), r1, 1 << 40).is_err());
+    }
+
+    #[test]
+    fn a_deleted_segment_is_not_kept_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = Mutex::new(State::default());
+        let mut a = Appender::new(dir.path(), 1, true);
+        let readers = Readers::default();
+        let r1 = a.append(&state, 1, b"body").unwrap();
+        a.write_pending(&state).unwrap();
+        a.seal(&state).unwrap();
+        let r2 = a.append(&state, 2, b"other").unwrap();
+        a.write_pending(&state).unwrap();
+        assert_ne!(r1.seg, r2.seg);
+        // Kept by a read, closed by its deletion.
+        assert_eq!(readers.read(dir.path(), r1, 4).unwrap(), b"body");
+        assert!(lock(&readers.open).contains_key(&r1.seg));
+        assert_eq!(delete(dir.path(), &state, &readers, &[r1.seg].into()), 1);
+        assert!(!lock(&readers.open).contains_key(&r1.seg));
+        // A reader that opened the file just before it was deleted does not keep it.
+        let path = path_of(dir.path(), r2.seg);
+        let f = std::sync::Arc::new(File::open(&path).unwrap());
+        assert_eq!(delete(dir.path(), &state, &readers, &[r2.seg].into()), 1);
+        assert_eq!(readers.keep(r2.seg, &f).unwrap(), 5);
+        assert!(
+            lock(&readers.open).is_empty(),
+            "a deleted segment would hold its disk space while kept open"
+        );
     }
 
     #[test]
