@@ -142,6 +142,14 @@ async fn slow_and_fast(
     (slow, fast, s)
 }
 
+/// Drains (delivers until nothing is due or in flight, so a second copy would be sent too);
+/// fails the test if that takes longer than `limit`.
+async fn drain_within(engine: &Engine, limit: Duration) -> RunSummary {
+    tokio::time::timeout(limit, engine.run(CancellationToken::new(), true))
+        .await
+        .expect("the drain did not finish in time")
+}
+
 /// Runs the engine (not draining) until `done` holds or `limit` passes, then shuts it down.
 async fn run_until(engine: &Engine, limit: Duration, done: impl Fn() -> bool) -> RunSummary {
     let token = CancellationToken::new();
@@ -909,12 +917,7 @@ async fn a_transaction_longer_than_the_lease_timeout_is_not_sent_twice() {
     s.smtp.pipeline_transactions = false;
     let r = rig_with_one_second_leases(dir, s);
     enqueue_users(&r.queue, "slow.test", 3);
-    let summary = tokio::time::timeout(
-        Duration::from_secs(60),
-        r.engine.run(CancellationToken::new(), true),
-    )
-    .await
-    .unwrap();
+    let summary = drain_within(&r.engine, Duration::from_secs(60)).await;
     assert_eq!(summary.delivered, 3, "{summary:?}");
     assert_eq!(state_count(&r.queue, RecipientState::Delivered), 3);
     assert_eq!(slow.messages().len(), 3, "some messages were sent twice");
@@ -938,13 +941,7 @@ async fn jobs_waiting_for_a_rate_limit_slot_are_not_sent_twice() {
     );
     let r = rig_with_one_second_leases(dir, s);
     enqueue_users(&r.queue, "rated.test", 5);
-    // Drain: run until nothing is due or in flight, so a second copy would be sent too.
-    let summary = tokio::time::timeout(
-        Duration::from_secs(60),
-        r.engine.run(CancellationToken::new(), true),
-    )
-    .await
-    .unwrap();
+    let summary = drain_within(&r.engine, Duration::from_secs(60)).await;
     assert_eq!(summary.delivered, 5, "{summary:?}");
     assert_eq!(state_count(&r.queue, RecipientState::Delivered), 5);
     assert_eq!(server.messages().len(), 5, "some messages were sent twice");
