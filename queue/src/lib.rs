@@ -7,8 +7,8 @@
 //! * one delivery record per recipient ([`RecipientRecord`]) with its [`RecipientState`]:
 //!   `Scheduled` → `Leased` (in flight) → `Delivered` / `Bounced` / `Expired` / `Suppressed`
 //!   / `Unknown` (final), or back to `Scheduled` (deferred, released);
-//! * the schedule (due time → recipient) and the leases, in memory: both are rebuilt from
-//!   the records at open (see "Schedule and leases" below);
+//! * the schedule (which zones of recipients are due when) and the leases, in memory: both
+//!   are rebuilt from the records at open (see "Schedule and leases" below);
 //! * the suppression list (addresses, lowercased);
 //! * idempotency keys (a retried enqueue returns the first message's id): each is stored in
 //!   its message's metadata, and the index from key to message is in memory, rebuilt at open
@@ -84,8 +84,10 @@
 //! anyway. A lease is never written: on disk a leased recipient still reads `Scheduled`, which
 //! is what a crash must return it to. This takes three of the nine sled writes a delivered
 //! recipient used to cost (the schedule entry written at enqueue and removed at the lease, and
-//! the record rewritten for the lease); the price is memory, one `BTreeMap` entry per
-//! scheduled recipient (~31 bytes with the packing and repacking `schedule.rs` describes).
+//! the record rewritten for the lease). The schedule's memory does not grow with each
+//! queued recipient: it keeps, per zone of ~64 consecutive recipient ids, a lower bound of
+//! their due times, and finds what is due by reading the records of the zones whose bound
+//! is due (a range scan of their metadata in sled); see `schedule.rs`.
 //!
 //! Reads ([`Queue::message`], [`Queue::list`]) show the lease: they combine sled's committed
 //! records with the in-memory leases, which the writer changes while it handles a group,
@@ -114,9 +116,9 @@
 //!
 //! A deferral past `created + max_queue_lifetime` is recorded as `Expired` directly, so a
 //! scheduled recipient's `next_attempt` never exceeds its deadline, and [`Queue::expire_due`]
-//! only scans due entries. Final records are purged by the writer thread (every minute, in
-//! chunks) once older than [`QueueOptions::final_retention`], or on demand with
-//! [`Queue::purge_final`].
+//! only reads the zones whose bound is due and created long enough ago. Final records are
+//! purged by the writer thread (every minute, in chunks) once older than
+//! [`QueueOptions::final_retention`], or on demand with [`Queue::purge_final`].
 //!
 //! # Space: compaction into a new generation
 //!

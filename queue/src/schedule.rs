@@ -1,4 +1,5 @@
-//! The schedule (which recipients are due when) and the leases, kept in memory.
+//! The schedule (which recipients are due when) and the leases, kept in memory, in memory
+//! that does not grow with each queued recipient.
 //!
 //! Both are derived state. The records on disk say which recipients are `Scheduled` and
 //! when their next attempt is; `recover` rebuilds this index from them at open, in the scan
@@ -8,99 +9,115 @@
 //! at enqueue and removed at the lease, and the record rewritten for the lease: three of
 //! nine sled writes (BENCHMARKS.md, "Fourth session", has what that bought).
 //!
-//! Memory: one `BTreeMap` entry per scheduled recipient, and one `HashMap` entry per lease.
-//! An entry is 24 bytes: the key packed as five `u32`s (due time, message id, recipient
-//! index: 20 bytes, where the tuple `(u64, RecipientId)` takes 24 with its padding) and the
-//! created time as a `u32` of milliseconds before the due time. That is exact from 0 to 49
-//! days; a longer gap, or a due time before the created time (the clock stepped back between
-//! them, or a caller's deferral into the past), is stored as "not known" and then whoever
-//! needs the created time for expiry reads the record's own. Against 32 bytes unpacked that
-//! is a quarter less.
+//! # Zones
 //!
-//! New entries mostly come in ascending order (a fresh message is due now), and the standard
-//! `BTreeMap` splits a full node so that the left part keeps 6 of its 11 slots: a tree grown
-//! by appends is about half full (61–66 bytes an unpacked entry). So once the entries added
-//! since the last time outnumber a quarter of the tree (and 64Ki), `add` repacks it: `append`
-//! of two non-empty maps rebuilds the whole tree from their merged, sorted entries with full
-//! nodes.
-//! That keeps ~31 bytes an entry (BENCHMARKS.md, Queue, "Tenth session"), for ~90 ns of
-//! copying per added entry, paid in pauses that grow with the tree: ~25 ms at a million
-//! entries on the benchmark machine. The writer holds the schedule's lock meanwhile, so a
-//! `renew_leases` or `stats` call (the engine's, a metrics scrape) waits for it too.
+//! The schedule does not hold an entry per scheduled recipient (that was ~31 bytes each, the
+//! biggest part of what a queued message cost in memory beyond sled's cache: BENCHMARKS.md,
+//! Queue, "Thirteenth session"). It splits the recipient ids, in their order (message id,
+//! then index), into *zones* of about [`ZONE_SIZE`] consecutive recipients, and keeps per
+//! zone only a lower bound of the due times and of the created times of its scheduled,
+//! unleased recipients, and how many of them are leased. To find what is due, the queue
+//! reads the records of the zones whose bound is due (a range of sled keys each), picks the
+//! recipients that really are, and then sets the zone's bound to the exact one it just saw
+//! ([`Schedule::settle`]).
+//!
+//! The invariant everything rests on: **every scheduled, unleased recipient is in a zone whose
+//! bound is at most its due time and its created time.** Scheduling one lowers its zone's
+//! bound ([`Schedule::add`]); a recipient leaving the schedule (leased, final, deleted)
+//! changes nothing (the bound is still a lower bound); a read of the whole zone makes it
+//! exact. So a bound can be too early (a zone read for nothing, or `oldest_due` earlier than
+//! the true oldest until that zone is next read), never too late.
+//!
+//! New recipients come in ascending id order (message ids grow), so they go into the last
+//! zone, and a new zone starts once the last one has had [`ZONE_SIZE`] of them. A zone
+//! whose read found nothing scheduled, and that has no lease, is *empty*; two empty zones
+//! next to each other are merged, so a drained queue keeps a handful of zones, not one per
+//! 64 recipients it ever had. A zone with a lease is not merged: its recipient may be
+//! scheduled again (a deferral), and would then make a merged zone's whole range due.
+//!
+//! Memory: one `BTreeMap` entry per zone, and one `BTreeSet` entry per zone with a bound
+//! (~2 bytes per queued recipient), plus one `HashMap` entry per lease (bounded by what is
+//! in flight).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use crate::RecipientId;
+use crate::{MessageId, RecipientId};
 
-/// Schedule order: due time, then recipient id.
-type Key = (u64, RecipientId);
+/// New recipients per zone. A zone read costs one sled range scan of up to this many
+/// messages' metadata (and, for messages of several recipients, a read per record); a
+/// zone costs ~130 bytes of memory.
+pub(crate) const ZONE_SIZE: u32 = 64;
 
-/// A [`Key`] as five `u32`s, most significant first, so that the derived order is the key's.
-#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-struct Packed([u32; 5]);
+/// The first zone starts here, so that every recipient id is in some zone.
+const FIRST: RecipientId = RecipientId {
+    message: MessageId(0),
+    index: 0,
+};
 
-impl Packed {
-    fn new((due, rid): Key) -> Packed {
-        let m = rid.message.0;
-        Packed([
-            (due >> 32) as u32,
-            due as u32,
-            (m >> 32) as u32,
-            m as u32,
-            rid.index,
-        ])
-    }
+/// Lower bounds of a zone's scheduled, unleased recipients' due times and created times
+/// (milliseconds).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Bound {
+    pub(crate) due: u64,
+    pub(crate) created: u64,
+}
 
-    fn key(self) -> Key {
-        let [d1, d0, m1, m0, index] = self.0;
-        (
-            u64::from(d1) << 32 | u64::from(d0),
-            RecipientId {
-                message: crate::MessageId(u64::from(m1) << 32 | u64::from(m0)),
-                index,
+impl Bound {
+    pub(crate) fn lower(a: Option<Bound>, b: Bound) -> Bound {
+        match a {
+            Some(a) => Bound {
+                due: a.due.min(b.due),
+                created: a.created.min(b.created),
             },
-        )
+            None => b,
+        }
     }
 }
 
-/// The stored age of an entry whose created time is not `due - age` (see the module docs).
-const INEXACT: u32 = u32::MAX;
-
-/// The created time as stored next to its due time: milliseconds before it, or [`INEXACT`].
-fn age(due_ms: u64, created_ms: u64) -> u32 {
-    due_ms
-        .checked_sub(created_ms)
-        .and_then(|gap| u32::try_from(gap).ok())
-        .filter(|&gap| gap != INEXACT)
-        .unwrap_or(INEXACT)
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub(crate) struct Zone {
+    /// `None`: no scheduled, unleased recipient (as of the last read of the zone).
+    bound: Option<Bound>,
+    /// Leased recipients in the zone (exact).
+    leased: u32,
+    /// New recipients added to it (decides when the last zone is full).
+    added: u32,
 }
 
-fn created(due_ms: u64, age: u32) -> Option<u64> {
-    (age != INEXACT).then(|| due_ms - u64::from(age))
+impl Zone {
+    fn is_empty(&self) -> bool {
+        self.bound.is_none() && self.leased == 0
+    }
 }
 
-/// The tree is repacked when more than `max(len / REPACK_DIVISOR, REPACK_MIN)` entries were
-/// added since the last repack.
-const REPACK_DIVISOR: usize = 4;
-const REPACK_MIN: usize = 1 << 16;
-
-#[derive(Default)]
 pub(crate) struct Schedule {
-    /// (due ms, recipient) → ms from created to due (for expiry without reading the record).
-    due: BTreeMap<Packed, u32>,
-    /// Entries added to `due` since it was last repacked.
-    added: usize,
+    /// Zone start → zone; a zone holds the ids from its start to the next zone's start.
+    zones: BTreeMap<RecipientId, Zone>,
+    /// (bound's due time, zone start) of every zone with a bound.
+    by_due: BTreeSet<(u64, RecipientId)>,
+    /// The highest recipient id ever added: an id above it is new, and goes to the last zone.
+    newest: Option<RecipientId>,
     /// Leased recipient → when it was leased (ms).
     leased: HashMap<RecipientId, u64>,
 }
 
-/// One change, as the undo log of a request records it.
+impl Default for Schedule {
+    fn default() -> Self {
+        Schedule {
+            zones: BTreeMap::from([(FIRST, Zone::default())]),
+            by_due: BTreeSet::new(),
+            newest: None,
+            leased: HashMap::new(),
+        }
+    }
+}
+
+/// One change, as the undo log of a request records it. Undone newest first, each finds the
+/// schedule as it left it.
 #[derive(Clone, Copy, Debug)]
 pub(crate) enum Undo {
-    /// `due` gained this entry (undo: remove it).
-    Added(u64, RecipientId),
-    /// `due` lost this entry, with its stored age (undo: put it back).
-    Removed(u64, RecipientId, u32),
+    /// The zone starting here was this (`None`: did not exist; undo: put it back).
+    Zone(RecipientId, Option<Zone>),
     /// This recipient was leased (undo: release it).
     Leased(RecipientId),
     /// This lease, taken at the given time, was dropped (undo: take it again).
@@ -108,41 +125,124 @@ pub(crate) enum Undo {
 }
 
 impl Schedule {
-    /// Schedules `rid` at `due_ms`. Returns the undo entry, or `None` if it was already there.
-    pub(crate) fn add(&mut self, due_ms: u64, rid: RecipientId, created_ms: u64) -> Option<Undo> {
-        let key = Packed::new((due_ms, rid));
-        match self.due.insert(key, age(due_ms, created_ms)) {
-            None => {
-                self.added += 1;
-                if self.added > REPACK_MIN.max(self.due.len() / REPACK_DIVISOR) {
-                    self.repack();
-                }
-                Some(Undo::Added(due_ms, rid))
+    /// The start of the zone that holds `rid`.
+    fn start_of(&self, rid: RecipientId) -> RecipientId {
+        self.zones
+            .range(..=rid)
+            .next_back()
+            .map_or(FIRST, |(s, _)| *s)
+    }
+
+    /// Replaces the zone at `start` (keeping `by_due` in step); returns what was there.
+    fn put(&mut self, start: RecipientId, zone: Option<Zone>) -> Option<Zone> {
+        let old = match zone {
+            Some(z) => self.zones.insert(start, z),
+            None => self.zones.remove(&start),
+        };
+        let old_due = old.and_then(|z| z.bound).map(|b| b.due);
+        let new_due = zone.and_then(|z| z.bound).map(|b| b.due);
+        if old_due != new_due {
+            if let Some(d) = old_due {
+                self.by_due.remove(&(d, start));
             }
-            Some(_) => None,
+            if let Some(d) = new_due {
+                self.by_due.insert((d, start));
+            }
+        }
+        old
+    }
+
+    /// `put`, logged.
+    fn change(&mut self, start: RecipientId, zone: Option<Zone>, log: &mut Vec<Undo>) {
+        let old = self.put(start, zone);
+        if old != zone {
+            log.push(Undo::Zone(start, old));
         }
     }
 
-    /// Rebuilds `due` with full nodes (see the module docs). Its entries do not change, so
-    /// undo logs stay valid.
-    pub(crate) fn repack(&mut self) {
-        self.added = 0;
-        let Some(&first) = self.due.keys().next() else {
+    /// Schedules `rid` at `due_ms` (created at `created_ms`): lowers its zone's bound, and
+    /// for a new recipient starts a new zone when the last one is full.
+    pub(crate) fn add(
+        &mut self,
+        due_ms: u64,
+        rid: RecipientId,
+        created_ms: u64,
+        log: &mut Vec<Undo>,
+    ) {
+        let new = self.newest.is_none_or(|n| rid > n);
+        if new {
+            // Not undone: a failed enqueue's ids are never handed out again, so a later
+            // id is still above it.
+            self.newest = Some(rid);
+            let (&last, &zone) = self.zones.last_key_value().expect("the first zone stays");
+            if zone.added >= ZONE_SIZE && rid > last {
+                self.change(rid, Some(Zone::default()), log);
+            }
+        }
+        let start = self.start_of(rid);
+        let mut zone = self.zones[&start];
+        zone.bound = Some(Bound::lower(
+            zone.bound,
+            Bound {
+                due: due_ms,
+                created: created_ms,
+            },
+        ));
+        if new {
+            zone.added = zone.added.saturating_add(1);
+        }
+        self.change(start, Some(zone), log);
+    }
+
+    /// The zone starting at `start` was read whole: `bound` is the exact bound of its
+    /// scheduled, unleased recipients (`None`: it has none). An empty zone is merged with
+    /// empty neighbours.
+    pub(crate) fn settle(&mut self, start: RecipientId, bound: Option<Bound>, log: &mut Vec<Undo>) {
+        let Some(&zone) = self.zones.get(&start) else {
             return;
         };
-        // `append` only rebuilds when both maps have entries: one map of the first entry,
-        // one of the rest.
-        let mut rest = self.due.split_off(&first);
-        if let Some((k, v)) = rest.pop_first() {
-            self.due.insert(k, v);
-        }
-        self.due.append(&mut rest);
+        self.change(start, Some(Zone { bound, ..zone }), log);
+        self.merge_empty(start, log);
     }
 
-    pub(crate) fn remove(&mut self, due_ms: u64, rid: RecipientId) -> Option<Undo> {
-        self.due
-            .remove(&Packed::new((due_ms, rid)))
-            .map(|age| Undo::Removed(due_ms, rid, age))
+    /// If the zone at `start` is empty, merges it with the next zone and into the previous
+    /// one where those are empty too (the first zone is never removed).
+    fn merge_empty(&mut self, start: RecipientId, log: &mut Vec<Undo>) {
+        if !self.zones.get(&start).is_some_and(Zone::is_empty) {
+            return;
+        }
+        use std::ops::Bound::{Excluded, Unbounded};
+        let next = self
+            .zones
+            .range((Excluded(start), Unbounded))
+            .next()
+            .map(|(s, z)| (*s, *z));
+        if let Some((s, z)) = next.filter(|(_, z)| z.is_empty()) {
+            // Keep the later zone's count: it may be the last one, still filling.
+            let mut merged = self.zones[&start];
+            merged.added = z.added;
+            self.change(s, None, log);
+            self.change(start, Some(merged), log);
+        }
+        let prev = self.zones.range(..start).next_back().map(|(s, z)| (*s, *z));
+        if let Some((s, z)) = prev.filter(|(_, z)| z.is_empty()) {
+            let merged = Zone {
+                added: self.zones[&start].added,
+                ..z
+            };
+            self.change(start, None, log);
+            self.change(s, Some(merged), log);
+        }
+    }
+
+    /// The ids of the zone starting at `start`: from `start` up to (not including) the
+    /// returned end, `None` for the last zone.
+    pub(crate) fn zone_end(&self, start: RecipientId) -> Option<RecipientId> {
+        use std::ops::Bound::{Excluded, Unbounded};
+        self.zones
+            .range((Excluded(start), Unbounded))
+            .next()
+            .map(|(s, _)| *s)
     }
 
     pub(crate) fn lease(&mut self, rid: RecipientId, at_ms: u64) -> Option<Undo> {
@@ -150,13 +250,31 @@ impl Schedule {
             std::collections::hash_map::Entry::Occupied(_) => None,
             std::collections::hash_map::Entry::Vacant(e) => {
                 e.insert(at_ms);
+                self.count_lease(rid, true);
                 Some(Undo::Leased(rid))
             }
         }
     }
 
-    pub(crate) fn unlease(&mut self, rid: RecipientId) -> Option<Undo> {
-        self.leased.remove(&rid).map(|at| Undo::Unleased(rid, at))
+    /// Drops `rid`'s lease; if that leaves its zone empty, merges it (see `merge_empty`).
+    pub(crate) fn unlease(&mut self, rid: RecipientId, log: &mut Vec<Undo>) {
+        if let Some(at) = self.leased.remove(&rid) {
+            self.count_lease(rid, false);
+            log.push(Undo::Unleased(rid, at));
+            let start = self.start_of(rid);
+            self.merge_empty(start, log);
+        }
+    }
+
+    fn count_lease(&mut self, rid: RecipientId, up: bool) {
+        let start = self.start_of(rid);
+        if let Some(z) = self.zones.get_mut(&start) {
+            z.leased = if up {
+                z.leased.saturating_add(1)
+            } else {
+                z.leased.saturating_sub(1)
+            };
+        }
     }
 
     /// The recipients leased before `cutoff_ms`.
@@ -196,60 +314,86 @@ impl Schedule {
 
     pub(crate) fn undo(&mut self, u: Undo) {
         match u {
-            Undo::Added(due, rid) => {
-                self.due.remove(&Packed::new((due, rid)));
-            }
-            Undo::Removed(due, rid, age) => {
-                self.due.insert(Packed::new((due, rid)), age);
+            Undo::Zone(start, zone) => {
+                self.put(start, zone);
             }
             Undo::Leased(rid) => {
-                self.leased.remove(&rid);
+                if self.leased.remove(&rid).is_some() {
+                    self.count_lease(rid, false);
+                }
             }
             Undo::Unleased(rid, at) => {
-                self.leased.insert(rid, at);
+                if self.leased.insert(rid, at).is_none() {
+                    self.count_lease(rid, true);
+                }
             }
         }
     }
 
-    /// Up to `max` entries due at or before `now_ms`, in schedule order, starting after
-    /// `after` (exclusive): `(due, recipient, created)`, created `None` where the schedule
-    /// does not know it exactly (see the module docs).
-    pub(crate) fn due(
+    /// Up to `max` zones whose bound is due at or before `now_ms`, earliest first, starting
+    /// after `after` (exclusive): `(due, zone start)`.
+    pub(crate) fn due_zones(
         &self,
         now_ms: u64,
-        after: Option<Key>,
+        after: Option<(u64, RecipientId)>,
         max: usize,
-    ) -> Vec<(u64, RecipientId, Option<u64>)> {
+    ) -> Vec<(u64, RecipientId)> {
         use std::ops::Bound::{Excluded, Unbounded};
         let lower = match after {
-            Some(k) => Excluded(Packed::new(k)),
+            Some(k) => Excluded(k),
             None => Unbounded,
         };
-        self.due
+        self.by_due
             .range((lower, Unbounded))
-            .map(|(k, &age)| (k.key(), age))
-            .take_while(|((due, _), _)| *due <= now_ms)
+            .take_while(|(due, _)| *due <= now_ms)
             .take(max)
-            .map(|((due, rid), age)| (due, rid, created(due, age)))
+            .copied()
             .collect()
     }
 
-    /// The earliest due time.
-    pub(crate) fn oldest_due(&self) -> Option<u64> {
-        self.due.keys().next().map(|k| k.key().0)
+    /// The zones that may hold a recipient due at or before `now_ms` that was created at or
+    /// before `created_ms`.
+    pub(crate) fn expiring_zones(&self, now_ms: u64, created_ms: u64) -> Vec<RecipientId> {
+        self.zones
+            .iter()
+            .filter(|(_, z)| {
+                z.bound
+                    .is_some_and(|b| b.due <= now_ms && b.created <= created_ms)
+            })
+            .map(|(s, _)| *s)
+            .collect()
     }
 
-    /// Scheduled entries.
+    /// The earliest due time (a lower bound: see the module docs).
+    pub(crate) fn oldest_due(&self) -> Option<u64> {
+        self.by_due.first().map(|&(due, _)| due)
+    }
+
+    /// The zone that holds `rid`: its start and bound.
     #[cfg(test)]
-    pub(crate) fn len(&self) -> usize {
-        self.due.len()
+    pub(crate) fn zone_of(&self, rid: RecipientId) -> (RecipientId, Option<Bound>) {
+        let start = self.start_of(rid);
+        (start, self.zones[&start].bound)
+    }
+
+    /// Zones (with and without a bound).
+    #[cfg(test)]
+    pub(crate) fn zones(&self) -> usize {
+        self.zones.len()
+    }
+
+    /// The zones, their order by due time and the leases (what an undo must restore).
+    #[cfg(test)]
+    pub(crate) fn snapshot(&self) -> String {
+        let mut leased: Vec<_> = self.leased.iter().collect();
+        leased.sort();
+        format!("{:?} {:?} {:?}", self.zones, self.by_due, leased)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::MessageId;
 
     fn rid(m: u64, i: u32) -> RecipientId {
         RecipientId {
@@ -258,158 +402,126 @@ mod tests {
         }
     }
 
-    #[test]
-    fn due_entries_come_in_order_and_in_pages() {
-        let mut s = Schedule::default();
-        s.add(30, rid(1, 0), 1);
-        s.add(10, rid(2, 1), 2);
-        s.add(10, rid(2, 0), 2);
-        s.add(99, rid(3, 0), 3);
-        let all = s.due(50, None, 10);
-        let order: Vec<_> = all.iter().map(|(d, r, _)| (*d, *r)).collect();
-        assert_eq!(
-            order,
-            vec![(10, rid(2, 0)), (10, rid(2, 1)), (30, rid(1, 0))],
-            "due ≤ 50 only, by (due, id)"
-        );
-        let first = s.due(50, None, 2);
-        assert_eq!(first.len(), 2);
-        let (d, r, _) = first[1];
-        let rest = s.due(50, Some((d, r)), 2);
-        assert_eq!(rest, vec![(30, rid(1, 0), Some(1))]);
-        assert_eq!(s.oldest_due(), Some(10));
+    fn bound(due: u64, created: u64) -> Option<Bound> {
+        Some(Bound { due, created })
     }
 
-    #[test]
-    fn undo_reverses_every_change() {
+    /// `n` new one-recipient messages 1..=n, due at `due(m)`, created at `m`.
+    fn filled(n: u64, due: impl Fn(u64) -> u64) -> Schedule {
         let mut s = Schedule::default();
-        s.add(5, rid(1, 0), 1);
         let mut log = Vec::new();
-        log.extend(s.remove(5, rid(1, 0)));
-        log.extend(s.lease(rid(1, 0), 7));
-        log.extend(s.add(9, rid(2, 0), 2));
-        log.extend(s.unlease(rid(1, 0)));
-        assert_eq!(log.len(), 4);
-        assert!(s.leased_at(rid(1, 0)).is_none());
-        s.undo_all(log);
-        assert_eq!(s.due(100, None, 10), vec![(5, rid(1, 0), Some(1))]);
-        assert!(s.leased_at(rid(1, 0)).is_none());
-        assert_eq!(s.len(), 1);
+        for m in 1..=n {
+            s.add(due(m), rid(m, 0), m, &mut log);
+        }
+        s
     }
 
-    /// Repacking keeps every entry and its order, and happens on its own once enough was
-    /// added (it changes no entry, so an undo log written across it still applies). That it
-    /// saves memory is measured by the queue benchmark, not here.
     #[test]
-    fn repacking_keeps_every_entry() {
-        let mut s = Schedule::default();
-        let n = REPACK_MIN as u64 + 10;
+    fn new_recipients_fill_zones_of_zone_size_in_id_order() {
+        let z = u64::from(ZONE_SIZE);
+        let s = filled(2 * z + 10, |m| 1_000 - m);
+        assert_eq!(s.zones(), 3);
+        assert_eq!(s.zone_of(rid(1, 0)), (FIRST, bound(1_000 - z, 1)));
+        assert_eq!(s.zone_of(rid(z, 0)).0, FIRST);
+        assert_eq!(
+            s.zone_of(rid(z + 1, 0)),
+            (rid(z + 1, 0), bound(1_000 - 2 * z, z + 1))
+        );
+        assert_eq!(s.zone_end(FIRST), Some(rid(z + 1, 0)));
+        assert_eq!(s.zone_end(rid(2 * z + 1, 0)), None);
+        // Earliest bound first; only what is due.
+        let all = s.due_zones(u64::MAX, None, 10);
+        assert_eq!(all.len(), 3);
+        assert!(all.windows(2).all(|w| w[0] < w[1]));
+        assert_eq!(all[0], (1_000 - 2 * z - 10, rid(2 * z + 1, 0)));
+        assert_eq!(s.due_zones(1_000 - 2 * z - 1, None, 10).len(), 1);
+        assert_eq!(s.due_zones(u64::MAX, Some(all[0]), 1), vec![all[1]]);
+        assert_eq!(s.oldest_due(), Some(all[0].0));
+        // Every recipient of a big message counts: its zones split inside it.
+        let mut big = Schedule::default();
         let mut log = Vec::new();
-        for m in 0..n {
-            log.extend(s.add(1_000 + m / 3, rid(m, 0), m / 3));
+        for i in 0..3 * ZONE_SIZE {
+            big.add(5, rid(7, i), 1, &mut log);
         }
-        assert!(s.added < 11, "repacked on the way: {} added since", s.added);
-        assert_eq!(s.len() as u64, n);
-        s.add(5, rid(n, 1), 2);
-        s.repack();
-        assert_eq!(s.added, 0);
-        let all = s.due(u64::MAX, None, usize::MAX);
-        assert_eq!(all.len() as u64, n + 1);
-        assert_eq!(all[0], (5, rid(n, 1), Some(2)));
-        assert!(all.windows(2).all(|w| (w[0].0, w[0].1) < (w[1].0, w[1].1)));
-        assert_eq!(
-            all[1..].iter().map(|e| e.2).collect::<Vec<_>>(),
-            (0..n).map(|m| Some(m / 3)).collect::<Vec<_>>()
-        );
+        assert_eq!(big.zones(), 3);
+        assert_eq!(big.zone_of(rid(7, 2 * ZONE_SIZE)).0, rid(7, 2 * ZONE_SIZE));
+    }
+
+    /// The bound only falls when recipients are scheduled (a deferral, in a zone already
+    /// read), goes to exactly what a read found when settled, and the expiry sweep finds the
+    /// zones whose bound is due and old enough.
+    #[test]
+    fn a_bound_falls_on_add_and_is_exact_once_settled() {
+        let mut s = filled(10, |_| 500);
+        let mut log = Vec::new();
+        s.add(900, rid(3, 0), 3, &mut log); // not new: no new zone, bound unchanged
+        assert_eq!(s.zone_of(rid(3, 0)).1, bound(500, 1));
+        s.settle(FIRST, bound(900, 3), &mut log);
+        assert_eq!(s.due_zones(899, None, 9), vec![]);
+        s.add(700, rid(5, 0), 5, &mut log);
+        assert_eq!(s.zone_of(rid(5, 0)).1, bound(700, 3));
+        assert_eq!(s.due_zones(800, None, 9), vec![(700, FIRST)]);
+        assert_eq!(s.expiring_zones(800, 3), vec![FIRST]);
+        assert_eq!(s.expiring_zones(800, 2), vec![], "created after the cutoff");
+        assert_eq!(s.expiring_zones(699, 3), vec![], "not due");
+    }
+
+    /// Empty zones merge, a zone with a lease out does not (its recipient may come back,
+    /// deferred), and new recipients still go to the last zone after merges.
+    #[test]
+    fn empty_zones_merge_but_not_while_a_lease_is_out() {
+        let z = u64::from(ZONE_SIZE);
+        let mut s = filled(3 * z, |_| 1);
+        let mut log = Vec::new();
+        let (second, third) = (rid(z + 1, 0), rid(2 * z + 1, 0));
+        assert!(s.lease(rid(z + 5, 0), 1).is_some());
+        assert!(s.lease(rid(z + 5, 0), 2).is_none(), "counted once");
+        s.settle(FIRST, None, &mut log);
+        s.settle(second, None, &mut log);
+        s.settle(third, None, &mut log);
+        assert_eq!(s.zones(), 3, "the leased zone keeps its neighbours apart");
+        assert_eq!(s.oldest_due(), None);
+        // A deferral: scheduled again, then unleased (as `complete` does it).
+        s.add(50, rid(z + 5, 0), 1, &mut log);
+        s.unlease(rid(z + 5, 0), &mut log);
+        assert_eq!(s.zones(), 3);
+        assert_eq!(s.due_zones(50, None, 9), vec![(50, second)]);
+        s.settle(second, None, &mut log);
+        assert_eq!(s.zones(), 1, "all empty: one zone");
+        assert_eq!(s.zone_end(FIRST), None);
+        // The next new recipients go into it until it has had ZONE_SIZE of its own.
+        s.add(60, rid(10 * z, 0), 60, &mut log);
+        assert_eq!(s.zones(), 2, "the merged zone had its last part's count");
+        assert_eq!(s.zone_of(rid(10 * z, 0)), (rid(10 * z, 0), bound(60, 60)));
+        // Released without a new schedule entry (final): the zone empties and merges.
+        assert!(s.lease(rid(10 * z, 0), 61).is_some());
+        s.settle(rid(10 * z, 0), None, &mut log);
+        assert_eq!(s.zones(), 2);
+        s.unlease(rid(10 * z, 0), &mut log);
+        assert_eq!(s.zones(), 1);
+    }
+
+    #[test]
+    fn undo_restores_zones_and_leases() {
+        let z = u64::from(ZONE_SIZE);
+        let mut s = filled(2 * z, |m| m);
+        assert!(s.lease(rid(3, 0), 9).is_some());
+        let before = s.snapshot();
+        let mut log = Vec::new();
+        log.extend(s.lease(rid(z + 2, 0), 10));
+        s.settle(rid(z + 1, 0), None, &mut log);
+        s.settle(FIRST, None, &mut log);
+        s.add(70, rid(3, 0), 3, &mut log);
+        s.unlease(rid(3, 0), &mut log);
+        s.settle(FIRST, None, &mut log);
+        for m in 2 * z + 1..=3 * z + 3 {
+            s.add(m, rid(m, 0), m, &mut log);
+        }
+        s.unlease(rid(z + 2, 0), &mut log);
+        assert_ne!(s.snapshot(), before);
         s.undo_all(log);
-        assert_eq!(s.due(u64::MAX, None, 10), vec![(5, rid(n, 1), Some(2))]);
-        // Empty and one-entry trees too.
-        let mut e = Schedule::default();
-        e.repack();
-        e.add(1, rid(1, 0), 1);
-        e.repack();
-        assert_eq!(e.due(9, None, 9), vec![(1, rid(1, 0), Some(1))]);
-    }
-
-    /// Packed keys order as the keys do and unpack to them, and entries come back with their
-    /// exact created time, or `None` where it is not `due - age` for a `u32` age.
-    #[test]
-    fn packed_entries_keep_order_and_created_time() {
-        let edges = [
-            0u64,
-            1,
-            2,
-            u32::MAX as u64,
-            1 << 32,
-            (1 << 32) + 1,
-            u64::MAX - 1,
-            u64::MAX,
-        ];
-        let mut keys = Vec::new();
-        for &due in &edges {
-            for &m in &edges {
-                for index in [0, 1, u32::MAX] {
-                    keys.push((due, rid(m, index)));
-                }
-            }
-        }
-        for &a in &keys {
-            assert_eq!(Packed::new(a).key(), a);
-            for &b in &keys {
-                assert_eq!(
-                    Packed::new(a).cmp(&Packed::new(b)),
-                    a.cmp(&b),
-                    "{a:?} {b:?}"
-                );
-            }
-        }
-        let mut s = Schedule::default();
-        for (i, &(due, r)) in keys.iter().enumerate() {
-            s.add(due, r, due.saturating_sub(i as u64));
-        }
-        let got = s.due(u64::MAX, None, usize::MAX);
-        let mut want = keys.clone();
-        want.sort();
-        assert_eq!(
-            got.iter().map(|&(d, r, _)| (d, r)).collect::<Vec<_>>(),
-            want
-        );
-        for &(due, r, created) in &got {
-            let i = keys.iter().position(|k| *k == (due, r)).expect("added") as u64;
-            assert_eq!(created, Some(due.saturating_sub(i)), "{r}");
-        }
-        // Not known: a gap of 2^32 - 1 ms or more (49.7 days), a due time before the
-        // created time (a clock step, a caller's deferral into the past). An undo puts
-        // such an entry back as it was.
-        let mut far = Schedule::default();
-        let due = 100 * 86_400_000;
-        far.add(due, rid(1, 0), 0);
-        far.add(due, rid(1, 1), due - (u32::MAX as u64 - 1));
-        far.add(due, rid(1, 2), due - u32::MAX as u64);
-        far.add(due, rid(2, 0), due + 10);
-        assert_eq!(
-            far.due(due, None, 9),
-            vec![
-                (due, rid(1, 0), None),
-                (due, rid(1, 1), Some(due - (u32::MAX as u64 - 1))),
-                (due, rid(1, 2), None),
-                (due, rid(2, 0), None),
-            ]
-        );
-        let undo = far.remove(due, rid(1, 0)).expect("there");
-        far.undo(undo);
-        assert_eq!(far.due(due, None, 1), vec![(due, rid(1, 0), None)]);
-    }
-
-    #[test]
-    fn adding_twice_or_removing_what_is_absent_changes_nothing() {
-        let mut s = Schedule::default();
-        assert!(s.add(5, rid(1, 0), 1).is_some());
-        assert!(s.add(5, rid(1, 0), 1).is_none());
-        assert!(s.remove(6, rid(1, 0)).is_none());
-        assert!(s.lease(rid(1, 0), 1).is_some());
-        assert!(s.lease(rid(1, 0), 2).is_none());
-        assert_eq!(s.leased_at(rid(1, 0)), Some(1));
-        assert_eq!(s.len(), 1);
+        assert_eq!(s.snapshot(), before);
+        assert_eq!(s.leased_at(rid(3, 0)), Some(9));
+        assert_eq!(s.leased_at(rid(z + 2, 0)), None);
     }
 }

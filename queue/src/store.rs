@@ -1,7 +1,7 @@
 //! The queue: request types, the writer thread (all mutations, one sled `Batch` per group of requests)
 //! and the syncer thread (group flush + fdatasync, then the acknowledgements).
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::ffi::OsString;
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -852,8 +852,10 @@ impl Queue {
         Ok(merge_batch(out, stored))
     }
 
-    /// Leases up to `limit` recipients due at `now` (oldest `next_attempt` first), marking
-    /// them `Leased`; recipients of the same message and destination are returned adjacent.
+    /// Leases up to `limit` recipients due at `now`, marking them `Leased`; recipients of the
+    /// same message and destination are returned adjacent. Roughly oldest `next_attempt`
+    /// first: the schedule finds the due recipients by zones of ~64 consecutive ids
+    /// (`schedule.rs`), earliest zone first, and takes each zone's in due order.
     /// Recipients past their lifetime are skipped (left for [`Queue::expire_due`]).
     /// Leases are not fsynced: a lease that survives a crash is undone on open.
     pub fn take_due(&self, now: SystemTime, limit: usize) -> Res<Vec<Lease>> {
@@ -862,8 +864,8 @@ impl Queue {
 
     /// Like [`Queue::take_due`] for one destination (lowercased domain). There is no
     /// per-destination index (it cost two sled writes per schedule change and the engine does
-    /// not need it): this walks the global due schedule, so its cost grows with every
-    /// destination's due backlog. Meant for tools and tests, not the delivery path.
+    /// not need it): this reads every due zone of the schedule, so its cost grows with
+    /// every destination's due backlog. Meant for tools and tests, not the delivery path.
     pub fn take_due_for(
         &self,
         destination: &str,
@@ -1114,7 +1116,9 @@ impl Queue {
         }
     }
 
-    /// Counters kept in memory, like `oldest_due` (the in-memory schedule's first entry);
+    /// Counters kept in memory, like `oldest_due` (the earliest bound of the in-memory
+    /// schedule's zones: it can be earlier than the true oldest due time until that zone is
+    /// next read, never later);
     /// `disk_bytes` is a stat of sled's and the segments' files.
     pub fn stats(&self) -> Stats {
         let mut stats = Stats::default();
@@ -1373,6 +1377,9 @@ struct Tx<'a> {
     /// Idempotency index changes (key hash, message, inserted or removed). Applied to
     /// `Shared::idem` at once, like the schedule's, and undone the same way.
     idem_undo: Vec<(u64, MessageId, bool)>,
+    /// Message ids whose metadata this group wrote (or removed): where a range read of
+    /// metadata (`scheduled_in`) must look at the overlay.
+    meta_ids: BTreeSet<u64>,
 }
 
 /// A `Tx` dropped without `commit` (a request or purge chunk that failed part-way, or bodies
@@ -1421,6 +1428,7 @@ impl<'a> Tx<'a> {
             sched_undo: Vec::new(),
             finals: Vec::new(),
             idem_undo: Vec::new(),
+            meta_ids: BTreeSet::new(),
         }
     }
 
@@ -1516,6 +1524,12 @@ impl<'a> Tx<'a> {
     }
 
     fn set(&mut self, key: &[u8], value: Option<IVec>) {
+        if key.first() == Some(&codec::P_META) {
+            if let Some(id) = codec::meta_id(key) {
+                // Kept on a rollback: the overlay then says whether there is a write.
+                self.meta_ids.insert(id.0);
+            }
+        }
         let k = IVec::from(key);
         self.ops.push((k.clone(), value.clone()));
         let prev = self.overlay.insert(k.clone(), value);
@@ -1662,26 +1676,92 @@ impl<'a> Tx<'a> {
         });
     }
 
+    /// Notes a recipient (newly) scheduled at its `next_attempt`. There is no opposite: a
+    /// recipient that leaves the schedule leaves its zone's bound as it is, a lower bound
+    /// still (see `schedule.rs`).
     fn schedule(&mut self, rec: &RecipientRecord) {
-        let due = to_millis(rec.next_attempt);
-        let u = lock(&self.shared.sched).add(due, rec.id, to_millis(rec.created));
-        self.sched_undo.extend(u);
+        lock(&self.shared.sched).add(
+            to_millis(rec.next_attempt),
+            rec.id,
+            to_millis(rec.created),
+            &mut self.sched_undo,
+        );
     }
 
-    fn unschedule(&mut self, rec: &RecipientRecord) {
-        self.unschedule_at(to_millis(rec.next_attempt), rec.id);
+    /// The zone starting at `start` was read whole; `bound` is what it holds now.
+    fn settle(&mut self, start: RecipientId, bound: Option<schedule::Bound>) {
+        lock(&self.shared.sched).settle(start, bound, &mut self.sched_undo);
     }
 
-    fn unschedule_at(&mut self, due_ms: u64, id: RecipientId) {
-        let u = lock(&self.shared.sched).remove(due_ms, id);
-        self.sched_undo.extend(u);
+    /// The scheduled, unleased recipients from `start` up to `end` (exclusive; `None`: all
+    /// after `start`), as this group sees them, with their message's sender: a range scan
+    /// of the metadata in sled, with this group's writes over it.
+    fn scheduled_in(
+        &self,
+        start: RecipientId,
+        end: Option<RecipientId>,
+    ) -> Res<Vec<(RecipientRecord, String)>> {
+        use std::ops::Bound::{Excluded, Included, Unbounded};
+        let (key_end, id_end) = match end {
+            Some(e) if e.index > 0 => (
+                Included(codec::meta_key(e.message).to_vec()),
+                Included(e.message.0),
+            ),
+            Some(e) => (
+                Excluded(codec::meta_key(e.message).to_vec()),
+                Excluded(e.message.0),
+            ),
+            None => (Excluded(vec![codec::P_META + 1]), Unbounded),
+        };
+        let mut metas: BTreeMap<u64, Option<IVec>> = BTreeMap::new();
+        for item in self
+            .db
+            .range((Included(codec::meta_key(start.message).to_vec()), key_end))
+        {
+            let (k, v) = item?;
+            let id =
+                codec::meta_id(&k).ok_or_else(|| self.corrupt(&k, "bad message key".into()))?;
+            metas.insert(id.0, Some(v));
+        }
+        for &id in self.meta_ids.range((Included(start.message.0), id_end)) {
+            if let Some(v) = self.overlay.get(&codec::meta_key(MessageId(id))[..]) {
+                metas.insert(id, v.clone());
+            }
+        }
+        let mut out = Vec::new();
+        for (id, v) in metas {
+            let Some(v) = v else { continue };
+            let id = MessageId(id);
+            let k = codec::meta_key(id);
+            let meta = codec::decode_meta(&v).map_err(|d| self.corrupt(&k, d))?;
+            if meta.pending == 0 {
+                continue;
+            }
+            let from = if id == start.message { start.index } else { 0 };
+            let to = match end {
+                Some(e) if e.message == id => e.index.min(meta.recipients),
+                _ => meta.recipients,
+            };
+            for index in from..to {
+                let rid = RecipientId { message: id, index };
+                let rec = if index == 0 && meta.record.is_some() {
+                    codec::inline_record(id, &meta)
+                        .map_err(|d| self.corrupt(&k, d))?
+                        .map(|r| self.shared.with_lease(r))
+                } else {
+                    self.record(rid)?
+                };
+                if let Some(rec) = rec.filter(|r| r.state == RecipientState::Scheduled) {
+                    out.push((rec, meta.sender.clone()));
+                }
+            }
+        }
+        Ok(out)
     }
 
     /// Leases a scheduled recipient: in memory only, nothing is written to sled.
     fn lease(&mut self, rec: &RecipientRecord, now_ms: u64) {
-        let due = to_millis(rec.next_attempt);
         let mut sched = lock(&self.shared.sched);
-        self.sched_undo.extend(sched.remove(due, rec.id));
         self.sched_undo.extend(sched.lease(rec.id, now_ms));
         drop(sched);
         self.count(
@@ -1692,8 +1772,7 @@ impl<'a> Tx<'a> {
     }
 
     fn unlease(&mut self, id: RecipientId) {
-        let u = lock(&self.shared.sched).unlease(id);
-        self.sched_undo.extend(u);
+        lock(&self.shared.sched).unlease(id, &mut self.sched_undo);
     }
 
     /// The message's body is no longer needed (call only while it is stored, i.e. some
@@ -2516,45 +2595,9 @@ impl Writer {
         created_ms.saturating_add(lifetime_ms(&self.shared.opts)) <= now_ms
     }
 
-    /// The schedule entries due at or before `now_ms`, in order, read a page at a time (the
-    /// caller changes the schedule as it goes; an entry it removed is simply not met again).
-    fn due_entries(
-        &self,
-        now_ms: u64,
-    ) -> impl Iterator<Item = (u64, RecipientId, Option<u64>)> + '_ {
-        const PAGE: usize = 512;
-        let mut after = None;
-        let mut page = std::collections::VecDeque::new();
-        let mut done = false;
-        std::iter::from_fn(move || {
-            if page.is_empty() && !done {
-                page.extend(lock(&self.shared.sched).due(now_ms, after, PAGE));
-                done = page.len() < PAGE;
-                after = page.back().map(|&(due, rid, _)| (due, rid));
-            }
-            page.pop_front()
-        })
-    }
-
-    /// The record a schedule entry points to, if it is still scheduled at that time. An entry
-    /// that does not match its record (cannot normally happen) is dropped.
-    fn scheduled_record(
-        tx: &mut Tx<'_>,
-        due: u64,
-        rid: RecipientId,
-    ) -> Res<Option<RecipientRecord>> {
-        match tx.record(rid)? {
-            Some(r) if r.state == RecipientState::Scheduled && to_millis(r.next_attempt) == due => {
-                Ok(Some(r))
-            }
-            _ => {
-                tracing::warn!(recipient = %rid, due, "dropping a stale schedule entry");
-                tx.unschedule_at(due, rid);
-                Ok(None)
-            }
-        }
-    }
-
+    /// Leases up to `limit` recipients due at or before `now_ms` (for `destination`, if
+    /// given): reads the zones whose bound is due (see `schedule.rs`), earliest first, and
+    /// takes their due recipients in (due time, id) order.
     fn take(
         &mut self,
         tx: &mut Tx<'_>,
@@ -2562,46 +2605,28 @@ impl Writer {
         now_ms: u64,
         limit: usize,
     ) -> Res<Vec<Lease>> {
+        const PAGE: usize = 64;
         self.reclaim_stale_leases(tx, now_ms)?;
-        let mut senders: HashMap<MessageId, String> = HashMap::new();
         let mut leases = Vec::new();
-        for (due, rid, created) in self.due_entries(now_ms) {
-            if leases.len() >= limit {
+        // A zone read here may stay due (a recipient for another destination, or expired
+        // and waiting for `expire_due`) and come up again further on: read once per take.
+        let mut read = HashSet::new();
+        let mut after = None;
+        'pages: while leases.len() < limit {
+            let page = lock(&self.shared.sched).due_zones(now_ms, after, PAGE);
+            after = page.last().copied();
+            for &(_, start) in &page {
+                if leases.len() >= limit {
+                    break 'pages;
+                }
+                if read.insert(start) {
+                    let room = limit - leases.len();
+                    self.take_from_zone(tx, start, destination, now_ms, room, &mut leases)?;
+                }
+            }
+            if page.len() < PAGE {
                 break;
             }
-            if created.is_some_and(|c| self.expired(c, now_ms)) {
-                continue; // for `expire_due`
-            }
-            let Some(rec) = Self::scheduled_record(tx, due, rid)? else {
-                continue;
-            };
-            if created.is_none() && self.expired(to_millis(rec.created), now_ms) {
-                continue; // the schedule did not know its created time
-            }
-            if destination.is_some_and(|d| d != rec.destination) {
-                continue;
-            }
-            let sender = match senders.get(&rid.message) {
-                Some(s) => s.clone(),
-                None => {
-                    let Some(meta) = tx.meta(rid.message)? else {
-                        return Err(tx.corrupt(
-                            &codec::meta_key(rid.message),
-                            "schedule entry for a message without metadata".into(),
-                        ));
-                    };
-                    senders.insert(rid.message, meta.sender.clone());
-                    meta.sender
-                }
-            };
-            tx.lease(&rec, now_ms);
-            let mut leased = rec;
-            leased.state = RecipientState::Leased;
-            leased.updated = from_millis(now_ms);
-            leases.push(Lease {
-                recipient: leased,
-                sender,
-            });
         }
         // Keep the due order, but put each (message, destination) group together so the
         // engine can send one transaction for several recipients.
@@ -2618,6 +2643,54 @@ impl Writer {
         let mut with_rank: Vec<(usize, Lease)> = keys.into_iter().zip(leases).collect();
         with_rank.sort_by_key(|(r, _)| *r);
         Ok(with_rank.into_iter().map(|(_, l)| l).collect())
+    }
+
+    /// Reads the zone starting at `start` whole, leases up to `room` of its due recipients
+    /// (earliest due first) into `leases`, and settles the zone's bound on the rest.
+    fn take_from_zone(
+        &mut self,
+        tx: &mut Tx<'_>,
+        start: RecipientId,
+        destination: Option<&str>,
+        now_ms: u64,
+        room: usize,
+        leases: &mut Vec<Lease>,
+    ) -> Res<()> {
+        let end = lock(&self.shared.sched).zone_end(start);
+        let mut rest = None;
+        let mut due = Vec::new();
+        for (rec, sender) in tx.scheduled_in(start, end)? {
+            let at = schedule::Bound {
+                due: to_millis(rec.next_attempt),
+                created: to_millis(rec.created),
+            };
+            // An expired recipient is left for `expire_due`.
+            if at.due <= now_ms
+                && !self.expired(at.created, now_ms)
+                && destination.is_none_or(|d| d == rec.destination)
+            {
+                due.push((at, rec, sender));
+            } else {
+                rest = Some(schedule::Bound::lower(rest, at));
+            }
+        }
+        due.sort_by_key(|(at, rec, _)| (at.due, rec.id));
+        for (i, (at, rec, sender)) in due.into_iter().enumerate() {
+            if i >= room {
+                rest = Some(schedule::Bound::lower(rest, at));
+                continue;
+            }
+            tx.lease(&rec, now_ms);
+            let mut leased = rec;
+            leased.state = RecipientState::Leased;
+            leased.updated = from_millis(now_ms);
+            leases.push(Lease {
+                recipient: leased,
+                sender,
+            });
+        }
+        tx.settle(start, rest);
+        Ok(())
     }
 
     /// Releases the leases older than `lease_timeout` (looked for at most once a second, or
@@ -2724,11 +2797,13 @@ impl Writer {
                 rec.attempts = rec.attempts.saturating_add(1);
             }
             rec.state = state;
-            tx.unlease(id);
             let became_final = state != RecipientState::Scheduled;
+            // Scheduled again before the lease goes, so that its zone is never empty
+            // meanwhile: an empty zone is merged with its neighbours (`schedule.rs`).
             if !became_final {
                 tx.schedule(&rec);
             }
+            tx.unlease(id);
             tx.store_record(Some(RecipientState::Leased), &rec, became_final, meta)?;
             out.push(Ok(Completed { state }));
         }
@@ -2738,25 +2813,32 @@ impl Writer {
     fn expire(&mut self, tx: &mut Tx<'_>, now_ms: u64) -> Res<Vec<RecipientRecord>> {
         let now = from_millis(now_ms);
         let mut out = Vec::new();
-        let due: Vec<_> = self
-            .due_entries(now_ms)
-            .filter(|&(_, _, created)| created.is_none_or(|c| self.expired(c, now_ms)))
-            .collect();
-        for (due, rid, _) in due {
-            let Some(mut rec) = Self::scheduled_record(tx, due, rid)? else {
-                continue;
-            };
-            if !self.expired(to_millis(rec.created), now_ms) {
-                continue;
+        // Expired: created + lifetime <= now.
+        let Some(cutoff) = now_ms.checked_sub(lifetime_ms(&self.shared.opts)) else {
+            return Ok(out);
+        };
+        let zones = lock(&self.shared.sched).expiring_zones(now_ms, cutoff);
+        for start in zones {
+            let end = lock(&self.shared.sched).zone_end(start);
+            let mut rest = None;
+            for (mut rec, _) in tx.scheduled_in(start, end)? {
+                let at = schedule::Bound {
+                    due: to_millis(rec.next_attempt),
+                    created: to_millis(rec.created),
+                };
+                if at.due > now_ms || !self.expired(at.created, now_ms) {
+                    rest = Some(schedule::Bound::lower(rest, at));
+                    continue;
+                }
+                rec.state = RecipientState::Expired;
+                rec.updated = now;
+                if rec.last_reply.is_none() {
+                    rec.last_reply = Some(EXPIRED_REPLY.into());
+                }
+                tx.store_record(Some(RecipientState::Scheduled), &rec, true, None)?;
+                out.push(rec);
             }
-            tx.unschedule(&rec);
-            rec.state = RecipientState::Expired;
-            rec.updated = now;
-            if rec.last_reply.is_none() {
-                rec.last_reply = Some(EXPIRED_REPLY.into());
-            }
-            tx.store_record(Some(RecipientState::Scheduled), &rec, true, None)?;
-            out.push(rec);
+            tx.settle(start, rest);
         }
         Ok(out)
     }
@@ -2785,7 +2867,6 @@ impl Writer {
             if to_millis(rec.next_attempt) <= now_ms {
                 continue;
             }
-            tx.unschedule(&rec);
             rec.next_attempt = from_millis(now_ms);
             tx.schedule(&rec);
             tx.put_record(Some(RecipientState::Scheduled), &rec)?;
@@ -2798,9 +2879,8 @@ impl Writer {
             return Ok(false);
         };
         for rec in Self::records_of(tx, id, &meta)? {
-            if rec.state == RecipientState::Scheduled {
-                tx.unschedule(&rec);
-            } else if rec.state == RecipientState::Leased {
+            // A scheduled one stays in its zone's bound until the zone is next read.
+            if rec.state == RecipientState::Leased {
                 tx.unlease(rec.id);
             }
             // A final record's index entry stays: it may list other records too, and the
@@ -3138,6 +3218,8 @@ fn recover(
         *n += 1;
     };
     let mut sched = Schedule::default();
+    // Nothing to undo here: the log is dropped as it grows.
+    let mut sched_log = Vec::new();
     let mut idem = IdemIndex::default();
 
     for item in metas {
@@ -3204,7 +3286,13 @@ fn recover(
                 released += 1;
             }
             if rec.state == RecipientState::Scheduled {
-                sched.add(to_millis(rec.next_attempt), rec.id, to_millis(rec.created));
+                sched.add(
+                    to_millis(rec.next_attempt),
+                    rec.id,
+                    to_millis(rec.created),
+                    &mut sched_log,
+                );
+                sched_log.clear();
             }
             counters.add(rec.state, &rec.destination);
         }
@@ -3240,8 +3328,6 @@ fn recover(
         orphans += 1;
         flush_fixes(&mut fixes, &mut nfixes, false)?;
     }
-    // The scan added the schedule in id order, mostly ascending: full nodes from here.
-    sched.repack();
     idem.finish();
     // Older stores kept the schedule in sled: under `d` per destination (schema 1), and
     // under `s` until it moved into memory; and the idempotency index under `i` until
@@ -3277,6 +3363,184 @@ mod tests {
             recipients: vec!["a@one.test".into()],
             body: b"Subject: hi\r\n\r\nhello\r\n".to_vec(),
         }
+    }
+
+    /// The schedule keeps zones, not entries: recipients deferred in zones that were already
+    /// read whole are found again when due (and not before), in a message of many recipients
+    /// too, and a drained queue is left with one zone.
+    #[test]
+    fn deferred_recipients_are_found_again_in_zones_already_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let q = Queue::open(dir.path(), QueueOptions::default()).unwrap();
+        let mut msgs: Vec<NewMessage> = (0..300).map(|_| message()).collect();
+        let mut big = message();
+        big.recipients = (0..150).map(|i| format!("r{i}@big.test")).collect();
+        msgs.push(big);
+        for r in q.enqueue_batch(msgs).unwrap() {
+            r.unwrap();
+        }
+        let now = SystemTime::now() + Duration::from_secs(1);
+        let leases = q.take_due(now, 10_000).unwrap();
+        let ids: HashSet<RecipientId> = leases.iter().map(|l| l.recipient.id).collect();
+        assert_eq!((leases.len(), ids.len()), (450, 450), "each recipient once");
+        assert!(q.take_due(now, 10).unwrap().is_empty());
+        let mut by_message: BTreeMap<MessageId, Vec<RecipientId>> = BTreeMap::new();
+        for id in &ids {
+            by_message.entry(id.message).or_default().push(*id);
+        }
+        let lone = *by_message.values().nth(100).unwrap().first().unwrap();
+        let (big_id, mut big_rcpts) = by_message.pop_last().unwrap();
+        big_rcpts.sort();
+        // b0 and b1 share a zone, b2 is in another.
+        let (b0, b1, b2) = (big_rcpts[3], big_rcpts[4], big_rcpts[140]);
+        let later = |mins: u64| Outcome::Deferred {
+            reply: "451 later".into(),
+            next_attempt: now + Duration::from_secs(60 * mins),
+        };
+        let delivered = || Outcome::Delivered {
+            reply: "250 ok".into(),
+        };
+        let items = ids
+            .iter()
+            .map(|&id| match id {
+                _ if id == lone || id == b0 => (id, later(10)),
+                _ if id == b2 => (id, later(5)),
+                _ => (id, delivered()),
+            })
+            .filter(|(id, _)| *id != b1)
+            .collect();
+        for r in q.complete_batch(items).unwrap() {
+            r.unwrap();
+        }
+        // Deferred to before b0, in b0's zone: the zone's bound must come down.
+        q.complete(b1, later(5)).unwrap();
+        assert!(q.take_due(now, 10).unwrap().is_empty(), "nothing due yet");
+        let got = |at: SystemTime| -> Vec<RecipientId> {
+            let mut v: Vec<_> = q
+                .take_due(at, 100)
+                .unwrap()
+                .into_iter()
+                .map(|l| l.recipient.id)
+                .collect();
+            v.sort();
+            v
+        };
+        let five = got(now + Duration::from_secs(301));
+        assert_eq!(five, vec![b1, b2], "message {big_id}'s two");
+        let ten = got(now + Duration::from_secs(601));
+        let mut want = vec![lone, b0];
+        want.sort();
+        assert_eq!(ten, want);
+        let items = [b0, b1, b2, lone].map(|id| (id, delivered())).to_vec();
+        for r in q.complete_batch(items).unwrap() {
+            r.unwrap();
+        }
+        assert_eq!(lock(&q.shared.sched).zones(), 1, "drained: one zone");
+        assert_eq!(q.stats().oldest_due, None);
+    }
+
+    /// A zone read sees the group's own writes over what sled has: a changed record, a new
+    /// message and a removed one.
+    #[test]
+    fn a_zone_read_sees_the_writes_of_its_own_group() {
+        let dir = tempfile::tempdir().unwrap();
+        let q = Queue::open(dir.path(), QueueOptions::default()).unwrap();
+        let first = q.enqueue(message()).unwrap().id;
+        let second = q.enqueue(message()).unwrap().id;
+        let rid = |m| RecipientId {
+            message: m,
+            index: 0,
+        };
+        let start = RecipientId {
+            message: MessageId(0),
+            index: 0,
+        };
+        let mut tx = Tx::new(&q.shared);
+        let seen = |tx: &Tx<'_>| -> Vec<(RecipientId, u64)> {
+            tx.scheduled_in(start, None)
+                .unwrap()
+                .into_iter()
+                .map(|(r, _)| (r.id, to_millis(r.next_attempt)))
+                .collect()
+        };
+        assert_eq!(seen(&tx).len(), 2);
+        let (mut rec, meta) = tx.record_and_meta(rid(first)).unwrap().unwrap();
+        rec.next_attempt = from_millis(42);
+        tx.store_record(Some(RecipientState::Scheduled), &rec, false, meta.clone())
+            .unwrap();
+        let third = MessageId(second.0 + 1);
+        let mut copy = meta.unwrap();
+        let mut rec3 = rec.clone();
+        rec3.id = rid(third);
+        rec3.next_attempt = from_millis(43);
+        copy.record = Some(codec::encode_record(&rec3));
+        tx.put_meta(third, &copy);
+        tx.remove(&codec::meta_key(second));
+        assert_eq!(seen(&tx), vec![(rid(first), 42), (rid(third), 43)]);
+        let end = Some(rid(third));
+        assert_eq!(
+            tx.scheduled_in(start, end).unwrap().len(),
+            1,
+            "up to the end"
+        );
+    }
+
+    /// `complete` schedules a deferred recipient again before it drops the lease: the other
+    /// way round its zone would be empty for a moment, and merged with its empty
+    /// neighbours, so that the whole merged range would be read when it comes due.
+    #[test]
+    fn a_deferred_recipient_keeps_its_zone_apart() {
+        let dir = tempfile::tempdir().unwrap();
+        let q = Queue::open(dir.path(), QueueOptions::default()).unwrap();
+        let n = 3 * schedule::ZONE_SIZE as usize;
+        for r in q
+            .enqueue_batch((0..n).map(|_| message()).collect())
+            .unwrap()
+        {
+            r.unwrap();
+        }
+        let now = SystemTime::now() + Duration::from_secs(1);
+        let mut ids: Vec<RecipientId> = q
+            .take_due(now, n)
+            .unwrap()
+            .into_iter()
+            .map(|l| l.recipient.id)
+            .collect();
+        ids.sort();
+        assert_eq!(ids.len(), n);
+        assert_eq!(lock(&q.shared.sched).zones(), 3);
+        let lone = ids[n / 2];
+        let delivered = |id| {
+            (
+                id,
+                Outcome::Delivered {
+                    reply: "250 ok".into(),
+                },
+            )
+        };
+        let others = ids
+            .iter()
+            .filter(|&&id| id != lone)
+            .map(|&id| delivered(id));
+        for r in q.complete_batch(others.collect()).unwrap() {
+            r.unwrap();
+        }
+        assert_eq!(lock(&q.shared.sched).zones(), 3, "the lease keeps it apart");
+        let deferred = Outcome::Deferred {
+            reply: "451 later".into(),
+            next_attempt: now + Duration::from_secs(60),
+        };
+        q.complete(lone, deferred).unwrap();
+        assert_eq!(
+            lock(&q.shared.sched).zones(),
+            3,
+            "and then its schedule entry"
+        );
+        let again = q.take_due(now + Duration::from_secs(61), 10).unwrap();
+        assert_eq!(again.len(), 1);
+        q.complete(again[0].recipient.id, delivered(lone).1)
+            .unwrap();
+        assert_eq!(lock(&q.shared.sched).zones(), 1);
     }
 
     /// The stored record of `rid`, wherever it is (metadata or `r` key), without the lease
@@ -3565,6 +3829,7 @@ mod tests {
         m1.idempotency_key = Some("order-1".into());
         let first = q.enqueue(m1.clone()).unwrap();
         let before = q.stats();
+        let sched_before = lock(&q.shared.sched).snapshot();
 
         let mut m2 = message();
         m2.idempotency_key = Some("order-2".into());
@@ -3573,7 +3838,11 @@ mod tests {
         assert!(matches!(q.enqueue(m2.clone()), Err(QueueError::Sled(_))));
         // (Stale entries would do no harm to lookups, which check the stored metadata and
         // the record, but they would stay in memory.)
-        assert_eq!(lock(&q.shared.sched).len(), 1, "schedule entries undone");
+        assert_eq!(
+            lock(&q.shared.sched).snapshot(),
+            sched_before,
+            "schedule changes undone"
+        );
         {
             let idem = lock(&q.shared.idem);
             assert!(
