@@ -32,7 +32,9 @@
 //! zone, and a new zone starts once the last one has had [`ZONE_SIZE`] of them. A zone
 //! whose read found nothing scheduled, and that has no lease, is *empty*; two empty zones
 //! next to each other are merged, so a drained queue keeps a handful of zones, not one per
-//! 64 recipients it ever had. A zone with a lease is not merged: its recipient may be
+//! 64 recipients it ever had. A merged zone counts as full: its range may span many final
+//! records (a zone read reads them too, until they are purged), so new recipients start a
+//! zone of their own. A zone with a lease is not merged: its recipient may be
 //! scheduled again (a deferral), and would then make a merged zone's whole range due.
 //!
 //! Memory: one `BTreeMap` entry per zone, and one `BTreeSet` entry per zone with a bound
@@ -160,8 +162,31 @@ impl Schedule {
         }
     }
 
-    /// Schedules `rid` at `due_ms` (created at `created_ms`): lowers its zone's bound, and
-    /// for a new recipient starts a new zone when the last one is full.
+    /// Notes that recipient `rid` exists (scheduled or not: the open notes final ones too,
+    /// so that a zone spans ~[`ZONE_SIZE`] recipients, not that many scheduled ones among
+    /// any number of final ones). A new one (above every id noted so far) is counted in the
+    /// last zone, and starts a new zone when that one is full; an empty last zone is merged
+    /// first.
+    pub(crate) fn note(&mut self, rid: RecipientId, log: &mut Vec<Undo>) {
+        if self.newest.is_some_and(|n| rid <= n) {
+            return;
+        }
+        // Not undone: a failed enqueue's ids are never handed out again, so a later id is
+        // still above it.
+        self.newest = Some(rid);
+        let (&last, &zone) = self.zones.last_key_value().expect("the first zone stays");
+        if zone.added >= ZONE_SIZE && rid > last {
+            self.merge_empty(last, log);
+            self.change(rid, Some(Zone::default()), log);
+        }
+        let start = self.start_of(rid);
+        let mut zone = self.zones[&start];
+        zone.added = zone.added.saturating_add(1);
+        self.change(start, Some(zone), log);
+    }
+
+    /// Schedules `rid` at `due_ms` (created at `created_ms`): notes it, and lowers its zone's
+    /// bound.
     pub(crate) fn add(
         &mut self,
         due_ms: u64,
@@ -169,16 +194,7 @@ impl Schedule {
         created_ms: u64,
         log: &mut Vec<Undo>,
     ) {
-        let new = self.newest.is_none_or(|n| rid > n);
-        if new {
-            // Not undone: a failed enqueue's ids are never handed out again, so a later
-            // id is still above it.
-            self.newest = Some(rid);
-            let (&last, &zone) = self.zones.last_key_value().expect("the first zone stays");
-            if zone.added >= ZONE_SIZE && rid > last {
-                self.change(rid, Some(Zone::default()), log);
-            }
-        }
+        self.note(rid, log);
         let start = self.start_of(rid);
         let mut zone = self.zones[&start];
         zone.bound = Some(Bound::lower(
@@ -188,9 +204,6 @@ impl Schedule {
                 created: created_ms,
             },
         ));
-        if new {
-            zone.added = zone.added.saturating_add(1);
-        }
         self.change(start, Some(zone), log);
     }
 
@@ -217,19 +230,18 @@ impl Schedule {
             .range((Excluded(start), Unbounded))
             .next()
             .map(|(s, z)| (*s, *z));
-        if let Some((s, z)) = next.filter(|(_, z)| z.is_empty()) {
-            // Keep the later zone's count: it may be the last one, still filling.
-            let mut merged = self.zones[&start];
-            merged.added = z.added;
+        // A merged zone counts as full, so that new recipients start a zone of their own
+        // instead of joining a range that may span many final records (read with it).
+        let merged = Zone {
+            added: ZONE_SIZE,
+            ..Zone::default()
+        };
+        if let Some((s, _)) = next.filter(|(_, z)| z.is_empty()) {
             self.change(s, None, log);
             self.change(start, Some(merged), log);
         }
         let prev = self.zones.range(..start).next_back().map(|(s, z)| (*s, *z));
-        if let Some((s, z)) = prev.filter(|(_, z)| z.is_empty()) {
-            let merged = Zone {
-                added: self.zones[&start].added,
-                ..z
-            };
+        if let Some((s, _)) = prev.filter(|(_, z)| z.is_empty()) {
             self.change(start, None, log);
             self.change(s, Some(merged), log);
         }
@@ -489,9 +501,9 @@ mod tests {
         s.settle(second, None, &mut log);
         assert_eq!(s.zones(), 1, "all empty: one zone");
         assert_eq!(s.zone_end(FIRST), None);
-        // The next new recipients go into it until it has had ZONE_SIZE of its own.
+        // New recipients start a zone of their own, not in the merged range.
         s.add(60, rid(10 * z, 0), 60, &mut log);
-        assert_eq!(s.zones(), 2, "the merged zone had its last part's count");
+        assert_eq!(s.zones(), 2);
         assert_eq!(s.zone_of(rid(10 * z, 0)), (rid(10 * z, 0), bound(60, 60)));
         // Released without a new schedule entry (final): the zone empties and merges.
         assert!(s.lease(rid(10 * z, 0), 61).is_some());
@@ -499,6 +511,45 @@ mod tests {
         assert_eq!(s.zones(), 2);
         s.unlease(rid(10 * z, 0), &mut log);
         assert_eq!(s.zones(), 1);
+    }
+
+    /// A last zone that was not full when it emptied and merged does not take new
+    /// recipients: its range now spans every final record before it.
+    #[test]
+    fn new_recipients_do_not_join_a_merged_zone() {
+        let z = u64::from(ZONE_SIZE);
+        let mut s = filled(z + 5, |_| 1);
+        let mut log = Vec::new();
+        s.settle(rid(z + 1, 0), None, &mut log);
+        s.settle(FIRST, None, &mut log);
+        assert_eq!(s.zones(), 1);
+        s.add(9, rid(2 * z, 0), 9, &mut log);
+        assert_eq!(s.zones(), 2);
+        assert_eq!(s.zone_of(rid(2 * z, 0)), (rid(2 * z, 0), bound(9, 9)));
+        assert_eq!(s.zone_of(rid(z, 0)), (FIRST, None));
+    }
+
+    /// At open, final recipients are noted too: a scheduled one's zone spans ~ZONE_SIZE
+    /// ids, not everything since the previous scheduled one, and runs of final ones end up
+    /// as one zone each.
+    #[test]
+    fn final_recipients_noted_at_open_keep_zones_small() {
+        let z = u64::from(ZONE_SIZE);
+        let mut s = Schedule::default();
+        let mut log = Vec::new();
+        for m in 1..=1000 {
+            if m % 500 == 0 {
+                s.add(7, rid(m, 0), m, &mut log);
+            } else {
+                s.note(rid(m, 0), &mut log);
+            }
+        }
+        for m in [500, 1000] {
+            let (start, b) = s.zone_of(rid(m, 0));
+            assert!(start.message.0 + z > m, "zone of {m} starts at {start}");
+            assert_eq!(b, bound(7, m));
+        }
+        assert_eq!(s.zones(), 4, "two merged runs of final ones, two zones");
     }
 
     #[test]

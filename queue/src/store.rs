@@ -3292,8 +3292,10 @@ fn recover(
                     to_millis(rec.created),
                     &mut sched_log,
                 );
-                sched_log.clear();
+            } else {
+                sched.note(rec.id, &mut sched_log);
             }
+            sched_log.clear();
             counters.add(rec.state, &rec.destination);
         }
         if let Some(k) = &meta.idempotency_key {
@@ -3483,6 +3485,56 @@ mod tests {
             1,
             "up to the end"
         );
+    }
+
+    /// The open counts final recipients into the zones too: a deferred recipient among
+    /// delivered ones is in a zone of its neighbours, not of everything before it.
+    #[test]
+    fn the_open_builds_zones_over_final_recipients_too() {
+        let dir = tempfile::tempdir().unwrap();
+        let q = Queue::open(dir.path(), QueueOptions::default()).unwrap();
+        for r in q
+            .enqueue_batch((0..200).map(|_| message()).collect())
+            .unwrap()
+        {
+            r.unwrap();
+        }
+        let now = SystemTime::now() + Duration::from_secs(1);
+        let mut ids: Vec<RecipientId> = q
+            .take_due(now, 200)
+            .unwrap()
+            .into_iter()
+            .map(|l| l.recipient.id)
+            .collect();
+        ids.sort();
+        let lone = ids[150];
+        let items = ids
+            .iter()
+            .map(|&id| {
+                let outcome = if id == lone {
+                    Outcome::Deferred {
+                        reply: "451 later".into(),
+                        next_attempt: now + Duration::from_secs(60),
+                    }
+                } else {
+                    Outcome::Delivered {
+                        reply: "250 ok".into(),
+                    }
+                };
+                (id, outcome)
+            })
+            .collect();
+        for r in q.complete_batch(items).unwrap() {
+            r.unwrap();
+        }
+        drop(q);
+        let q = Queue::open(dir.path(), QueueOptions::default()).unwrap();
+        let (start, _) = lock(&q.shared.sched).zone_of(lone);
+        let first_id = ids[150 - schedule::ZONE_SIZE as usize];
+        assert!(start > first_id, "zone of {lone} starts at {start}");
+        let again = q.take_due(now + Duration::from_secs(61), 10).unwrap();
+        assert_eq!(again.len(), 1);
+        assert_eq!(again[0].recipient.id, lone);
     }
 
     /// `complete` schedules a deferred recipient again before it drops the lease: the other

@@ -358,7 +358,9 @@ pub struct Stats {
     pub by_state: BTreeMap<RecipientState, u64>,
     /// Non-final (scheduled + leased) recipients per destination.
     pub by_destination: BTreeMap<String, u64>,
-    /// Earliest `next_attempt` of a scheduled recipient.
+    /// Earliest `next_attempt` of a scheduled recipient, as far as the schedule knows: it
+    /// can be earlier than the truth (a recipient deleted or expired since) until the
+    /// schedule next reads that recipient's zone, never later.
     pub oldest_due: Option<SystemTime>,
     /// Bytes sled uses on disk.
     pub disk_bytes: u64,
