@@ -84,9 +84,8 @@
 //! anyway. A lease is never written: on disk a leased recipient still reads `Scheduled`, which
 //! is what a crash must return it to. This takes three of the nine sled writes a delivered
 //! recipient used to cost (the schedule entry written at enqueue and removed at the lease, and
-//! the record rewritten for the lease). The schedule's memory does not grow with each
-//! queued recipient: it keeps, per zone of ~64 consecutive recipient ids, a lower bound of
-//! their due times, and finds what is due by reading the records of the zones whose bound
+//! the record rewritten for the lease). The schedule holds no entry per queued recipient:
+//! it keeps, per zone of ~64 consecutive recipient ids, a lower bound of their due times, and finds what is due by reading the records of the zones whose bound
 //! is due (a range scan of their metadata in sled); see `schedule.rs`.
 //!
 //! Reads ([`Queue::message`], [`Queue::list`]) show the lease: they combine sled's committed

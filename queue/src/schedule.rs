@@ -1,5 +1,5 @@
-//! The schedule (which recipients are due when) and the leases, kept in memory, in memory
-//! that does not grow with each queued recipient.
+//! The schedule (which recipients are due when) and the leases, kept in memory: an entry
+//! per zone of ~64 recipients, not per recipient.
 //!
 //! Both are derived state. The records on disk say which recipients are `Scheduled` and
 //! when their next attempt is; `recover` rebuilds this index from them at open, in the scan
@@ -38,8 +38,8 @@
 //! scheduled again (a deferral), and would then make a merged zone's whole range due.
 //!
 //! Memory: one `BTreeMap` entry per zone, and one `BTreeSet` entry per zone with a bound
-//! (~2 bytes per queued recipient), plus one `HashMap` entry per lease (bounded by what is
-//! in flight).
+//! (~2 bytes per queued recipient, estimated from the entry sizes, not measured), plus one
+//! `HashMap` entry per lease (bounded by what is in flight).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
