@@ -1018,8 +1018,9 @@ impl Queue {
 
     /// Moves scheduled recipients whose `created + max_queue_lifetime <= now` to `Expired`
     /// (reply: their last transient reply, or "expired in queue") and returns them, so the
-    /// caller can emit events. Call it periodically. Only due schedule entries are scanned:
-    /// a deferral never schedules past the lifetime, so an expired recipient is always due.
+    /// caller can emit events. Call it periodically. Only the schedule's zones whose bound is
+    /// due and old enough are read: a deferral never schedules past the lifetime, so an
+    /// expired recipient is always due.
     pub fn expire_due(&self, now: SystemTime) -> Res<Vec<RecipientRecord>> {
         match self.call(Op::Expire(to_millis(now)))? {
             Reply::Records(v) => Ok(v),
@@ -1096,7 +1097,7 @@ impl Queue {
         }
     }
 
-    /// Removes a message, its body, records, schedule entries and idempotency key. A lease
+    /// Removes a message, its body, records and idempotency key. A lease
     /// still held on one of its recipients then fails to complete with `NotFound`.
     pub fn delete(&self, id: MessageId) -> Res<bool> {
         match self.call(Op::Delete(id))? {
@@ -3367,6 +3368,28 @@ mod tests {
         }
     }
 
+    /// Enqueues `n` one-recipient messages.
+    fn enqueue_n(q: &Queue, n: usize) {
+        for r in q
+            .enqueue_batch((0..n).map(|_| message()).collect())
+            .unwrap()
+        {
+            r.unwrap();
+        }
+    }
+
+    /// Leases up to `limit` recipients due at `at`: their ids, sorted.
+    fn taken(q: &Queue, at: SystemTime, limit: usize) -> Vec<RecipientId> {
+        let mut ids: Vec<RecipientId> = q
+            .take_due(at, limit)
+            .unwrap()
+            .into_iter()
+            .map(|l| l.recipient.id)
+            .collect();
+        ids.sort();
+        ids
+    }
+
     /// The schedule keeps zones, not entries: recipients deferred in zones that were already
     /// read whole are found again when due (and not before), in a message of many recipients
     /// too, and a drained queue is left with one zone.
@@ -3417,16 +3440,7 @@ mod tests {
         // Deferred to before b0, in b0's zone: the zone's bound must come down.
         q.complete(b1, later(5)).unwrap();
         assert!(q.take_due(now, 10).unwrap().is_empty(), "nothing due yet");
-        let got = |at: SystemTime| -> Vec<RecipientId> {
-            let mut v: Vec<_> = q
-                .take_due(at, 100)
-                .unwrap()
-                .into_iter()
-                .map(|l| l.recipient.id)
-                .collect();
-            v.sort();
-            v
-        };
+        let got = |at: SystemTime| taken(&q, at, 100);
         let five = got(now + Duration::from_secs(301));
         assert_eq!(five, vec![b1, b2], "message {big_id}'s two");
         let ten = got(now + Duration::from_secs(601));
@@ -3493,20 +3507,9 @@ mod tests {
     fn the_open_builds_zones_over_final_recipients_too() {
         let dir = tempfile::tempdir().unwrap();
         let q = Queue::open(dir.path(), QueueOptions::default()).unwrap();
-        for r in q
-            .enqueue_batch((0..200).map(|_| message()).collect())
-            .unwrap()
-        {
-            r.unwrap();
-        }
+        enqueue_n(&q, 200);
         let now = SystemTime::now() + Duration::from_secs(1);
-        let mut ids: Vec<RecipientId> = q
-            .take_due(now, 200)
-            .unwrap()
-            .into_iter()
-            .map(|l| l.recipient.id)
-            .collect();
-        ids.sort();
+        let ids = taken(&q, now, 200);
         let lone = ids[150];
         let items = ids
             .iter()
@@ -3545,20 +3548,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let q = Queue::open(dir.path(), QueueOptions::default()).unwrap();
         let n = 3 * schedule::ZONE_SIZE as usize;
-        for r in q
-            .enqueue_batch((0..n).map(|_| message()).collect())
-            .unwrap()
-        {
-            r.unwrap();
-        }
+        enqueue_n(&q, n);
         let now = SystemTime::now() + Duration::from_secs(1);
-        let mut ids: Vec<RecipientId> = q
-            .take_due(now, n)
-            .unwrap()
-            .into_iter()
-            .map(|l| l.recipient.id)
-            .collect();
-        ids.sort();
+        let ids = taken(&q, now, n);
         assert_eq!(ids.len(), n);
         assert_eq!(lock(&q.shared.sched).zones(), 3);
         let lone = ids[n / 2];

@@ -285,8 +285,8 @@ fn deferred_beyond_lifetime_expires() {
 }
 
 /// A deferral to a time before the message was created (a caller's clock, a clock stepped
-/// back) is taken when due and expires only at the message's own lifetime: the in-memory
-/// schedule does not know such an entry's created time and reads the record.
+/// back) is taken when due and expires only at the message's own lifetime: the schedule
+/// keeps a zone's due and created times as separate bounds, and expiry reads the record.
 #[test]
 fn a_deferral_into_the_past_is_taken_and_expires_on_time() {
     let dir = tempfile::tempdir().unwrap();
