@@ -8,7 +8,11 @@ use crate::types::{from_millis, to_millis};
 use crate::{MessageId, RecipientId, RecipientRecord, RecipientState};
 
 pub(crate) const P_VERSION: u8 = b'v';
+/// Message metadata of stores before schema 6, one key per message; moved into packs
+/// (`P_PACK`) at open. Still the key the writer's `Tx` names a message's metadata by.
 pub(crate) const P_META: u8 = b'm';
+/// Message metadata, `PACK` messages to a key (see `pack_key`).
+pub(crate) const P_PACK: u8 = b'M';
 pub(crate) const P_BODY: u8 = b'b';
 pub(crate) const P_RCPT: u8 = b'r';
 /// The on-disk schedule of stores written before the schedule moved into memory (see
@@ -20,7 +24,8 @@ pub(crate) const P_FINAL: u8 = b'f';
 pub(crate) const P_IDEM: u8 = b'i';
 pub(crate) const P_SUPP: u8 = b'x';
 
-/// Version 5: the idempotency index is no longer stored (`i` keys; see `idem`): a version-4
+/// Version 6: message metadata lives in packs of 16 messages (`M` keys, see `pack_key`); a
+/// version-5 binary would find no messages. Version 5: the idempotency index is no longer stored (`i` keys; see `idem`): a version-4
 /// binary would accept a duplicate. Version 4: a final-index entry lists the records that
 /// became final at its time in one group commit, up to 64 (see `final_entry`); a version-3
 /// binary would purge only the first. Version 3: the record of a message's only recipient
@@ -29,7 +34,8 @@ pub(crate) const P_SUPP: u8 = b'x';
 /// version refuses a newer store instead of misreading it (a version-2 binary cannot decode
 /// format-4 metadata, a version-1 binary took the schedule from sled and would find nothing
 /// due).
-pub(crate) const SCHEMA_VERSION: &[u8] = b"bulksend-queue/5";
+pub(crate) const SCHEMA_VERSION: &[u8] = b"bulksend-queue/6";
+pub(crate) const SCHEMA_VERSION_5: &[u8] = b"bulksend-queue/5";
 pub(crate) const SCHEMA_VERSION_4: &[u8] = b"bulksend-queue/4";
 pub(crate) const SCHEMA_VERSION_3: &[u8] = b"bulksend-queue/3";
 pub(crate) const SCHEMA_VERSION_2: &[u8] = b"bulksend-queue/2";
@@ -72,6 +78,77 @@ pub(crate) fn meta_key(id: MessageId) -> [u8; 9] {
 pub(crate) fn meta_id(k: &[u8]) -> Option<MessageId> {
     let b: [u8; 8] = k.get(1..9)?.try_into().ok()?;
     Some(MessageId(u64::from_be_bytes(b)))
+}
+
+/// Messages per pack: the metadata of messages `PACK·p … PACK·p + PACK − 1` is one sled value
+/// under `M` + p. sled 0.34.7 keeps memory per page (its page table entry and the list of
+/// where the page is on disk) whether the page is cached or not, and splits a leaf at 16
+/// keys, so with a key per message its memory grew ~16 bytes per queued message beyond the
+/// cache; 16 messages to a key, ~2 (`benches/benches/sled_keys.rs`; BENCHMARKS.md, Queue,
+/// "Fourteenth session"). A change to one message rewrites its pack (16 metadata values of
+/// ~100–400 bytes); a group's changes to one pack are written once.
+pub(crate) const PACK: u64 = 16;
+const PACK_FORMAT: u8 = 1;
+
+/// The pack key of message `id`'s metadata.
+pub(crate) fn pack_key(id: MessageId) -> [u8; 9] {
+    let mut k = [0u8; 9];
+    k[0] = P_PACK;
+    k[1..].copy_from_slice(&(id.0 / PACK).to_be_bytes());
+    k
+}
+
+/// The first message id a pack key covers.
+pub(crate) fn pack_first(k: &[u8]) -> Option<MessageId> {
+    let b: [u8; 8] = k.get(1..9)?.try_into().ok()?;
+    if k.len() != 9 || k[0] != P_PACK {
+        return None;
+    }
+    u64::from_be_bytes(b).checked_mul(PACK).map(MessageId)
+}
+
+/// A pack's value: the format byte, then per message in id order its slot (id mod `PACK`,
+/// one byte), the length of its metadata (4 bytes) and the metadata.
+pub(crate) fn encode_pack<'a>(entries: impl IntoIterator<Item = (MessageId, &'a [u8])>) -> Vec<u8> {
+    let mut v = vec![PACK_FORMAT];
+    for (id, meta) in entries {
+        v.push((id.0 % PACK) as u8);
+        v.extend_from_slice(&u32::try_from(meta.len()).unwrap_or(u32::MAX).to_be_bytes());
+        v.extend_from_slice(meta);
+    }
+    v
+}
+
+/// The messages of the pack whose first id is `first`, in id order; each metadata value
+/// shares `v`'s buffer.
+pub(crate) fn decode_pack(
+    first: MessageId,
+    v: &sled::IVec,
+) -> Result<Vec<(MessageId, sled::IVec)>, String> {
+    match v.first() {
+        Some(&PACK_FORMAT) => {}
+        Some(f) => return Err(format!("unknown pack format {f}")),
+        None => return Err("empty pack".into()),
+    }
+    let mut out = Vec::new();
+    let mut at = 1;
+    let mut last: Option<u8> = None;
+    while at < v.len() {
+        let head = v.get(at..at + 5).ok_or("truncated pack entry")?;
+        let slot = head[0];
+        if u64::from(slot) >= PACK || last.is_some_and(|l| l >= slot) {
+            return Err(format!("bad pack slot {slot}"));
+        }
+        last = Some(slot);
+        let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
+        at += 5;
+        if v.len() - at < len {
+            return Err("truncated pack entry".into());
+        }
+        out.push((MessageId(first.0 + u64::from(slot)), v.subslice(at, len)));
+        at += len;
+    }
+    Ok(out)
 }
 
 pub(crate) fn body_prefix(id: MessageId) -> [u8; 9] {
@@ -554,6 +631,54 @@ mod tests {
         v1[0] = FORMAT;
         v1.truncate(v1.len() - 2);
         assert_eq!(decode_meta(&v1).unwrap(), chunked);
+    }
+
+    #[test]
+    fn a_pack_gives_back_its_messages_and_refuses_garbage() {
+        let first = MessageId(32);
+        let key = pack_key(MessageId(45));
+        assert_eq!(pack_first(&key), Some(first));
+        assert_eq!(pack_key(MessageId(47)), key);
+        assert_ne!(pack_key(MessageId(48)), key);
+        let v = sled::IVec::from(encode_pack([
+            (MessageId(33), &b"one"[..]),
+            (MessageId(40), &b""[..]),
+            (MessageId(47), &b"three"[..]),
+        ]));
+        let got: Vec<(u64, Vec<u8>)> = decode_pack(first, &v)
+            .unwrap()
+            .into_iter()
+            .map(|(id, m)| (id.0, m.to_vec()))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (33, b"one".to_vec()),
+                (40, Vec::new()),
+                (47, b"three".to_vec())
+            ]
+        );
+        assert_eq!(
+            decode_pack(first, &sled::IVec::from(encode_pack([])))
+                .unwrap()
+                .len(),
+            0
+        );
+        for bad in [
+            &v[..v.len() - 1],
+            &v[..3],
+            &[9u8][..],
+            &[],
+            &[PACK_FORMAT, 16, 0, 0, 0, 0],
+        ] {
+            assert!(
+                decode_pack(first, &sled::IVec::from(bad)).is_err(),
+                "{bad:?}"
+            );
+        }
+        // Slots out of order.
+        let swapped = encode_pack([(MessageId(40), &b""[..]), (MessageId(33), &b""[..])]);
+        assert!(decode_pack(first, &sled::IVec::from(swapped)).is_err());
     }
 
     #[test]

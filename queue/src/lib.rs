@@ -49,8 +49,10 @@
 //! pending in a mostly empty segment (≥ 1 MiB, ≤ ¼ live) are moved to the current one, so
 //! deferred messages do not pin old segments.
 //!
-//! Message ids are `unix_millis << 20 | sequence`: unique, and ordered by age. Times are
-//! stored with millisecond precision.
+//! Message ids are unique and ordered by age: each open starts above `unix_millis << 20` and
+//! every id still stored, then counts up by one, so that messages enqueued together share
+//! metadata packs (see `codec::PACK`) however slowly they come. Times are stored with
+//! millisecond precision.
 //!
 //! # Durability and group commit
 //!

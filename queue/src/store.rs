@@ -615,7 +615,8 @@ impl Queue {
                 if v.as_ref() == codec::SCHEMA_VERSION_1
                     || v.as_ref() == codec::SCHEMA_VERSION_2
                     || v.as_ref() == codec::SCHEMA_VERSION_3
-                    || v.as_ref() == codec::SCHEMA_VERSION_4 =>
+                    || v.as_ref() == codec::SCHEMA_VERSION_4
+                    || v.as_ref() == codec::SCHEMA_VERSION_5 =>
             {
                 upgrade = true
             }
@@ -714,7 +715,7 @@ impl Queue {
             .spawn(move || {
                 Writer {
                     shared: s,
-                    last_id,
+                    last_id: last_id.max(to_millis(SystemTime::now()) << 20),
                     // Purge at once: records may have aged past `final_retention`
                     // while the process was down.
                     next_purge: Instant::now(),
@@ -910,7 +911,7 @@ impl Queue {
         let mut last: Option<segments::SegRef> = None;
         loop {
             let db = self.shared.db();
-            let Some(v) = db.get(mk)? else {
+            let Some(v) = db_meta(&self.shared.path, &db, id)? else {
                 return Ok(None);
             };
             let meta = codec::decode_meta(&v).map_err(|d| self.corrupt(&mk, d))?;
@@ -1032,7 +1033,7 @@ impl Queue {
     pub fn message(&self, id: MessageId) -> Res<Option<MessageInfo>> {
         let db = self.shared.db();
         let mk = codec::meta_key(id);
-        let Some(v) = db.get(mk)? else {
+        let Some(v) = db_meta(&self.shared.path, &db, id)? else {
             return Ok(None);
         };
         let meta = codec::decode_meta(&v).map_err(|d| self.corrupt(&mk, d))?;
@@ -1069,10 +1070,9 @@ impl Queue {
             }
             out.len() >= limit
         };
-        for item in db.scan_prefix([codec::P_META]) {
-            let (mk, mv) = item?;
-            let id =
-                codec::meta_id(&mk).ok_or_else(|| self.corrupt(&mk, "bad message key".into()))?;
+        for item in scan_metas(&self.shared.path, &db, MessageId(0), None) {
+            let (id, mv) = item?;
+            let mk = codec::meta_key(id);
             let meta = codec::decode_meta(&mv).map_err(|d| self.corrupt(&mk, d))?;
             if let Some(rec) = codec::inline_record(id, &meta).map_err(|d| self.corrupt(&mk, d))? {
                 if keep(rec) {
@@ -1321,7 +1321,17 @@ fn commit_group(tx: Tx<'_>, mut group: Vec<Done>, done: &ToSyncer) {
     let res = tx.commit();
     for d in &mut group {
         if let (Err(e), Ok(_)) = (&res, &d.result) {
-            d.result = Err(QueueError::Sled(e.clone()));
+            d.result = Err(match e {
+                QueueError::Sled(e) => QueueError::Sled(e.clone()),
+                QueueError::Corrupt { path, key, detail } => QueueError::Corrupt {
+                    path: path.clone(),
+                    key: key.clone(),
+                    detail: detail.clone(),
+                },
+                e => QueueError::Closed {
+                    reason: e.to_string(),
+                },
+            });
             d.durable = false;
         }
     }
@@ -1346,6 +1356,109 @@ fn decode_record_kv(path: &Path, k: &[u8], v: &[u8]) -> Res<RecipientRecord> {
     let id =
         codec::rid_from(&k[1..]).ok_or_else(|| corrupt(path, k, "bad recipient key".into()))?;
     codec::decode_record(id, v).map_err(|d| corrupt(path, k, d))
+}
+
+/// The first message of `id`'s pack.
+fn pack_start(id: MessageId) -> MessageId {
+    MessageId(id.0 - id.0 % codec::PACK)
+}
+
+/// The messages of the pack stored under `k`, or a corrupt-data error naming it.
+fn read_pack(path: &Path, k: &[u8], v: &IVec) -> Res<Vec<(MessageId, IVec)>> {
+    let first = codec::pack_first(k).ok_or_else(|| corrupt(path, k, "bad pack key".into()))?;
+    codec::decode_pack(first, v).map_err(|d| corrupt(path, k, d))
+}
+
+/// Message `id`'s metadata as sled holds it (not a group's writes), from its pack.
+fn db_meta(path: &Path, db: &sled::Db, id: MessageId) -> Res<Option<IVec>> {
+    let k = codec::pack_key(id);
+    let Some(v) = db.get(k)? else {
+        return Ok(None);
+    };
+    Ok(read_pack(path, &k, &v)?
+        .into_iter()
+        .find(|(m, _)| *m == id)
+        .map(|(_, v)| v))
+}
+
+/// The metadata of messages `lo` up to `hi` (inclusive; `None`: all) as sled holds it, in
+/// id order, read pack by pack.
+fn scan_metas<'p>(
+    path: &'p Path,
+    db: &sled::Db,
+    lo: MessageId,
+    hi: Option<MessageId>,
+) -> MetaScan<'p> {
+    let hi = hi.map_or(u64::MAX, |h| h.0);
+    MetaScan {
+        path,
+        packs: db.range(codec::pack_key(lo)..=codec::pack_key(MessageId(hi))),
+        lo: lo.0,
+        hi,
+        buf: Vec::new().into_iter(),
+    }
+}
+
+struct MetaScan<'p> {
+    path: &'p Path,
+    packs: sled::Iter,
+    lo: u64,
+    hi: u64,
+    buf: std::vec::IntoIter<(MessageId, IVec)>,
+}
+
+impl Iterator for MetaScan<'_> {
+    type Item = Res<(MessageId, IVec)>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        loop {
+            if let Some((id, v)) = self.buf.next() {
+                if id.0 < self.lo {
+                    continue;
+                }
+                if id.0 > self.hi {
+                    return None;
+                }
+                return Some(Ok((id, v)));
+            }
+            let (k, v) = match self.packs.next()? {
+                Ok(kv) => kv,
+                Err(e) => return Some(Err(e.into())),
+            };
+            match read_pack(self.path, &k, &v) {
+                Ok(entries) => self.buf = entries.into_iter(),
+                Err(e) => return Some(Err(e)),
+            }
+        }
+    }
+}
+
+/// Rewrites the packs that `changes` touch (message → its new metadata, `None`: removed; in
+/// id order) over what sled holds, handing each to `write` (`None`: the pack is now empty).
+fn repack<'a>(
+    path: &Path,
+    db: &sled::Db,
+    changes: impl IntoIterator<Item = (MessageId, Option<&'a [u8]>)>,
+    mut write: impl FnMut(IVec, Option<IVec>),
+) -> Res<()> {
+    let mut changes = changes.into_iter().peekable();
+    while let Some(&(id, _)) = changes.peek() {
+        let k = codec::pack_key(id);
+        let mut metas: BTreeMap<MessageId, IVec> = match db.get(k)? {
+            Some(v) => read_pack(path, &k, &v)?.into_iter().collect(),
+            None => BTreeMap::new(),
+        };
+        while let Some((m, v)) = changes.next_if(|(m, _)| pack_start(*m) == pack_start(id)) {
+            match v {
+                Some(v) => metas.insert(m, IVec::from(v)),
+                None => metas.remove(&m),
+            };
+        }
+        let value = (!metas.is_empty())
+            .then(|| IVec::from(codec::encode_pack(metas.iter().map(|(m, v)| (*m, &v[..])))));
+        write(IVec::from(&k[..]), value);
+    }
+    Ok(())
 }
 
 /// Pending writes of one request: a sled `Batch` (applied atomically, also across a crash)
@@ -1520,6 +1633,10 @@ impl<'a> Tx<'a> {
     fn get(&self, key: &[u8]) -> Res<Option<IVec>> {
         match self.overlay.get(key) {
             Some(v) => Ok(v.clone()),
+            None if key.first() == Some(&codec::P_META) => match codec::meta_id(key) {
+                Some(id) => db_meta(&self.shared.path, &self.db, id),
+                None => Ok(None),
+            },
             None => Ok(self.db.get(key)?),
         }
     }
@@ -1703,25 +1820,15 @@ impl<'a> Tx<'a> {
         end: Option<RecipientId>,
     ) -> Res<Vec<(RecipientRecord, String)>> {
         use std::ops::Bound::{Excluded, Included, Unbounded};
-        let (key_end, id_end) = match end {
-            Some(e) if e.index > 0 => (
-                Included(codec::meta_key(e.message).to_vec()),
-                Included(e.message.0),
-            ),
-            Some(e) => (
-                Excluded(codec::meta_key(e.message).to_vec()),
-                Excluded(e.message.0),
-            ),
-            None => (Excluded(vec![codec::P_META + 1]), Unbounded),
+        let (last, id_end) = match end {
+            Some(e) if e.index > 0 => (Some(e.message), Included(e.message.0)),
+            Some(e) if e.message.0 == 0 => return Ok(Vec::new()),
+            Some(e) => (Some(MessageId(e.message.0 - 1)), Excluded(e.message.0)),
+            None => (None, Unbounded),
         };
         let mut metas: BTreeMap<u64, Option<IVec>> = BTreeMap::new();
-        for item in self
-            .db
-            .range((Included(codec::meta_key(start.message).to_vec()), key_end))
-        {
-            let (k, v) = item?;
-            let id =
-                codec::meta_id(&k).ok_or_else(|| self.corrupt(&k, "bad message key".into()))?;
+        for item in scan_metas(&self.shared.path, &self.db, start.message, last) {
+            let (id, v) = item?;
             metas.insert(id.0, Some(v));
         }
         for &id in self.meta_ids.range((Included(start.message.0), id_end)) {
@@ -1793,7 +1900,27 @@ impl<'a> Tx<'a> {
     }
 
     /// Applies everything as one sled batch: atomic, also across a crash.
-    fn commit(mut self) -> Result<(), sled::Error> {
+    fn commit(mut self) -> Res<()> {
+        if !self.meta_ids.is_empty() {
+            // The metadata writes name messages (`m` keys); sled gets the packs they change.
+            self.ops.retain(|(k, _)| k.first() != Some(&codec::P_META));
+            let changes: Vec<(MessageId, Option<IVec>)> = self
+                .meta_ids
+                .iter()
+                .filter_map(|&id| {
+                    let v = self.overlay.get(&codec::meta_key(MessageId(id))[..])?;
+                    Some((MessageId(id), v.clone()))
+                })
+                .collect();
+            let mut packs = Vec::new();
+            repack(
+                &self.shared.path,
+                &self.db,
+                changes.iter().map(|(id, v)| (*id, v.as_deref())),
+                |k, v| packs.push((k, v)),
+            )?;
+            self.ops.extend(packs);
+        }
         if !self.finals.is_empty() {
             // Stable: a key's records keep the order they became final in.
             self.finals.sort_by_key(|&(at, _)| at);
@@ -1827,7 +1954,7 @@ impl<'a> Tx<'a> {
                 .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
                 .is_ok()
             {
-                return Err(sled::Error::Io(std::io::Error::other("injected failure")));
+                return Err(sled::Error::Io(std::io::Error::other("injected failure")).into());
             }
             // On an error none of it reached sled: `drop` undoes the in-memory changes.
             self.db.apply_batch(batch)?;
@@ -2199,9 +2326,10 @@ impl Writer {
         hi: u64,
     ) -> Res<u64> {
         let mut n = 0;
-        let range = codec::meta_key(MessageId(lo))..=codec::meta_key(MessageId(hi));
-        for item in tx.db.clone().range(range) {
-            let (k, v) = item?;
+        let db = tx.db.clone();
+        for item in scan_metas(&shared.path, &db, MessageId(lo), Some(MessageId(hi))) {
+            let (id, v) = item?;
+            let k = codec::meta_key(id);
             let mut meta = codec::decode_meta(&v).map_err(|d| tx.corrupt(&k, d))?;
             let Body::Segment(r) = meta.body else {
                 continue;
@@ -2209,9 +2337,6 @@ impl Writer {
             if r.seg != seg || meta.pending == 0 {
                 continue;
             }
-            let Some(id) = codec::meta_id(&k) else {
-                return Err(tx.corrupt(&k, "bad message key".into()));
-            };
             let body = match segments::read(&shared.seg_dir, r, meta.size) {
                 Ok(b) => b,
                 Err(d) => {
@@ -2246,9 +2371,9 @@ impl Writer {
         let live = {
             let c = lock(&self.shared.counters);
             let records: u64 = c.by_state.iter().sum();
-            // A record, its schedule or final entry, and its message's metadata and
-            // idempotency key (shared by the message's recipients): at most ~4 keys each.
-            let keys = records.saturating_mul(4).saturating_add(c.suppressions);
+            // A record (in its message's metadata, packed, or under its own key) and its
+            // final-index entry: about two keys' worth each.
+            let keys = records.saturating_mul(2).saturating_add(c.suppressions);
             c.body_bytes
                 .saturating_add(keys.saturating_mul(BYTES_PER_KEY))
         };
@@ -2489,9 +2614,13 @@ impl Writer {
         }
     }
 
+    /// Consecutive ids, whatever the enqueue rate, so that messages fill metadata packs
+    /// (`codec::PACK`): with a jump to the clock at each millisecond (as before schema 6),
+    /// one message a millisecond would have had a pack each. Unique across restarts: `open`
+    /// starts above every stored id and above `unix_millis << 20`, which outruns this count
+    /// unless over 2^20 messages a millisecond were enqueued since the last open.
     fn next_id(&mut self) -> MessageId {
-        let now = to_millis(SystemTime::now()) << 20;
-        self.last_id = now.max(self.last_id + 1);
+        self.last_id += 1;
         MessageId(self.last_id)
     }
 
@@ -3170,6 +3299,50 @@ fn segment_body_ok(
 
 /// Crash recovery and counter rebuild; returns the highest message id in use, the pending
 /// bodies in each segment of `files` (segment → length), and the message ids they belong to.
+/// Moves the metadata of stores before schema 6 (a key per message) into packs, whole packs
+/// per sled batch. Runs at every open: a crash part-way leaves the rest for the next one.
+fn migrate_metas(path: &Path, db: &sled::Db) -> Res<()> {
+    let mut moved = 0u64;
+    loop {
+        let mut old: Vec<(MessageId, IVec)> = Vec::new();
+        for item in db.scan_prefix([codec::P_META]) {
+            let (k, v) = item?;
+            let id =
+                codec::meta_id(&k).ok_or_else(|| corrupt(path, &k, "bad message key".into()))?;
+            if old.len() >= RECOVERY_CHUNK
+                && old
+                    .last()
+                    .is_some_and(|(l, _)| pack_start(*l) != pack_start(id))
+            {
+                break;
+            }
+            old.push((id, v));
+        }
+        if old.is_empty() {
+            break;
+        }
+        let mut batch = sled::Batch::default();
+        repack(
+            path,
+            db,
+            old.iter().map(|(id, v)| (*id, Some(&v[..]))),
+            |k, v| match v {
+                Some(v) => batch.insert(k, v),
+                None => batch.remove(k),
+            },
+        )?;
+        for (id, _) in &old {
+            batch.remove(&codec::meta_key(*id));
+        }
+        db.apply_batch(batch)?;
+        moved += old.len() as u64;
+    }
+    if moved > 0 {
+        tracing::info!(path = %path.display(), messages = moved, "message metadata moved into packs");
+    }
+    Ok(())
+}
+
 fn recover(
     shared: &Shared,
     files: &std::collections::BTreeMap<u64, u64>,
@@ -3185,8 +3358,24 @@ fn recover(
     let mut orphans = 0u64;
     let mut max_id = 0u64;
 
-    let flush_fixes = |fixes: &mut sled::Batch, n: &mut usize, force: bool| -> Res<()> {
+    // Metadata fixes (message → new metadata, `None`: removed), written as packs.
+    let mut meta_fixes: BTreeMap<MessageId, Option<Vec<u8>>> = BTreeMap::new();
+    let flush_fixes = |fixes: &mut sled::Batch,
+                       meta_fixes: &mut BTreeMap<MessageId, Option<Vec<u8>>>,
+                       n: &mut usize,
+                       force: bool|
+     -> Res<()> {
         if *n > 0 && (force || *n >= RECOVERY_CHUNK) {
+            repack(
+                path,
+                db,
+                meta_fixes.iter().map(|(id, v)| (*id, v.as_deref())),
+                |k, v| match v {
+                    Some(v) => fixes.insert(k, v),
+                    None => fixes.remove(k),
+                },
+            )?;
+            meta_fixes.clear();
             db.apply_batch(std::mem::take(fixes))?;
             *n = 0;
         }
@@ -3194,7 +3383,8 @@ fn recover(
     };
 
     let mut records = db.scan_prefix([codec::P_RCPT]).peekable();
-    let metas = db.scan_prefix([codec::P_META]);
+    migrate_metas(path, db)?;
+    let metas = scan_metas(path, db, MessageId(0), None);
     let next_record =
         |records: &mut std::iter::Peekable<sled::Iter>| -> Res<Option<RecipientRecord>> {
             match records.next() {
@@ -3224,9 +3414,8 @@ fn recover(
     let mut idem = IdemIndex::default();
 
     for item in metas {
-        let (mk, mv) = item?;
-        let mid =
-            codec::meta_id(&mk).ok_or_else(|| corrupt(path, &mk, "bad message key".into()))?;
+        let (mid, mv) = item?;
+        let mk = codec::meta_key(mid);
         let mut meta = codec::decode_meta(&mv).map_err(|d| corrupt(path, &mk, d))?;
         max_id = max_id.max(mid.0);
         // Records of messages that have no metadata.
@@ -3267,10 +3456,10 @@ fn recover(
                     fixes.remove(&codec::body_key(mid, c));
                 }
             }
-            fixes.remove(&mk);
+            meta_fixes.insert(mid, None);
             nfixes += 3;
             orphans += 1;
-            flush_fixes(&mut fixes, &mut nfixes, false)?;
+            flush_fixes(&mut fixes, &mut meta_fixes, &mut nfixes, false)?;
             continue;
         }
         for rec in &mut group {
@@ -3321,15 +3510,15 @@ fn recover(
             if pending == 0 {
                 meta.body = Body::Chunks;
             }
-            fixes.insert(&mk, codec::encode_meta(&meta));
+            meta_fixes.insert(mid, Some(codec::encode_meta(&meta)));
             nfixes += 1;
         }
-        flush_fixes(&mut fixes, &mut nfixes, false)?;
+        flush_fixes(&mut fixes, &mut meta_fixes, &mut nfixes, false)?;
     }
     while let Some(rec) = next_record(&mut records)? {
         drop_record(&mut fixes, &mut nfixes, &rec);
         orphans += 1;
-        flush_fixes(&mut fixes, &mut nfixes, false)?;
+        flush_fixes(&mut fixes, &mut meta_fixes, &mut nfixes, false)?;
     }
     idem.finish();
     // Older stores kept the schedule in sled: under `d` per destination (schema 1), and
@@ -3340,10 +3529,10 @@ fn recover(
             let (k, _) = item?;
             fixes.remove(k);
             nfixes += 1;
-            flush_fixes(&mut fixes, &mut nfixes, false)?;
+            flush_fixes(&mut fixes, &mut meta_fixes, &mut nfixes, false)?;
         }
     }
-    flush_fixes(&mut fixes, &mut nfixes, true)?;
+    flush_fixes(&mut fixes, &mut meta_fixes, &mut nfixes, true)?;
     counters.suppressions = db.scan_prefix([codec::P_SUPP]).count() as u64;
     if released > 0 || orphans > 0 {
         tracing::info!(path = %path.display(), released, removed = orphans, "queue recovered");
@@ -3587,11 +3776,25 @@ mod tests {
         assert_eq!(lock(&q.shared.sched).zones(), 1);
     }
 
+    /// Message `id`'s stored metadata, from its pack.
+    fn stored_meta(db: &sled::Db, id: MessageId) -> Meta {
+        codec::decode_meta(&db_meta(Path::new("test"), db, id).unwrap().unwrap()).unwrap()
+    }
+
+    /// Writes message `id`'s metadata `v` into its pack, in sled directly.
+    fn store_meta(db: &sled::Db, id: MessageId, v: &[u8]) {
+        let mut batch = sled::Batch::default();
+        repack(Path::new("test"), db, [(id, Some(v))], |k, v| {
+            batch.insert(k, v.unwrap())
+        })
+        .unwrap();
+        db.apply_batch(batch).unwrap();
+    }
+
     /// The stored record of `rid`, wherever it is (metadata or `r` key), without the lease
     /// overlay.
     fn stored_record(db: &sled::Db, rid: RecipientId) -> RecipientRecord {
-        let meta =
-            codec::decode_meta(&db.get(codec::meta_key(rid.message)).unwrap().unwrap()).unwrap();
+        let meta = stored_meta(db, rid.message);
         match codec::inline_record(rid.message, &meta).unwrap() {
             Some(rec) if rid.index == 0 => rec,
             _ => {
@@ -3603,13 +3806,12 @@ mod tests {
     /// Moves the record of a one-recipient message out of its metadata to an `r` key, as
     /// stores of schema versions 1 and 2 have it, with `state`.
     fn to_record_key(db: &sled::Db, rid: RecipientId, state: RecipientState) {
-        let mk = codec::meta_key(rid.message);
-        let mut meta = codec::decode_meta(&db.get(mk).unwrap().unwrap()).unwrap();
+        let mut meta = stored_meta(db, rid.message);
         let mut rec = codec::decode_record(rid, &meta.record.take().unwrap()).unwrap();
         rec.state = state;
         db.insert(codec::rcpt_key(rid), codec::encode_record(&rec))
             .unwrap();
-        db.insert(mk, codec::encode_meta(&meta)).unwrap();
+        store_meta(db, rid.message, &codec::encode_meta(&meta));
     }
 
     /// A message of one recipient is stored as one key (plus its idempotency key): the
@@ -3632,8 +3834,7 @@ mod tests {
                 .collect();
             assert!(r_keys.iter().all(|r| r.message == two), "{r_keys:?}");
             assert_eq!(r_keys.len(), 2);
-            let meta =
-                |id| codec::decode_meta(&db.get(codec::meta_key(id)).unwrap().unwrap()).unwrap();
+            let meta = |id| stored_meta(&db, id);
             assert!(meta(one).record.is_some());
             assert!(meta(two).record.is_none());
 
@@ -3698,7 +3899,7 @@ mod tests {
             3
         );
         assert!(q.message(one).unwrap().is_none());
-        assert!(q.shared.db().scan_prefix([codec::P_META]).next().is_none());
+        assert!(q.shared.db().scan_prefix([codec::P_PACK]).next().is_none());
         assert_eq!(q.stats().by_state.get(&RecipientState::Delivered), None);
     }
 
@@ -3783,6 +3984,79 @@ mod tests {
         q
     }
 
+    /// A schema-5 store (a metadata key per message) opens, and its messages move into packs
+    /// with nothing lost: scheduled ones are taken, final ones stay listed, an idempotency key
+    /// still finds its message, and a new message is taken with the old ones.
+    #[test]
+    fn schema_5_store_moves_its_metadata_into_packs() {
+        let dir = tempfile::tempdir().unwrap();
+        let q = Queue::open(dir.path(), QueueOptions::default()).unwrap();
+        // 40 messages: three packs, the last part-full.
+        for i in 0..40 {
+            let mut m = message();
+            m.idempotency_key = Some(format!("esp-{i}"));
+            if i == 7 {
+                m.recipients.push("b@two.test".into());
+            }
+            q.enqueue(m).unwrap();
+        }
+        let first = q
+            .take_due(SystemTime::now() + Duration::from_secs(1), 5)
+            .unwrap();
+        let done: Vec<_> = first
+            .iter()
+            .map(|l| {
+                (
+                    l.recipient.id,
+                    Outcome::Delivered {
+                        reply: "250 ok".into(),
+                    },
+                )
+            })
+            .collect();
+        q.complete_batch(done).unwrap();
+        // The metadata as version 5 stored it: one `m` key per message, no packs.
+        let db = q.shared.db();
+        let mut metas = 0;
+        for item in db.scan_prefix([codec::P_PACK]) {
+            let (k, v) = item.unwrap();
+            for (id, meta) in read_pack(Path::new("test"), &k, &v).unwrap() {
+                db.insert(codec::meta_key(id), meta).unwrap();
+                metas += 1;
+            }
+            db.remove(k).unwrap();
+        }
+        assert_eq!(metas, 40);
+        drop(db);
+        let q = reopen_as_upgraded_from(q, dir.path(), codec::SCHEMA_VERSION_5);
+        let db = q.shared.db();
+        assert!(db.scan_prefix([codec::P_META]).next().is_none(), "moved");
+        assert_eq!(db.scan_prefix([codec::P_PACK]).count(), 3);
+        let stats = q.stats();
+        assert_eq!(stats.by_state.get(&RecipientState::Delivered), Some(&5));
+        assert_eq!(stats.by_state.get(&RecipientState::Scheduled), Some(&36));
+        let mut again = message();
+        again.idempotency_key = Some("esp-39".into());
+        let dup = q.enqueue(again).unwrap();
+        assert!(dup.duplicate);
+        q.enqueue(message()).unwrap();
+        let rest = q
+            .take_due(SystemTime::now() + Duration::from_secs(1), 100)
+            .unwrap();
+        assert_eq!(rest.len(), 37);
+        assert!(rest
+            .iter()
+            .all(|l| first.iter().all(|f| f.recipient.id != l.recipient.id)));
+        assert_eq!(
+            q.message(dup.id)
+                .unwrap()
+                .unwrap()
+                .idempotency_key
+                .as_deref(),
+            Some("esp-39")
+        );
+    }
+
     /// A schema-2 store (every record under its own key) opens, is marked version 3, and its
     /// records are read and changed where they are.
     #[test]
@@ -3846,10 +4120,7 @@ mod tests {
         let second = delivered(&q, None);
         // The second message's metadata becomes unreadable: the purge reaches it after the
         // first's (final later) and fails there.
-        q.shared
-            .db()
-            .insert(codec::meta_key(second), &b"garbage"[..])
-            .unwrap();
+        store_meta(&q.shared.db(), second, b"garbage");
         assert!(q
             .purge_final(SystemTime::now() + Duration::from_secs(1))
             .is_err());

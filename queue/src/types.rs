@@ -76,8 +76,9 @@ impl Default for QueueOptions {
     }
 }
 
-/// A message in the spool. Ids grow with enqueue time (`unix_millis << 20 | sequence`), so
-/// ordering by id is ordering by age. Shown as 16 lowercase hex digits.
+/// A message in the spool. Ids grow with enqueue order (each open starts above
+/// `unix_millis << 20` and every stored id, then counts up by one), so ordering by id is
+/// ordering by age. Shown as 16 lowercase hex digits.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(into = "String", try_from = "String")]
 pub struct MessageId(pub u64);

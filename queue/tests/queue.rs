@@ -1060,7 +1060,7 @@ fn background_compaction_keeps_writes_made_while_it_copies() {
     let o = small_compaction_opts();
     let q = Arc::new(Queue::open(dir.path(), o.clone()).unwrap());
     let body = vec![b'y'; 3000];
-    for chunk in 0..12 {
+    for chunk in 0..24 {
         let batch: Vec<NewMessage> = (0..1000)
             .map(|i| NewMessage {
                 body: body.clone(),
@@ -1071,7 +1071,7 @@ fn background_compaction_keeps_writes_made_while_it_copies() {
             r.unwrap();
         }
     }
-    for _ in 0..10 {
+    for _ in 0..22 {
         let leases = q.take_due(later(1), 1000).unwrap();
         let done = leases
             .iter()
