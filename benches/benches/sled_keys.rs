@@ -5,12 +5,12 @@
 //! file fdatasynced), then rewrites every record once (an outcome), then removes them all.
 //! With `--pack P` the records are packed P to a key: key = id / P, value = the P records
 //! end to end, so a group rewrites each packed key it touches whole. RSS is read at each
-//! `--step` records and after each phase (not sled's `len`: it reads every node into memory), with sled's cache at `--cache-mib`. `--touch K` reads
-//! each packed key a group writes K more times before writing it (more accesses for sled's LRU).
+//! `--step` records and after each phase, with sled's cache at `--cache-mib`. Nothing here
+//! calls sled's `len`: it reads every node into memory, which hides what the cache holds.
 //!
 //! ```text
 //! CARGO_TARGET_DIR=target-queue cargo bench -p bulksend-benches --bench sled_keys -- \
-//!     [--n 1000000] [--step 200000] [--pack 1] [--value 150] [--group 512] [--cache-mib 8] [--touch 0]
+//!     [--n 1000000] [--step 200000] [--pack 1] [--value 150] [--group 512] [--cache-mib 8]
 //! ```
 //!
 //! Results: BENCHMARKS.md, Queue, "Fourteenth session".
@@ -39,7 +39,6 @@ struct Bench {
     dir: std::path::PathBuf,
     pack: u64,
     value: usize,
-    touch: usize,
 }
 
 impl Bench {
@@ -76,11 +75,6 @@ impl Bench {
                     record(id, state, self.value)
                 };
                 v[slot..slot + self.value].copy_from_slice(&r);
-            }
-            for k in packed.keys() {
-                for _ in 0..self.touch {
-                    self.db.get(key(*k)).expect("sled get");
-                }
             }
             for (k, v) in packed {
                 if remove && v.iter().all(|&b| b == 0) {
@@ -125,11 +119,10 @@ fn main() {
     let value = arg("--value", 150);
     let group = arg("--group", 512).max(1) as u64;
     let cache_mib = arg("--cache-mib", 8) as u64;
-    let touch = arg("--touch", 0);
     let tmp = tempfile::tempdir().expect("tempdir");
     let dir = tmp.path().join("sled");
     println!(
-        "sled_keys: --n {n} --pack {pack} --value {value} --group {group} --cache-mib {cache_mib} --touch {touch}"
+        "sled_keys: --n {n} --pack {pack} --value {value} --group {group} --cache-mib {cache_mib}"
     );
     let (now, _) = rss();
     println!("before open: RSS {}", mib(now));
@@ -145,7 +138,6 @@ fn main() {
         dir: dir.clone(),
         pack,
         value,
-        touch,
     };
     b.phase("fill   ", n, group, step, 1, false);
     b.phase("rewrite", n, group, step, 2, false);

@@ -25,15 +25,15 @@ pub(crate) const P_IDEM: u8 = b'i';
 pub(crate) const P_SUPP: u8 = b'x';
 
 /// Version 6: message metadata lives in packs of 16 messages (`M` keys, see `pack_key`); a
-/// version-5 binary would find no messages. Version 5: the idempotency index is no longer stored (`i` keys; see `idem`): a version-4
-/// binary would accept a duplicate. Version 4: a final-index entry lists the records that
-/// became final at its time in one group commit, up to 64 (see `final_entry`); a version-3
-/// binary would purge only the first. Version 3: the record of a message's only recipient
-/// lives in its metadata (see `Meta::record`). Version 2: the schedule is no longer stored
-/// (see `schedule`). Older stores are upgraded at open; a binary that knows only an older
-/// version refuses a newer store instead of misreading it (a version-2 binary cannot decode
-/// format-4 metadata, a version-1 binary took the schedule from sled and would find nothing
-/// due).
+/// version-5 binary would find no messages. Version 5: the idempotency index is no longer
+/// stored (`i` keys; see `idem`): a version-4 binary would accept a duplicate. Version 4: a
+/// final-index entry lists the records that became final at its time in one group commit,
+/// up to 64 (see `final_entry`); a version-3 binary would purge only the first. Version 3:
+/// the record of a message's only recipient lives in its metadata (see `Meta::record`).
+/// Version 2: the schedule is no longer stored (see `schedule`). Older stores are upgraded
+/// at open; a binary that knows only an older version refuses a newer store instead of
+/// misreading it (a version-2 binary cannot decode format-4 metadata, a version-1 binary
+/// took the schedule from sled and would find nothing due).
 pub(crate) const SCHEMA_VERSION: &[u8] = b"bulksend-queue/6";
 pub(crate) const SCHEMA_VERSION_5: &[u8] = b"bulksend-queue/5";
 pub(crate) const SCHEMA_VERSION_4: &[u8] = b"bulksend-queue/4";
@@ -80,13 +80,15 @@ pub(crate) fn meta_id(k: &[u8]) -> Option<MessageId> {
     Some(MessageId(u64::from_be_bytes(b)))
 }
 
-/// Messages per pack: the metadata of messages `PACK·p … PACK·p + PACK − 1` is one sled value
-/// under `M` + p. sled 0.34.7 keeps memory per page (its page table entry and the list of
-/// where the page is on disk) whether the page is cached or not, and splits a leaf at 16
-/// keys, so with a key per message its memory grew ~16 bytes per queued message beyond the
-/// cache; 16 messages to a key, ~2 (`benches/benches/sled_keys.rs`; BENCHMARKS.md, Queue,
-/// "Fourteenth session"). A change to one message rewrites its pack (16 metadata values of
-/// ~100–400 bytes); a group's changes to one pack are written once.
+/// Messages per pack: the metadata of messages `PACK·p … PACK·p + PACK − 1` is one sled
+/// value under `M` + p. sled 0.34.7 keeps memory per page (its page table entry and the
+/// list of where the page is on disk) whether the page is cached or not, and splits a leaf
+/// at 16 keys, so its memory beyond the cache grows with the key count: 16.5 bytes per
+/// record with a key each, 2.1 with 16 to a key (`benches/benches/sled_keys.rs`); in the
+/// queue's own fill ~17 (tenth session) or ~2.7 (fourteenth) bytes per message with a key
+/// each, flat with the packs (BENCHMARKS.md, Queue, "Fourteenth session"). A change to one
+/// message rewrites its pack (16 metadata values of ~100–400 bytes); a group's changes to
+/// one pack are written once.
 pub(crate) const PACK: u64 = 16;
 const PACK_FORMAT: u8 = 1;
 
@@ -125,30 +127,77 @@ pub(crate) fn decode_pack(
     first: MessageId,
     v: &sled::IVec,
 ) -> Result<Vec<(MessageId, sled::IVec)>, String> {
-    match v.first() {
-        Some(&PACK_FORMAT) => {}
-        Some(f) => return Err(format!("unknown pack format {f}")),
-        None => return Err("empty pack".into()),
+    pack_entries(first, v).collect()
+}
+
+/// `decode_pack` one message at a time, without collecting; ends after the first error.
+pub(crate) fn pack_entries(first: MessageId, v: &sled::IVec) -> PackEntries<'_> {
+    PackEntries {
+        first,
+        v,
+        at: 0,
+        last: None,
+        done: false,
     }
-    let mut out = Vec::new();
-    let mut at = 1;
-    let mut last: Option<u8> = None;
-    while at < v.len() {
-        let head = v.get(at..at + 5).ok_or("truncated pack entry")?;
+}
+
+pub(crate) struct PackEntries<'a> {
+    first: MessageId,
+    v: &'a sled::IVec,
+    /// Where the next entry starts; 0 before the format byte is checked.
+    at: usize,
+    last: Option<u8>,
+    done: bool,
+}
+
+impl PackEntries<'_> {
+    fn entry(&mut self) -> Result<(MessageId, sled::IVec), String> {
+        let v = self.v;
+        let head = v.get(self.at..self.at + 5).ok_or("truncated pack entry")?;
         let slot = head[0];
-        if u64::from(slot) >= PACK || last.is_some_and(|l| l >= slot) {
+        if u64::from(slot) >= PACK || self.last.is_some_and(|l| l >= slot) {
             return Err(format!("bad pack slot {slot}"));
         }
-        last = Some(slot);
+        self.last = Some(slot);
         let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
-        at += 5;
+        let at = self.at + 5;
         if v.len() - at < len {
             return Err("truncated pack entry".into());
         }
-        out.push((MessageId(first.0 + u64::from(slot)), v.subslice(at, len)));
-        at += len;
+        self.at = at + len;
+        Ok((
+            MessageId(self.first.0 + u64::from(slot)),
+            v.subslice(at, len),
+        ))
     }
-    Ok(out)
+}
+
+impl Iterator for PackEntries<'_> {
+    type Item = Result<(MessageId, sled::IVec), String>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.done {
+            return None;
+        }
+        if self.at == 0 {
+            let format = match self.v.first() {
+                Some(&PACK_FORMAT) => Ok(()),
+                Some(f) => Err(format!("unknown pack format {f}")),
+                None => Err("empty pack".into()),
+            };
+            if let Err(e) = format {
+                self.done = true;
+                return Some(Err(e));
+            }
+            self.at = 1;
+        }
+        if self.at >= self.v.len() {
+            return None;
+        }
+        let e = self.entry();
+        self.done = e.is_err();
+        Some(e)
+    }
 }
 
 pub(crate) fn body_prefix(id: MessageId) -> [u8; 9] {
