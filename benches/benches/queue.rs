@@ -4,7 +4,7 @@
 //! ```text
 //! CARGO_TARGET_DIR=target-queue cargo bench -p bulksend-benches --bench queue -- \
 //!     [--n 200000] [--secs 5] [--producers 1,8,64] [--rounds 1] [--cache-mib 64] [--dir PATH]
-//!     [--skip-throughput] [--exit-after-fill] [--reopen-full]
+//!     [--idem-mib 8] [--skip-throughput] [--exit-after-fill] [--reopen-full]
 //! ```
 //! `--exit-after-fill` ends the process right after the first fill's figures, without
 //! freeing anything: under `heaptrack` its "leaked" memory is what the full queue holds. It
@@ -26,6 +26,8 @@ struct Args {
     producers: Vec<usize>,
     rounds: u32,
     cache_mib: u64,
+    /// `QueueOptions::idempotency_memory_bytes` in MiB.
+    idem_mib: u64,
     dir: Option<PathBuf>,
     skip_throughput: bool,
     exit_after_fill: bool,
@@ -42,6 +44,7 @@ fn parse_args() -> Args {
         producers: vec![1, 8, 64],
         rounds: 1,
         cache_mib: 64,
+        idem_mib: QueueOptions::default().idempotency_memory_bytes >> 20,
         dir: None,
         skip_throughput: false,
         exit_after_fill: false,
@@ -55,6 +58,7 @@ fn parse_args() -> Args {
             "--secs" => a.secs = val().parse().unwrap_or(a.secs),
             "--rounds" => a.rounds = val().parse().unwrap_or(a.rounds),
             "--cache-mib" => a.cache_mib = val().parse().unwrap_or(a.cache_mib),
+            "--idem-mib" => a.idem_mib = val().parse().unwrap_or(a.idem_mib),
             "--dir" => a.dir = Some(PathBuf::from(val())),
             "--producers" => {
                 a.producers = val().split(',').filter_map(|s| s.parse().ok()).collect();
@@ -84,9 +88,10 @@ fn message(p: usize, i: u64, body: &[u8]) -> NewMessage {
     }
 }
 
-fn opts(cache_mib: u64, durable: bool) -> QueueOptions {
+fn opts(a: &Args, durable: bool) -> QueueOptions {
     QueueOptions {
-        cache_capacity_bytes: cache_mib << 20,
+        cache_capacity_bytes: a.cache_mib << 20,
+        idempotency_memory_bytes: a.idem_mib << 20,
         durable,
         ..QueueOptions::default()
     }
@@ -182,9 +187,7 @@ fn throughput(a: &Args, base: &Path) {
     }
     for (p, durable) in runs {
         let dir = base.join(format!("tp-{p}-{durable}"));
-        let q = Arc::new(
-            Queue::open(&dir, opts(a.cache_mib, durable)).unwrap_or_else(|e| panic!("{e}")),
-        );
+        let q = Arc::new(Queue::open(&dir, opts(a, durable)).unwrap_or_else(|e| panic!("{e}")));
         let (n, rate) = enqueue_run(&q, p, u64::MAX, a.secs, 0);
         let what = if durable {
             "durable (flush + fdatasync)"
@@ -200,8 +203,7 @@ fn throughput(a: &Args, base: &Path) {
     }
     for &p in &a.producers {
         let dir = base.join(format!("tp-async-{p}"));
-        let q =
-            Arc::new(Queue::open(&dir, opts(a.cache_mib, true)).unwrap_or_else(|e| panic!("{e}")));
+        let q = Arc::new(Queue::open(&dir, opts(a, true)).unwrap_or_else(|e| panic!("{e}")));
         let (n, rate) = enqueue_run_async(&q, p, a.secs);
         row(
             &format!("enqueue_async, {p} tokio tasks, durable"),
@@ -212,7 +214,7 @@ fn throughput(a: &Args, base: &Path) {
     }
     // enqueue_batch: 8 producers x batches of 100.
     let dir = base.join("tp-batch");
-    let q = Arc::new(Queue::open(&dir, opts(a.cache_mib, true)).unwrap_or_else(|e| panic!("{e}")));
+    let q = Arc::new(Queue::open(&dir, opts(a, true)).unwrap_or_else(|e| panic!("{e}")));
     let count = Arc::new(AtomicU64::new(0));
     let start = Instant::now();
     let deadline = start + Duration::from_secs(a.secs);
@@ -249,8 +251,8 @@ fn lifecycle(a: &Args, base: &Path) {
     let dir = base.join("lifecycle");
     let producers = a.producers.iter().copied().max().unwrap_or(64);
     println!(
-        "\n### Fill / drain (N = {}, {} round(s), {} producers, cache_capacity {} MiB)\n",
-        a.n, a.rounds, producers, a.cache_mib
+        "\n### Fill / drain (N = {}, {} round(s), {} producers, cache_capacity {} MiB, idempotency memory {} MiB)\n",
+        a.n, a.rounds, producers, a.cache_mib, a.idem_mib
     );
     println!("| {:<58} | {:>26} |", "step", "value");
     println!("|{}|{}|", "-".repeat(60), "-".repeat(28));
@@ -259,8 +261,7 @@ fn lifecycle(a: &Args, base: &Path) {
         "RSS before open (VmRSS / VmHWM)",
         format!("{} / {}", mib(r), mib(h)),
     );
-    let mut q =
-        Arc::new(Queue::open(&dir, opts(a.cache_mib, true)).unwrap_or_else(|e| panic!("{e}")));
+    let mut q = Arc::new(Queue::open(&dir, opts(a, true)).unwrap_or_else(|e| panic!("{e}")));
     for round in 0..a.rounds {
         let offset = u64::from(round) * a.n;
         let (n, rate) = enqueue_run(&q, producers, a.n, u64::MAX, offset);
@@ -288,9 +289,7 @@ fn lifecycle(a: &Args, base: &Path) {
             // here on is not comparable with runs without this option.
             drop(q);
             let start = Instant::now();
-            q = Arc::new(
-                Queue::open(&dir, opts(a.cache_mib, true)).unwrap_or_else(|e| panic!("{e}")),
-            );
+            q = Arc::new(Queue::open(&dir, opts(a, true)).unwrap_or_else(|e| panic!("{e}")));
             row(
                 &format!("round {round}: reopen of the full queue"),
                 format!("{:.2} s", start.elapsed().as_secs_f64()),
@@ -379,7 +378,7 @@ fn lifecycle(a: &Args, base: &Path) {
     }
     drop(q);
     let start = Instant::now();
-    let q = Queue::open(&dir, opts(a.cache_mib, true)).unwrap_or_else(|e| panic!("{e}"));
+    let q = Queue::open(&dir, opts(a, true)).unwrap_or_else(|e| panic!("{e}"));
     row(
         "reopen of the drained queue",
         format!("{:.2} s", start.elapsed().as_secs_f64()),

@@ -38,6 +38,7 @@ pub(crate) fn queue_options(settings: &Settings) -> QueueOptions {
         auto_compact: settings.queue.auto_compact,
         lease_timeout: Some(settings.queue.lease_timeout).filter(|t| !t.is_zero()),
         outcome_commit_delay: settings.queue.outcome_commit_delay,
+        idempotency_memory_bytes: settings.queue.idempotency_memory_mb * 1024 * 1024,
         ..QueueOptions::default()
     }
 }

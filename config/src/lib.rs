@@ -97,6 +97,10 @@ pub struct QueueSettings {
     /// a busy drain, for outcomes durable that much later. `0s`: commit at once. At most 1 s.
     #[serde(with = "humantime_serde")]
     pub outcome_commit_delay: Duration,
+    /// Memory for the idempotency keys of the newest messages (~13 bytes a key); past it they
+    /// move to the store, where each enqueue with a key reads its bucket. So the queue's
+    /// memory is this plus the cache, whatever its depth.
+    pub idempotency_memory_mb: u64,
 }
 
 impl Default for QueueSettings {
@@ -108,6 +112,7 @@ impl Default for QueueSettings {
             auto_compact: true,
             lease_timeout: Duration::from_secs(3600),
             outcome_commit_delay: Duration::from_millis(3),
+            idempotency_memory_mb: 8,
         }
     }
 }

@@ -23,8 +23,17 @@ pub(crate) const P_DEST: u8 = b'd';
 pub(crate) const P_FINAL: u8 = b'f';
 pub(crate) const P_IDEM: u8 = b'i';
 pub(crate) const P_SUPP: u8 = b'x';
+/// The idempotency index since schema 7: `I` + bucket (16 bits, big-endian), see `idem`.
+pub(crate) const P_IDEM_INDEX: u8 = b'I';
+/// The idempotency index's hash key (16 bytes, see `idem::IdemHasher`).
+pub(crate) const IDEM_SEED_KEY: &[u8] = b"k";
+/// The idempotency index's watermark (message id, 8 bytes big-endian): the keys of messages
+/// up to it are in the `I` buckets, the others only in their metadata (and in memory while
+/// the queue is open; see `idem`). Absent: no key is in the buckets.
+pub(crate) const IDEM_MERGED_KEY: &[u8] = b"j";
 
-/// Version 6: message metadata lives in packs of 16 messages (`M` keys, see `pack_key`); a
+/// Version 7: the idempotency index is stored again, in part, in buckets (`I` keys, see
+/// `idem`): a version-6 binary would leave the entries of the messages it purges there. Version 6: message metadata lives in packs of 16 messages (`M` keys, see `pack_key`); a
 /// version-5 binary would find no messages. Version 5: the idempotency index is no longer
 /// stored (`i` keys; see `idem`): a version-4 binary would accept a duplicate. Version 4: a
 /// final-index entry lists the records that became final at its time in one group commit,
@@ -34,7 +43,8 @@ pub(crate) const P_SUPP: u8 = b'x';
 /// at open; a binary that knows only an older version refuses a newer store instead of
 /// misreading it (a version-2 binary cannot decode format-4 metadata, a version-1 binary
 /// took the schedule from sled and would find nothing due).
-pub(crate) const SCHEMA_VERSION: &[u8] = b"bulksend-queue/6";
+pub(crate) const SCHEMA_VERSION: &[u8] = b"bulksend-queue/7";
+pub(crate) const SCHEMA_VERSION_6: &[u8] = b"bulksend-queue/6";
 pub(crate) const SCHEMA_VERSION_5: &[u8] = b"bulksend-queue/5";
 pub(crate) const SCHEMA_VERSION_4: &[u8] = b"bulksend-queue/4";
 pub(crate) const SCHEMA_VERSION_3: &[u8] = b"bulksend-queue/3";
@@ -296,13 +306,19 @@ pub(crate) fn parse_final_entry(tail: &[u8], value: &[u8]) -> Option<(u64, Vec<R
 }
 
 /// `i ++ key` → message id: the idempotency index of stores before schema 5 (removed at
-/// open; the index is in memory now).
+/// open; schema 7 stores it in buckets, see `idem_bucket_key`).
 #[cfg(test)]
 pub(crate) fn idem_key(key: &str) -> Vec<u8> {
     let mut k = Vec::with_capacity(key.len() + 1);
     k.push(P_IDEM);
     k.extend_from_slice(key.as_bytes());
     k
+}
+
+/// The key of idempotency index bucket `b`.
+pub(crate) fn idem_bucket_key(b: u16) -> [u8; 3] {
+    let [hi, lo] = b.to_be_bytes();
+    [P_IDEM_INDEX, hi, lo]
 }
 
 pub(crate) fn supp_key(address: &str) -> Vec<u8> {

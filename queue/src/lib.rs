@@ -11,8 +11,9 @@
 //!   are rebuilt from the records at open (see "Schedule and leases" below);
 //! * the suppression list (addresses, lowercased);
 //! * idempotency keys (a retried enqueue returns the first message's id): each is stored in
-//!   its message's metadata, and the index from key to message is in memory, rebuilt at open
-//!   (`idem.rs`; 12 bytes a message with a key, ~13 with the shards' slack);
+//!   its message's metadata; the index from key to message holds the newest keys in memory
+//!   (~13 bytes each, up to `QueueOptions::idempotency_memory_bytes`), and moves them in
+//!   bulk into sled buckets past that (`idem.rs`);
 //! * crash recovery: on [`Queue::open`] leases of a dead process return to `Scheduled`; in a
 //!   running process, a lease neither completed nor renewed ([`Queue::renew_leases`]) within
 //!   `QueueOptions::lease_timeout` returns at the next [`Queue::take_due`].
@@ -30,12 +31,16 @@
 //! | key | value |
 //! |---|---|
 //! | `v` | schema version |
-//! | `m` id | message metadata: created, size, sender, idempotency key, recipient counts, and the body itself when it is at most 256 bytes, else where it is in a segment file |
+//! | `m` id | message metadata (stores before schema 6; the writer still names metadata by this key in memory): created, size, sender, idempotency key, recipient counts, and the body itself when it is at most 256 bytes, else where it is in a segment file |
 //! | `b` id chunk | a body over 4 KiB in 4 KiB chunks: stores written before segment files existed (still read, no longer written) |
 //! | `r` id index | recipient record (compact binary, format byte first) |
 //! | `s` due_ms id index | the schedule of stores written before it moved into memory: removed on open |
 //! | `f` final_ms id index | final records by the time they became final, for purging: the key names the first record of a group commit that became final at that time, the value lists the others (12 bytes each, at most 63; empty in stores before schema 4) |
-//! | `i` key | idempotency key → message id: stores before schema 5, removed at open (the index is in memory now, rebuilt at open from the metadata; see `idem.rs`) |
+//! | `M` id/16 | message metadata, 16 messages to a key (schema 6; `m` keys of older stores are moved into packs at open) |
+//! | `I` bucket | idempotency index: the keys moved out of memory, 65,536 buckets of (32-bit hash tag, message id) (schema 7, see `idem.rs`) |
+//! | `k` | the idempotency index's hash key (128 random bits) |
+//! | `j` | the idempotency index's watermark: keys of messages up to this id are in the buckets, the newer ones in memory (rebuilt at open from the metadata) |
+//! | `i` key | idempotency key → message id: stores before schema 5, removed at open |
 //! | `x` address | suppression: reason and time |
 //!
 //! Bodies over 256 bytes are not in sled: they are appended to *segment files*

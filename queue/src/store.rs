@@ -15,7 +15,7 @@ use sled::IVec;
 
 use crate::codec::{self, Body, Meta};
 use crate::filter::SuppressionFilter;
-use crate::idem::IdemIndex;
+use crate::idem::{Bucket, IdemHasher, IdemIndex};
 use crate::schedule::{self, Schedule};
 use crate::types::{from_millis, to_millis};
 use crate::{lock, segments};
@@ -37,6 +37,11 @@ const PURGE_CHUNK: usize = 1_000;
 const FINAL_ENTRY_MAX: usize = 64;
 /// How often the writer purges final records older than `final_retention` on its own.
 const AUTO_PURGE_EVERY: Duration = Duration::from_secs(60);
+/// What a key in the idempotency index's memory part costs, for
+/// `QueueOptions::idempotency_memory_bytes`: 12 bytes and the shards' slack.
+const IDEM_KEY_BYTES: u64 = 13;
+/// Buckets per sled batch when the idempotency index moves into the store.
+const IDEM_MERGE_CHUNK: usize = 4096;
 /// Recovery applies its fixes in batches of this many writes.
 const RECOVERY_CHUNK: usize = 10_000;
 const REQUEST_QUEUE: usize = 4096;
@@ -98,7 +103,8 @@ struct Shared {
     seg_readers: segments::Readers,
     /// Due times and leases (in memory only; see `schedule`). Changed by the writer only.
     sched: Mutex<Schedule>,
-    /// Idempotency key → message (in memory only; see `idem`). Used by the writer only.
+    /// The idempotency index's memory part, and its hash (see `idem`). Used by the writer
+    /// only.
     idem: Mutex<IdemIndex>,
     /// Tests: this many coming group commits fail as a failing sled batch would.
     #[cfg(test)]
@@ -616,7 +622,8 @@ impl Queue {
                     || v.as_ref() == codec::SCHEMA_VERSION_2
                     || v.as_ref() == codec::SCHEMA_VERSION_3
                     || v.as_ref() == codec::SCHEMA_VERSION_4
-                    || v.as_ref() == codec::SCHEMA_VERSION_5 =>
+                    || v.as_ref() == codec::SCHEMA_VERSION_5
+                    || v.as_ref() == codec::SCHEMA_VERSION_6 =>
             {
                 upgrade = true
             }
@@ -658,6 +665,7 @@ impl Queue {
                     .map_err(|e| open_err(path, e))?;
             }
         }
+        let idem = Mutex::new(open_idem(path, &db, upgrade)?);
 
         let shared = Arc::new(Shared {
             path: path.to_path_buf(),
@@ -675,7 +683,7 @@ impl Queue {
             segs: Mutex::new(segments::State::default()),
             seg_readers: segments::Readers::default(),
             sched: Mutex::new(Schedule::default()),
-            idem: Mutex::new(IdemIndex::default()),
+            idem,
             #[cfg(test)]
             fail_commits: AtomicUsize::new(0),
         });
@@ -1494,8 +1502,8 @@ struct Tx<'a> {
     /// ~10 % of the CPU per message of the 2 KB SMTP drain (BENCHMARKS.md, SMTP, "Ninth
     /// session"). Never read back within the group.
     finals: Vec<(u64, RecipientId)>,
-    /// Idempotency index changes (key hash, message, inserted or removed). Applied to
-    /// `Shared::idem` at once, like the schedule's, and undone the same way.
+    /// Idempotency index changes in memory (key hash, message, inserted or removed).
+    /// Applied to `Shared::idem` at once, like the schedule's, and undone the same way.
     idem_undo: Vec<(u64, MessageId, bool)>,
     /// Message ids whose metadata this group wrote (or removed): where a range read of
     /// metadata (`scheduled_in`) must look at the overlay.
@@ -1593,7 +1601,7 @@ impl<'a> Tx<'a> {
         }
     }
 
-    /// Undoes the idempotency index changes after the first `keep`.
+    /// Undoes the idempotency index changes in memory after the first `keep`.
     fn undo_idem(&mut self, keep: usize) {
         if self.idem_undo.len() > keep {
             let mut idem = lock(&self.shared.idem);
@@ -1607,12 +1615,27 @@ impl<'a> Tx<'a> {
         }
     }
 
-    /// The stored message that has idempotency key `key`, as this group sees it.
-    fn idem_lookup(&self, key: &str) -> Res<Option<MessageId>> {
-        let candidates = {
-            let idem = lock(&self.shared.idem);
-            idem.candidates(idem.hash(key))
+    /// The stored idempotency index bucket of hash `h` as this group sees it, and its key.
+    fn idem_bucket(&self, h: u64) -> Res<(Bucket, [u8; 3])> {
+        let k = codec::idem_bucket_key(crate::idem::bucket(h));
+        let bucket = match self.get(&k)? {
+            None => Bucket::default(),
+            Some(v) => Bucket::decode(&v).map_err(|d| self.corrupt(&k, d))?,
         };
+        Ok((bucket, k))
+    }
+
+    /// The stored message that has idempotency key `key`, as this group sees it: a candidate
+    /// from memory or from the key's bucket whose metadata holds that key.
+    fn idem_lookup(&self, key: &str) -> Res<Option<MessageId>> {
+        let (h, mut candidates, stored) = {
+            let idem = lock(&self.shared.idem);
+            let h = idem.hash(key);
+            (h, idem.candidates(h), idem.stored)
+        };
+        if stored {
+            candidates.extend(self.idem_bucket(h)?.0.candidates(h));
+        }
         for id in candidates {
             if self
                 .meta(id)?
@@ -1624,16 +1647,34 @@ impl<'a> Tx<'a> {
         Ok(None)
     }
 
-    /// Adds (`insert`) or removes a message's key in the idempotency index.
-    fn idem_set(&mut self, key: &str, id: MessageId, insert: bool) {
+    /// Adds a new message's key to the idempotency index (in memory).
+    fn idem_insert(&mut self, key: &str, id: MessageId) {
         let mut idem = lock(&self.shared.idem);
         let h = idem.hash(key);
-        if insert {
-            idem.insert(h, id);
-        } else {
+        idem.insert(h, id);
+        self.idem_undo.push((h, id, true));
+    }
+
+    /// Removes a message's key from the idempotency index: from memory, or from its stored
+    /// bucket when a merge moved it there (the bucket is rewritten, or removed once empty).
+    fn idem_remove(&mut self, key: &str, id: MessageId) -> Res<()> {
+        let mut idem = lock(&self.shared.idem);
+        let h = idem.hash(key);
+        if id.0 > idem.merged {
             idem.remove(h, id);
+            self.idem_undo.push((h, id, false));
+            return Ok(());
         }
-        self.idem_undo.push((h, id, insert));
+        drop(idem);
+        let (mut bucket, k) = self.idem_bucket(h)?;
+        if bucket.remove(h, id) {
+            if bucket.is_empty() {
+                self.remove(&k);
+            } else {
+                self.insert(&k, bucket.encode().into());
+            }
+        }
+        Ok(())
     }
 
     fn get(&self, key: &[u8]) -> Res<Option<IVec>> {
@@ -2188,6 +2229,7 @@ impl Writer {
                         .get_or_insert_with(|| Instant::now() + COMPACT_CHECK_DELAY);
                 }
                 self.commit(tx, group, &done);
+                self.maybe_merge_idem();
             }
             if Instant::now() >= self.next_purge {
                 self.auto_purge();
@@ -2561,6 +2603,58 @@ impl Writer {
         }
     }
 
+    /// Moves the idempotency index's memory part into its buckets once it holds more than
+    /// `QueueOptions::idempotency_memory_bytes` allows (see `idem`). Runs between groups, so
+    /// every message up to `last_id` is committed: that is the new watermark, written with
+    /// the last of the merge's sled batches (`IDEM_MERGE_CHUNK` buckets each, so that no
+    /// batch holds the whole stored index). Durable with the next sync. A crash part-way
+    /// leaves the old watermark: the open puts those keys back into memory, and the buckets
+    /// already written hold them too, which lookups do not mind (a key of a message deleted
+    /// before the next merge may then stay in its bucket, 12 bytes, pointing at nothing).
+    fn maybe_merge_idem(&mut self) {
+        let shared = Arc::clone(&self.shared);
+        let budget = shared.opts.idempotency_memory_bytes / IDEM_KEY_BYTES;
+        if lock(&shared.idem).len() as u64 <= budget || lock(&shared.closed).is_some() {
+            return;
+        }
+        let started = Instant::now();
+        match self.merge_idem(&shared) {
+            Ok(keys) => {
+                tracing::info!(path = %shared.path.display(), keys, ms = started.elapsed().as_millis() as u64, "idempotency keys moved from memory into the store");
+            }
+            Err(e) => {
+                // Nothing lost: the keys stay in memory, and the next group tries again.
+                tracing::error!(path = %shared.path.display(), "moving idempotency keys into the store failed: {e}");
+            }
+        }
+    }
+
+    fn merge_idem(&self, shared: &Shared) -> Res<usize> {
+        let mut idem = lock(&shared.idem);
+        let keys = idem.len();
+        let mut tx = Tx::new(shared);
+        let mut buckets = 0;
+        for (b, entries) in idem.by_bucket() {
+            let k = codec::idem_bucket_key(b);
+            let mut bucket = match tx.get(&k)? {
+                None => Bucket::default(),
+                Some(v) => Bucket::decode(&v).map_err(|d| tx.corrupt(&k, d))?,
+            };
+            bucket.merge(&entries);
+            tx.insert(&k, bucket.encode().into());
+            buckets += 1;
+            if buckets % IDEM_MERGE_CHUNK == 0 {
+                std::mem::replace(&mut tx, Tx::new(shared)).commit()?;
+            }
+        }
+        tx.insert_blind(codec::IDEM_MERGED_KEY, &self.last_id.to_be_bytes());
+        tx.commit()?;
+        idem.clear();
+        idem.merged = self.last_id;
+        idem.stored = true;
+        Ok(keys)
+    }
+
     fn auto_purge(&mut self) {
         let retention = self.shared.opts.final_retention;
         let cutoff = SystemTime::now()
@@ -2696,7 +2790,7 @@ impl Writer {
                 Body::Segment(r)
             };
             if let Some(key) = &msg.idempotency_key {
-                tx.idem_set(key, id, true);
+                tx.idem_insert(key, id);
             }
             tx.put_meta(
                 id,
@@ -3021,7 +3115,7 @@ impl Writer {
             tx.remove_body(id, &meta);
         }
         if let Some(k) = &meta.idempotency_key {
-            tx.idem_set(k, id, false);
+            tx.idem_remove(k, id)?;
         }
         tx.remove(&codec::meta_key(id));
         Ok(true)
@@ -3069,7 +3163,7 @@ impl Writer {
                             tx.remove_body(rid.message, &meta);
                         }
                         if let Some(ik) = &meta.idempotency_key {
-                            tx.idem_set(ik, rid.message, false);
+                            tx.idem_remove(ik, rid.message)?;
                         }
                         tx.remove(&codec::meta_key(rid.message));
                     } else {
@@ -3297,6 +3391,86 @@ fn segment_body_ok(
     }
 }
 
+/// The idempotency index as stored: its hash key, watermark, and whether it has buckets,
+/// with nothing in memory yet (`recover` adds the keys above the watermark). A store
+/// without a hash key (new, or upgraded from before schema 7: `upgrade`) gets a new one, and
+/// loses any buckets and watermark it has (they were hashed with another key, if any: their
+/// messages' keys are all put back into memory from the metadata instead).
+fn open_idem(path: &Path, db: &sled::Db, upgrade: bool) -> Res<IdemIndex> {
+    let oe = |e| open_err(path, e);
+    let seed = match db.get(codec::IDEM_SEED_KEY).map_err(oe)? {
+        Some(seed) if !upgrade => seed.to_vec(),
+        _ => {
+            let seed = IdemHasher::new_seed();
+            let mut batch = sled::Batch::default();
+            for item in db.scan_prefix([codec::P_IDEM_INDEX]) {
+                batch.remove(item.map_err(oe)?.0);
+            }
+            batch.remove(codec::IDEM_MERGED_KEY);
+            batch.insert(codec::IDEM_SEED_KEY, &seed[..]);
+            db.apply_batch(batch).map_err(oe)?;
+            seed.to_vec()
+        }
+    };
+    let hasher = IdemHasher::from_seed(&seed).ok_or_else(|| {
+        corrupt(
+            path,
+            codec::IDEM_SEED_KEY,
+            format!(
+                "the idempotency index's hash key is {} bytes, not {}",
+                seed.len(),
+                IdemHasher::SEED_LEN
+            ),
+        )
+    })?;
+    let merged = match db.get(codec::IDEM_MERGED_KEY).map_err(oe)? {
+        None => 0,
+        Some(v) => match <[u8; 8]>::try_from(&v[..]) {
+            Ok(b) => u64::from_be_bytes(b),
+            Err(_) => {
+                return Err(corrupt(
+                    path,
+                    codec::IDEM_MERGED_KEY,
+                    format!("idempotency index watermark of {} bytes, not 8", v.len()),
+                ))
+            }
+        },
+    };
+    let stored = db
+        .scan_prefix([codec::P_IDEM_INDEX])
+        .next()
+        .transpose()
+        .map_err(oe)?
+        .is_some();
+    Ok(IdemIndex::new(hasher, merged, stored))
+}
+
+/// Adds to `batch` the rewrites of the idempotency index buckets that drop `entries` (hash,
+/// message), and empties `entries`.
+fn remove_idem_entries(
+    path: &Path,
+    db: &sled::Db,
+    entries: &mut Vec<(u64, MessageId)>,
+    batch: &mut sled::Batch,
+) -> Res<()> {
+    entries.sort_unstable();
+    for same in entries.chunk_by(|a, b| crate::idem::bucket(a.0) == crate::idem::bucket(b.0)) {
+        let k = codec::idem_bucket_key(crate::idem::bucket(same[0].0));
+        let Some(v) = db.get(k)? else { continue };
+        let mut bucket = Bucket::decode(&v).map_err(|d| corrupt(path, &k, d))?;
+        for &(h, id) in same {
+            bucket.remove(h, id);
+        }
+        if bucket.is_empty() {
+            batch.remove(&k);
+        } else {
+            batch.insert(&k, bucket.encode());
+        }
+    }
+    entries.clear();
+    Ok(())
+}
+
 /// Moves the metadata of stores before schema 6 (a key per message) into packs, whole packs
 /// per sled batch. Runs at every open: a crash part-way leaves the rest for the next one.
 fn migrate_metas(path: &Path, db: &sled::Db) -> Res<()> {
@@ -3358,14 +3532,18 @@ fn recover(
     let mut orphans = 0u64;
     let mut max_id = 0u64;
 
-    // Metadata fixes (message → new metadata, `None`: removed), written as packs.
+    // Metadata fixes (message → new metadata, `None`: removed), written as packs, and the
+    // idempotency index entries (hash, message) of removed messages.
     let mut meta_fixes: BTreeMap<MessageId, Option<Vec<u8>>> = BTreeMap::new();
+    let mut idem_fixes: Vec<(u64, MessageId)> = Vec::new();
     let flush_fixes = |fixes: &mut sled::Batch,
                        meta_fixes: &mut BTreeMap<MessageId, Option<Vec<u8>>>,
+                       idem_fixes: &mut Vec<(u64, MessageId)>,
                        n: &mut usize,
                        force: bool|
      -> Res<()> {
         if *n > 0 && (force || *n >= RECOVERY_CHUNK) {
+            remove_idem_entries(path, db, idem_fixes, fixes)?;
             repack(
                 path,
                 db,
@@ -3411,7 +3589,9 @@ fn recover(
     let mut sched = Schedule::default();
     // Nothing to undo here: the log is dropped as it grows.
     let mut sched_log = Vec::new();
-    let mut idem = IdemIndex::default();
+    // Keys of messages above the watermark go into memory; the others are in the buckets.
+    let mut idem = lock(&shared.idem);
+    let merged = idem.merged;
 
     for item in metas {
         let (mid, mv) = item?;
@@ -3457,9 +3637,18 @@ fn recover(
                 }
             }
             meta_fixes.insert(mid, None);
+            if let Some(k) = meta.idempotency_key.as_deref().filter(|_| mid.0 <= merged) {
+                idem_fixes.push((idem.hash(k), mid));
+            }
             nfixes += 3;
             orphans += 1;
-            flush_fixes(&mut fixes, &mut meta_fixes, &mut nfixes, false)?;
+            flush_fixes(
+                &mut fixes,
+                &mut meta_fixes,
+                &mut idem_fixes,
+                &mut nfixes,
+                false,
+            )?;
             continue;
         }
         for rec in &mut group {
@@ -3488,8 +3677,9 @@ fn recover(
             sched_log.clear();
             counters.add(rec.state, &rec.destination);
         }
-        if let Some(k) = &meta.idempotency_key {
-            idem.push(idem.hash(k), mid);
+        if let Some(k) = meta.idempotency_key.as_deref().filter(|_| mid.0 > merged) {
+            let h = idem.hash(k);
+            idem.push(h, mid);
         }
         let pending = u32::try_from(pending).unwrap_or(u32::MAX);
         let live = u32::try_from(group.len()).unwrap_or(u32::MAX);
@@ -3513,33 +3703,57 @@ fn recover(
             meta_fixes.insert(mid, Some(codec::encode_meta(&meta)));
             nfixes += 1;
         }
-        flush_fixes(&mut fixes, &mut meta_fixes, &mut nfixes, false)?;
+        flush_fixes(
+            &mut fixes,
+            &mut meta_fixes,
+            &mut idem_fixes,
+            &mut nfixes,
+            false,
+        )?;
     }
     while let Some(rec) = next_record(&mut records)? {
         drop_record(&mut fixes, &mut nfixes, &rec);
         orphans += 1;
-        flush_fixes(&mut fixes, &mut meta_fixes, &mut nfixes, false)?;
+        flush_fixes(
+            &mut fixes,
+            &mut meta_fixes,
+            &mut idem_fixes,
+            &mut nfixes,
+            false,
+        )?;
     }
-    idem.finish();
     // Older stores kept the schedule in sled: under `d` per destination (schema 1), and
-    // under `s` until it moved into memory; and the idempotency index under `i` until
-    // schema 5. No longer used.
+    // under `s` until it moved into memory; and the idempotency index under `i` (a key per
+    // message) until schema 5. No longer used.
     for prefix in [codec::P_DEST, codec::P_SCHED, codec::P_IDEM] {
         for item in db.scan_prefix([prefix]) {
             let (k, _) = item?;
             fixes.remove(k);
             nfixes += 1;
-            flush_fixes(&mut fixes, &mut meta_fixes, &mut nfixes, false)?;
+            flush_fixes(
+                &mut fixes,
+                &mut meta_fixes,
+                &mut idem_fixes,
+                &mut nfixes,
+                false,
+            )?;
         }
     }
-    flush_fixes(&mut fixes, &mut meta_fixes, &mut nfixes, true)?;
+    flush_fixes(
+        &mut fixes,
+        &mut meta_fixes,
+        &mut idem_fixes,
+        &mut nfixes,
+        true,
+    )?;
+    idem.finish();
+    drop(idem);
     counters.suppressions = db.scan_prefix([codec::P_SUPP]).count() as u64;
     if released > 0 || orphans > 0 {
         tracing::info!(path = %path.display(), released, removed = orphans, "queue recovered");
     }
     *lock(&shared.counters) = counters;
     *lock(&shared.sched) = sched;
-    *lock(&shared.idem) = idem;
     Ok((max_id, seg_live, seg_ids))
 }
 
@@ -3781,6 +3995,20 @@ mod tests {
         codec::decode_meta(&db_meta(Path::new("test"), db, id).unwrap().unwrap()).unwrap()
     }
 
+    /// The messages in the stored idempotency index, in order.
+    fn idem_ids(db: &sled::Db) -> Vec<MessageId> {
+        let mut ids = Vec::new();
+        for item in db.scan_prefix([codec::P_IDEM_INDEX]) {
+            let (k, v) = item.unwrap();
+            assert_eq!(k.len(), 3, "a bucket key");
+            let b = Bucket::decode(&v).unwrap();
+            assert!(!b.is_empty(), "empty buckets are removed");
+            ids.extend(b.ids());
+        }
+        ids.sort();
+        ids
+    }
+
     /// Writes message `id`'s metadata `v` into its pack, in sled directly.
     fn store_meta(db: &sled::Db, id: MessageId, v: &[u8]) {
         let mut batch = sled::Batch::default();
@@ -3972,7 +4200,14 @@ mod tests {
     /// Marks `q`'s store as schema `version`, closes it, reopens it and checks that the open
     /// upgraded it to the current version.
     fn reopen_as_upgraded_from(q: Queue, dir: &Path, version: &[u8]) -> Queue {
-        q.shared.db().insert(codec::version_key(), version).unwrap();
+        let db = q.shared.db();
+        // Versions before 7 had no stored idempotency index.
+        for item in db.scan_prefix([codec::P_IDEM_INDEX]) {
+            db.remove(item.unwrap().0).unwrap();
+        }
+        db.remove(codec::IDEM_SEED_KEY).unwrap();
+        db.insert(codec::version_key(), version).unwrap();
+        drop(db);
         q.flush().unwrap();
         drop(q);
         let q = Queue::open(dir, QueueOptions::default()).unwrap();
@@ -4138,21 +4373,12 @@ mod tests {
         m2.recipients = vec!["b@two.test".into(), "c@two.test".into()];
         q.shared.fail_commits.store(1, Ordering::Release);
         assert!(matches!(q.enqueue(m2.clone()), Err(QueueError::Sled(_))));
-        // (Stale entries would do no harm to lookups, which check the stored metadata and
-        // the record, but they would stay in memory.)
         assert_eq!(
             lock(&q.shared.sched).snapshot(),
             sched_before,
             "schedule changes undone"
         );
-        {
-            let idem = lock(&q.shared.idem);
-            assert!(
-                idem.candidates(idem.hash("order-2")).is_empty(),
-                "key undone"
-            );
-            assert_eq!(idem.len(), 1);
-        }
+        assert_eq!(idem_memory_ids(&q), vec![first.id], "key undone");
         let after = q.stats();
         assert_eq!(after.by_state, before.by_state, "counters");
         assert_eq!(after.by_destination, before.by_destination);
@@ -4296,7 +4522,199 @@ mod tests {
             assert!(e.duplicate, "{key}");
             assert_eq!(e.id, *id);
         }
-        assert_eq!(lock(&q.shared.idem).len(), 2);
+        assert_eq!(idem_memory_ids(&q), ids);
+    }
+
+    /// A schema-6 store (no stored idempotency index) opens with every key in memory, from
+    /// the metadata, and a new hash key stored.
+    #[test]
+    fn schema_6_store_keeps_its_idempotency_keys_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let q = Queue::open(dir.path(), QueueOptions::default()).unwrap();
+        let mut ids = Vec::new();
+        for i in 0..50 {
+            let mut m = message();
+            m.idempotency_key = Some(format!("esp-{i}"));
+            ids.push(q.enqueue(m).unwrap().id);
+        }
+        q.enqueue(message()).unwrap();
+        let q = reopen_as_upgraded_from(q, dir.path(), codec::SCHEMA_VERSION_6);
+        let seed = q.shared.db().get(codec::IDEM_SEED_KEY).unwrap().unwrap();
+        assert_eq!(seed.len(), IdemHasher::SEED_LEN);
+        assert_eq!(lock(&q.shared.idem).len(), 50);
+        for (i, id) in ids.iter().enumerate() {
+            let mut m = message();
+            m.idempotency_key = Some(format!("esp-{i}"));
+            let e = q.enqueue(m).unwrap();
+            assert!(e.duplicate && e.id == *id, "esp-{i}");
+        }
+    }
+
+    fn small_idem_memory(keys: u64) -> QueueOptions {
+        QueueOptions {
+            idempotency_memory_bytes: keys * IDEM_KEY_BYTES,
+            ..QueueOptions::default()
+        }
+    }
+
+    fn keyed(key: &str) -> NewMessage {
+        let mut m = message();
+        m.idempotency_key = Some(key.into());
+        m
+    }
+
+    /// The keys in memory, in order.
+    fn idem_memory_ids(q: &Queue) -> Vec<MessageId> {
+        let idem = lock(&q.shared.idem);
+        let mut ids: Vec<MessageId> = idem
+            .by_bucket()
+            .flat_map(|(_, e)| e.into_iter().map(|(_, id)| MessageId(id)))
+            .collect();
+        ids.sort();
+        ids
+    }
+
+    /// Past `idempotency_memory_bytes` the keys move into the stored buckets; every key
+    /// still finds its message, before and after a reopen (which puts back into memory only
+    /// the keys above the watermark); a delete and a purge take keys out of the buckets.
+    #[test]
+    fn idempotency_keys_move_into_the_store_past_the_memory_budget() {
+        let dir = tempfile::tempdir().unwrap();
+        let q = Queue::open(dir.path(), small_idem_memory(10)).unwrap();
+        let keys: Vec<String> = (0..50).map(|i| format!("esp-{i}")).collect();
+        let ids: Vec<MessageId> = keys
+            .iter()
+            .map(|k| q.enqueue(keyed(k)).unwrap().id)
+            .collect();
+        let stored = idem_ids(&q.shared.db());
+        let memory = idem_memory_ids(&q);
+        assert!(memory.len() <= 10, "{} keys in memory", memory.len());
+        assert!(stored.len() >= 40, "{} keys stored", stored.len());
+        let mut all = [stored.clone(), memory.clone()].concat();
+        all.sort();
+        assert_eq!(all, ids, "each key in one part");
+        let merged = lock(&q.shared.idem).merged;
+        assert_eq!(
+            q.shared
+                .db()
+                .get(codec::IDEM_MERGED_KEY)
+                .unwrap()
+                .as_deref(),
+            Some(&merged.to_be_bytes()[..])
+        );
+        assert!(stored.iter().all(|id| id.0 <= merged) && memory.iter().all(|id| id.0 > merged));
+        let check = |q: &Queue| {
+            for (k, id) in keys.iter().zip(&ids) {
+                let e = q.enqueue(keyed(k)).unwrap();
+                assert!(e.duplicate && e.id == *id, "{k}");
+            }
+        };
+        check(&q);
+        q.flush().unwrap();
+        drop(q);
+        let q = Queue::open(dir.path(), small_idem_memory(10)).unwrap();
+        assert_eq!(idem_ids(&q.shared.db()), stored);
+        assert_eq!(idem_memory_ids(&q), memory, "the keys above the watermark");
+        check(&q);
+
+        // A delete takes the key out of its bucket: the retry is a new message.
+        assert!(q.delete(ids[0]).unwrap());
+        assert!(!idem_ids(&q.shared.db()).contains(&ids[0]));
+        let again = q.enqueue(keyed(&keys[0])).unwrap();
+        assert!(!again.duplicate);
+
+        // A purge empties both parts, and leaves no bucket behind.
+        loop {
+            let leases = q
+                .take_due(SystemTime::now() + Duration::from_secs(1), 100)
+                .unwrap();
+            if leases.is_empty() {
+                break;
+            }
+            for l in leases {
+                let reply = "250 ok".to_string();
+                q.complete(l.recipient.id, Outcome::Delivered { reply })
+                    .unwrap();
+            }
+        }
+        q.purge_final(SystemTime::now() + Duration::from_secs(1))
+            .unwrap();
+        assert!(q.list(None, 10).unwrap().is_empty());
+        assert_eq!(q.shared.db().scan_prefix([codec::P_IDEM_INDEX]).count(), 0);
+        assert!(idem_memory_ids(&q).is_empty());
+    }
+
+    /// A damaged bucket of the idempotency index, or a hash key or watermark of the wrong
+    /// length, is a clear error naming the store and the key: an enqueue with a key in that
+    /// bucket fails (nothing stored), others go on; the open refuses the bad hash key.
+    #[test]
+    fn a_damaged_idempotency_index_is_a_clear_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let q = Queue::open(dir.path(), small_idem_memory(0)).unwrap();
+        q.enqueue(keyed("order-0")).unwrap();
+        assert!(lock(&q.shared.idem).stored, "merged at once");
+        let h = lock(&q.shared.idem).hash("order-1");
+        let k = codec::idem_bucket_key(crate::idem::bucket(h));
+        q.shared.db().insert(k, &b"\x01short"[..]).unwrap();
+        match q.enqueue(keyed("order-1")) {
+            Err(QueueError::Corrupt { path, key, detail }) => {
+                assert_eq!(path, dir.path());
+                assert_eq!(key, codec::show_key(&k));
+                assert!(detail.contains("bucket"), "{detail}");
+            }
+            other => panic!("enqueue over a damaged bucket: {other:?}"),
+        }
+        assert_eq!(q.list(None, 10).unwrap().len(), 1, "nothing stored");
+        assert!(!q.enqueue(message()).unwrap().duplicate);
+        q.flush().unwrap();
+        drop(q);
+
+        for (key, value, says) in [
+            (codec::IDEM_MERGED_KEY, &[1u8; 3][..], "3 bytes"),
+            (codec::IDEM_SEED_KEY, &[1u8; 15][..], "15 bytes"),
+        ] {
+            {
+                let db = sled::open(gen_dir(dir.path(), 0)).unwrap();
+                db.insert(key, value).unwrap();
+                db.flush().unwrap();
+            }
+            match Queue::open(dir.path(), QueueOptions::default()) {
+                Err(QueueError::Corrupt { path, detail, .. }) => {
+                    assert_eq!(path, dir.path());
+                    assert!(detail.contains(says), "{detail}");
+                }
+                Err(e) => panic!("open with a bad {key:?}: {e}"),
+                Ok(_) => panic!("open with a bad {key:?} succeeded"),
+            }
+        }
+    }
+
+    /// A message that recovery removes (its body was cut short by a crash) leaves the
+    /// stored idempotency index too: no entry for a message that is gone.
+    #[test]
+    fn a_message_removed_at_open_leaves_the_idempotency_index() {
+        let dir = tempfile::tempdir().unwrap();
+        let q = Queue::open(dir.path(), small_idem_memory(0)).unwrap();
+        let kept = q.enqueue(keyed("kept")).unwrap().id;
+        let mut cut = keyed("cut");
+        cut.body = vec![b'x'; 10_000];
+        let cut_id = q.enqueue(cut.clone()).unwrap().id;
+        assert_eq!(idem_ids(&q.shared.db()), vec![kept, cut_id]);
+        q.flush().unwrap();
+        drop(q);
+        let seg_dir = dir.path().join(segments::DIR);
+        for e in std::fs::read_dir(&seg_dir).unwrap() {
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .open(e.unwrap().path())
+                .unwrap();
+            f.set_len(5_000).unwrap();
+        }
+        let q = Queue::open(dir.path(), small_idem_memory(0)).unwrap();
+        assert!(q.message(cut_id).unwrap().is_none(), "removed at open");
+        assert_eq!(idem_ids(&q.shared.db()), vec![kept]);
+        let again = q.enqueue(cut).unwrap();
+        assert!(!again.duplicate, "stored anew");
     }
 
     /// A store written by a newer version than this one knows is refused, naming the path

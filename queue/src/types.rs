@@ -57,6 +57,11 @@ pub struct QueueOptions {
     /// PostgreSQL's `commit_siblings`): at low load an outcome has no company to wait for,
     /// and waiting would only add the delay to it. 0: always. Default 4.
     pub outcome_commit_siblings: usize,
+    /// The memory the idempotency index may take for the keys of the newest messages
+    /// (~13 bytes a key) before the writer moves them all into the stored index (one sled
+    /// batch; see `idem.rs`). The keys of older messages cost no memory, but an enqueue with
+    /// a key then also reads its bucket from sled. Default 8 MiB: ~640,000 keys.
+    pub idempotency_memory_bytes: u64,
 }
 
 impl Default for QueueOptions {
@@ -72,6 +77,7 @@ impl Default for QueueOptions {
             lease_timeout: Some(Duration::from_secs(3600)),
             outcome_commit_delay: Duration::from_millis(3),
             outcome_commit_siblings: 4,
+            idempotency_memory_bytes: 8 << 20,
         }
     }
 }
