@@ -18,8 +18,8 @@
 //! (segment bookkeeping; BENCHMARKS.md, Queue, "Fifteenth session"). Merging in bulk writes
 //! each bucket once per merge, in key order. What is left per enqueue, once buckets exist, is
 //! one sled read of the key's bucket (a cache hit while sled's cache holds the buckets,
-//! ~12 bytes a stored key). A purge or delete of a message below the watermark rewrites its
-//! bucket in the same batch.
+//! ~12 bytes a stored key). A purge or delete of a message at or below the watermark
+//! rewrites its bucket in the same batch.
 //!
 //! A key's hash is SipHash-1-3 keyed with 128 random bits stored in the queue
 //! (`codec::IDEM_SEED_KEY`): the same on every open, and not steerable from outside. A hit is

@@ -1615,14 +1615,23 @@ impl<'a> Tx<'a> {
         }
     }
 
-    /// The stored idempotency index bucket of hash `h` as this group sees it, and its key.
-    fn idem_bucket(&self, h: u64) -> Res<(Bucket, [u8; 3])> {
-        let k = codec::idem_bucket_key(crate::idem::bucket(h));
+    /// Stored idempotency index bucket `b` as this group sees it, and its key.
+    fn idem_bucket(&self, b: u16) -> Res<(Bucket, [u8; 3])> {
+        let k = codec::idem_bucket_key(b);
         let bucket = match self.get(&k)? {
             None => Bucket::default(),
             Some(v) => Bucket::decode(&v).map_err(|d| self.corrupt(&k, d))?,
         };
         Ok((bucket, k))
+    }
+
+    /// Writes a changed bucket, or removes it when it is left empty.
+    fn put_idem_bucket(&mut self, k: &[u8; 3], bucket: &Bucket) {
+        if bucket.is_empty() {
+            self.remove(k);
+        } else {
+            self.insert(k, bucket.encode().into());
+        }
     }
 
     /// The stored message that has idempotency key `key`, as this group sees it: a candidate
@@ -1634,7 +1643,8 @@ impl<'a> Tx<'a> {
             (h, idem.candidates(h), idem.stored)
         };
         if stored {
-            candidates.extend(self.idem_bucket(h)?.0.candidates(h));
+            let (bucket, _) = self.idem_bucket(crate::idem::bucket(h))?;
+            candidates.extend(bucket.candidates(h));
         }
         for id in candidates {
             if self
@@ -1666,13 +1676,9 @@ impl<'a> Tx<'a> {
             return Ok(());
         }
         drop(idem);
-        let (mut bucket, k) = self.idem_bucket(h)?;
+        let (mut bucket, k) = self.idem_bucket(crate::idem::bucket(h))?;
         if bucket.remove(h, id) {
-            if bucket.is_empty() {
-                self.remove(&k);
-            } else {
-                self.insert(&k, bucket.encode().into());
-            }
+            self.put_idem_bucket(&k, &bucket);
         }
         Ok(())
     }
@@ -2635,13 +2641,9 @@ impl Writer {
         let mut tx = Tx::new(shared);
         let mut buckets = 0;
         for (b, entries) in idem.by_bucket() {
-            let k = codec::idem_bucket_key(b);
-            let mut bucket = match tx.get(&k)? {
-                None => Bucket::default(),
-                Some(v) => Bucket::decode(&v).map_err(|d| tx.corrupt(&k, d))?,
-            };
+            let (mut bucket, k) = tx.idem_bucket(b)?;
             bucket.merge(&entries);
-            tx.insert(&k, bucket.encode().into());
+            tx.put_idem_bucket(&k, &bucket);
             buckets += 1;
             if buckets % IDEM_MERGE_CHUNK == 0 {
                 std::mem::replace(&mut tx, Tx::new(shared)).commit()?;
@@ -3445,30 +3447,65 @@ fn open_idem(path: &Path, db: &sled::Db, upgrade: bool) -> Res<IdemIndex> {
     Ok(IdemIndex::new(hasher, merged, stored))
 }
 
-/// Adds to `batch` the rewrites of the idempotency index buckets that drop `entries` (hash,
-/// message), and empties `entries`.
-fn remove_idem_entries(
-    path: &Path,
-    db: &sled::Db,
-    entries: &mut Vec<(u64, MessageId)>,
-    batch: &mut sled::Batch,
-) -> Res<()> {
-    entries.sort_unstable();
-    for same in entries.chunk_by(|a, b| crate::idem::bucket(a.0) == crate::idem::bucket(b.0)) {
-        let k = codec::idem_bucket_key(crate::idem::bucket(same[0].0));
-        let Some(v) = db.get(k)? else { continue };
-        let mut bucket = Bucket::decode(&v).map_err(|d| corrupt(path, &k, d))?;
-        for &(h, id) in same {
-            bucket.remove(h, id);
-        }
-        if bucket.is_empty() {
-            batch.remove(&k);
-        } else {
-            batch.insert(&k, bucket.encode());
-        }
+/// The fixes `recover` writes, a sled batch every `RECOVERY_CHUNK` of them.
+struct RecoveryFixes<'a> {
+    path: &'a Path,
+    db: &'a sled::Db,
+    batch: sled::Batch,
+    /// Metadata fixes (message → new metadata, `None`: removed), written as packs.
+    metas: BTreeMap<MessageId, Option<Vec<u8>>>,
+    /// The idempotency index entries (hash, message) of removed messages.
+    idem: Vec<(u64, MessageId)>,
+    /// Fixes since the last batch.
+    n: usize,
+}
+
+impl RecoveryFixes<'_> {
+    /// Removes an orphan record. Its final-index entry, if any, stays (it may list other
+    /// records); the purge skips records that are gone.
+    fn drop_record(&mut self, rec: &RecipientRecord) {
+        self.batch.remove(&codec::rcpt_key(rec.id));
+        self.n += 1;
     }
-    entries.clear();
-    Ok(())
+
+    /// Writes what was gathered once there is a chunk of it, or anything at all (`force`).
+    fn flush(&mut self, force: bool) -> Res<()> {
+        if self.n == 0 || !(force || self.n >= RECOVERY_CHUNK) {
+            return Ok(());
+        }
+        let (path, db, batch) = (self.path, self.db, &mut self.batch);
+        self.idem.sort_unstable();
+        for same in self
+            .idem
+            .chunk_by(|a, b| crate::idem::bucket(a.0) == crate::idem::bucket(b.0))
+        {
+            let k = codec::idem_bucket_key(crate::idem::bucket(same[0].0));
+            let Some(v) = db.get(k)? else { continue };
+            let mut bucket = Bucket::decode(&v).map_err(|d| corrupt(path, &k, d))?;
+            for &(h, id) in same {
+                bucket.remove(h, id);
+            }
+            if bucket.is_empty() {
+                batch.remove(&k);
+            } else {
+                batch.insert(&k, bucket.encode());
+            }
+        }
+        self.idem.clear();
+        repack(
+            path,
+            db,
+            self.metas.iter().map(|(id, v)| (*id, v.as_deref())),
+            |k, v| match v {
+                Some(v) => batch.insert(k, v),
+                None => batch.remove(k),
+            },
+        )?;
+        self.metas.clear();
+        db.apply_batch(std::mem::take(batch))?;
+        self.n = 0;
+        Ok(())
+    }
 }
 
 /// Moves the metadata of stores before schema 6 (a key per message) into packs, whole packs
@@ -3526,39 +3563,17 @@ fn recover(
     let db = &shared.db();
     let path = &shared.path;
     let mut counters = Counters::default();
-    let mut fixes = sled::Batch::default();
-    let mut nfixes = 0usize;
+    let mut fixes = RecoveryFixes {
+        path,
+        db,
+        batch: sled::Batch::default(),
+        metas: BTreeMap::new(),
+        idem: Vec::new(),
+        n: 0,
+    };
     let mut released = 0u64;
     let mut orphans = 0u64;
     let mut max_id = 0u64;
-
-    // Metadata fixes (message → new metadata, `None`: removed), written as packs, and the
-    // idempotency index entries (hash, message) of removed messages.
-    let mut meta_fixes: BTreeMap<MessageId, Option<Vec<u8>>> = BTreeMap::new();
-    let mut idem_fixes: Vec<(u64, MessageId)> = Vec::new();
-    let flush_fixes = |fixes: &mut sled::Batch,
-                       meta_fixes: &mut BTreeMap<MessageId, Option<Vec<u8>>>,
-                       idem_fixes: &mut Vec<(u64, MessageId)>,
-                       n: &mut usize,
-                       force: bool|
-     -> Res<()> {
-        if *n > 0 && (force || *n >= RECOVERY_CHUNK) {
-            remove_idem_entries(path, db, idem_fixes, fixes)?;
-            repack(
-                path,
-                db,
-                meta_fixes.iter().map(|(id, v)| (*id, v.as_deref())),
-                |k, v| match v {
-                    Some(v) => fixes.insert(k, v),
-                    None => fixes.remove(k),
-                },
-            )?;
-            meta_fixes.clear();
-            db.apply_batch(std::mem::take(fixes))?;
-            *n = 0;
-        }
-        Ok(())
-    };
 
     migrate_metas(path, db)?;
     let mut records = db.scan_prefix([codec::P_RCPT]).peekable();
@@ -3579,13 +3594,6 @@ fn recover(
             _ => None,
         }
     };
-    // Removes an orphan record and its index entry.
-    let drop_record = |fixes: &mut sled::Batch, n: &mut usize, rec: &RecipientRecord| {
-        // Its final-index entry, if any, stays (it may list other records); the purge skips
-        // records that are gone.
-        fixes.remove(&codec::rcpt_key(rec.id));
-        *n += 1;
-    };
     let mut sched = Schedule::default();
     // Nothing to undo here: the log is dropped as it grows.
     let mut sched_log = Vec::new();
@@ -3604,7 +3612,7 @@ fn recover(
                 break;
             }
             if let Some(rec) = next_record(&mut records)? {
-                drop_record(&mut fixes, &mut nfixes, &rec);
+                fixes.drop_record(&rec);
                 orphans += 1;
             }
         }
@@ -3629,26 +3637,20 @@ fn recover(
             // Never acknowledged (or unusable): remove the whole message.
             tracing::warn!(message = %mid, records = group.len(), body_missing, "removing incomplete message");
             for rec in &group {
-                drop_record(&mut fixes, &mut nfixes, rec);
+                fixes.drop_record(rec);
             }
             if meta.body == Body::Chunks {
                 for c in 0..codec::body_chunks(meta.size) {
-                    fixes.remove(&codec::body_key(mid, c));
+                    fixes.batch.remove(&codec::body_key(mid, c));
                 }
             }
-            meta_fixes.insert(mid, None);
+            fixes.metas.insert(mid, None);
             if let Some(k) = meta.idempotency_key.as_deref().filter(|_| mid.0 <= merged) {
-                idem_fixes.push((idem.hash(k), mid));
+                fixes.idem.push((idem.hash(k), mid));
             }
-            nfixes += 3;
+            fixes.n += 3;
             orphans += 1;
-            flush_fixes(
-                &mut fixes,
-                &mut meta_fixes,
-                &mut idem_fixes,
-                &mut nfixes,
-                false,
-            )?;
+            fixes.flush(false)?;
             continue;
         }
         for rec in &mut group {
@@ -3659,8 +3661,10 @@ fn recover(
                     meta.record = Some(codec::encode_record(rec));
                     rewrite_meta = true;
                 } else {
-                    fixes.insert(&codec::rcpt_key(rec.id), codec::encode_record(rec));
-                    nfixes += 1;
+                    fixes
+                        .batch
+                        .insert(&codec::rcpt_key(rec.id), codec::encode_record(rec));
+                    fixes.n += 1;
                 }
                 released += 1;
             }
@@ -3700,27 +3704,15 @@ fn recover(
             if pending == 0 {
                 meta.body = Body::Chunks;
             }
-            meta_fixes.insert(mid, Some(codec::encode_meta(&meta)));
-            nfixes += 1;
+            fixes.metas.insert(mid, Some(codec::encode_meta(&meta)));
+            fixes.n += 1;
         }
-        flush_fixes(
-            &mut fixes,
-            &mut meta_fixes,
-            &mut idem_fixes,
-            &mut nfixes,
-            false,
-        )?;
+        fixes.flush(false)?;
     }
     while let Some(rec) = next_record(&mut records)? {
-        drop_record(&mut fixes, &mut nfixes, &rec);
+        fixes.drop_record(&rec);
         orphans += 1;
-        flush_fixes(
-            &mut fixes,
-            &mut meta_fixes,
-            &mut idem_fixes,
-            &mut nfixes,
-            false,
-        )?;
+        fixes.flush(false)?;
     }
     // Older stores kept the schedule in sled: under `d` per destination (schema 1), and
     // under `s` until it moved into memory; and the idempotency index under `i` (a key per
@@ -3728,24 +3720,12 @@ fn recover(
     for prefix in [codec::P_DEST, codec::P_SCHED, codec::P_IDEM] {
         for item in db.scan_prefix([prefix]) {
             let (k, _) = item?;
-            fixes.remove(k);
-            nfixes += 1;
-            flush_fixes(
-                &mut fixes,
-                &mut meta_fixes,
-                &mut idem_fixes,
-                &mut nfixes,
-                false,
-            )?;
+            fixes.batch.remove(k);
+            fixes.n += 1;
+            fixes.flush(false)?;
         }
     }
-    flush_fixes(
-        &mut fixes,
-        &mut meta_fixes,
-        &mut idem_fixes,
-        &mut nfixes,
-        true,
-    )?;
+    fixes.flush(true)?;
     idem.finish();
     drop(idem);
     counters.suppressions = db.scan_prefix([codec::P_SUPP]).count() as u64;
