@@ -4,7 +4,7 @@
 //! ```text
 //! CARGO_TARGET_DIR=target-queue cargo bench -p bulksend-benches --bench queue -- \
 //!     [--n 200000] [--secs 5] [--producers 1,8,64] [--rounds 1] [--cache-mib 64] [--dir PATH]
-//!     [--idem-mib 8] [--skip-throughput] [--exit-after-fill] [--reopen-full]
+//!     [--idem-mib 8] [--sched-mib 4] [--skip-throughput] [--exit-after-fill] [--reopen-full]
 //! ```
 //! `--exit-after-fill` ends the process right after the first fill's figures, without
 //! freeing anything: under `heaptrack` its "leaked" memory is what the full queue holds. It
@@ -28,6 +28,8 @@ struct Args {
     cache_mib: u64,
     /// `QueueOptions::idempotency_memory_bytes` in MiB.
     idem_mib: u64,
+    /// `QueueOptions::schedule_memory_bytes` in MiB.
+    sched_mib: u64,
     dir: Option<PathBuf>,
     skip_throughput: bool,
     exit_after_fill: bool,
@@ -45,6 +47,7 @@ fn parse_args() -> Args {
         rounds: 1,
         cache_mib: 64,
         idem_mib: QueueOptions::default().idempotency_memory_bytes >> 20,
+        sched_mib: QueueOptions::default().schedule_memory_bytes >> 20,
         dir: None,
         skip_throughput: false,
         exit_after_fill: false,
@@ -59,6 +62,7 @@ fn parse_args() -> Args {
             "--rounds" => a.rounds = val().parse().unwrap_or(a.rounds),
             "--cache-mib" => a.cache_mib = val().parse().unwrap_or(a.cache_mib),
             "--idem-mib" => a.idem_mib = val().parse().unwrap_or(a.idem_mib),
+            "--sched-mib" => a.sched_mib = val().parse().unwrap_or(a.sched_mib),
             "--dir" => a.dir = Some(PathBuf::from(val())),
             "--producers" => {
                 a.producers = val().split(',').filter_map(|s| s.parse().ok()).collect();
@@ -92,6 +96,7 @@ fn opts(a: &Args, durable: bool) -> QueueOptions {
     QueueOptions {
         cache_capacity_bytes: a.cache_mib << 20,
         idempotency_memory_bytes: a.idem_mib << 20,
+        schedule_memory_bytes: a.sched_mib << 20,
         durable,
         ..QueueOptions::default()
     }
@@ -251,8 +256,8 @@ fn lifecycle(a: &Args, base: &Path) {
     let dir = base.join("lifecycle");
     let producers = a.producers.iter().copied().max().unwrap_or(64);
     println!(
-        "\n### Fill / drain (N = {}, {} round(s), {} producers, cache_capacity {} MiB, idempotency memory {} MiB)\n",
-        a.n, a.rounds, producers, a.cache_mib, a.idem_mib
+        "\n### Fill / drain (N = {}, {} round(s), {} producers, cache_capacity {} MiB, idempotency memory {} MiB, schedule memory {} MiB)\n",
+        a.n, a.rounds, producers, a.cache_mib, a.idem_mib, a.sched_mib
     );
     println!("| {:<58} | {:>26} |", "step", "value");
     println!("|{}|{}|", "-".repeat(60), "-".repeat(28));

@@ -39,6 +39,7 @@ pub(crate) fn queue_options(settings: &Settings) -> QueueOptions {
         lease_timeout: Some(settings.queue.lease_timeout).filter(|t| !t.is_zero()),
         outcome_commit_delay: settings.queue.outcome_commit_delay,
         idempotency_memory_bytes: settings.queue.idempotency_memory_mb * 1024 * 1024,
+        schedule_memory_bytes: settings.queue.schedule_memory_mb * 1024 * 1024,
         ..QueueOptions::default()
     }
 }

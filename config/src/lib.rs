@@ -101,6 +101,10 @@ pub struct QueueSettings {
     /// move to the store, where each enqueue with a key reads its bucket. So the queue's
     /// memory is this plus the cache, whatever its depth.
     pub idempotency_memory_mb: u64,
+    /// Memory for the schedule's zones (which recipients are due when, ~144 bytes per zone
+    /// of 64 or more recipients); past it zones are merged and grow, so that it does not
+    /// grow with the queue's depth.
+    pub schedule_memory_mb: u64,
 }
 
 impl Default for QueueSettings {
@@ -113,6 +117,7 @@ impl Default for QueueSettings {
             lease_timeout: Duration::from_secs(3600),
             outcome_commit_delay: Duration::from_millis(3),
             idempotency_memory_mb: 8,
+            schedule_memory_mb: 4,
         }
     }
 }

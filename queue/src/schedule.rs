@@ -29,17 +29,27 @@
 //! the true oldest until that zone is next read), never too late.
 //!
 //! New recipients come in ascending id order (message ids grow), so they go into the last
-//! zone, and a new zone starts once the last one has had [`ZONE_SIZE`] of them. A zone
+//! zone, and a new zone starts once the last one has had the zone size of them
+//! ([`ZONE_SIZE`] to begin with). A zone
 //! whose read found nothing scheduled, and that has no lease, is *empty*; two empty zones
 //! next to each other are merged, so a drained queue keeps a handful of zones, not one per
-//! 64 recipients it ever had. A merged zone counts as full: its range may span many final
+//! 64 recipients it ever had. A merged zone is *closed*: its range may span many final
 //! records (a zone read reads them too, until they are purged), so new recipients start a
 //! zone of their own. A zone with a lease is not merged: its recipient may be
 //! scheduled again (a deferral), and would then make a merged zone's whole range due.
 //!
-//! Memory: one `BTreeMap` entry per zone, and one `BTreeSet` entry per zone with a bound
-//! (~2 bytes per queued recipient, estimated from the entry sizes, not measured), plus one
-//! `HashMap` entry per lease (bounded by what is in flight).
+//! # Coarsening: memory bounded by the zone count, not the queue depth
+//!
+//! A zone costs ~140 bytes (a `BTreeMap` entry, and a `BTreeSet` entry when it has a bound:
+//! 2.2 bytes per queued recipient at [`ZONE_SIZE`], measured, BENCHMARKS.md, Queue,
+//! "Sixteenth session"), plus one `HashMap` entry per lease (bounded by what is in
+//! flight). So that a deep queue does not cost memory in proportion, the schedule keeps
+//! at most about `max_zones` zones: when a new zone would go past that, it first
+//! *coarsens* ([`Schedule::coarsen`]): neighbouring zones are merged while together they
+//! have had at most twice the zone size of recipients, and the zone size doubles for the
+//! zones to come. A merged zone's bound is the lower of the two, so the invariant holds;
+//! what it costs is reading more records per zone read (up to the zone size). When the
+//! queue has drained to a quarter of `max_zones` zones, new zones are made smaller again.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
@@ -49,6 +59,10 @@ use crate::{MessageId, RecipientId};
 /// messages' metadata (and, for messages of several recipients, a read per record); a
 /// zone costs ~130 bytes of memory.
 pub(crate) const ZONE_SIZE: u32 = 64;
+
+/// What a zone costs in memory: its `BTreeMap` entry and its `BTreeSet` entry, as measured
+/// (BENCHMARKS.md, Queue, "Sixteenth session").
+pub(crate) const ZONE_BYTES: u64 = 144;
 
 /// The first zone starts here, so that every recipient id is in some zone.
 const FIRST: RecipientId = RecipientId {
@@ -82,8 +96,12 @@ pub(crate) struct Zone {
     bound: Option<Bound>,
     /// Leased recipients in the zone (exact).
     leased: u32,
-    /// New recipients added to it (decides when the last zone is full).
+    /// Recipients noted in its range (decides when the last zone is full, and how much a
+    /// zone read of it may cost when coarsening; not lowered by a purge).
     added: u32,
+    /// Takes no new recipients (a merge of empty zones, whose range may span any number
+    /// of final records).
+    closed: bool,
 }
 
 impl Zone {
@@ -101,15 +119,34 @@ pub(crate) struct Schedule {
     newest: Option<RecipientId>,
     /// Leased recipient → when it was leased (ms).
     leased: HashMap<RecipientId, u64>,
+    /// New recipients per new zone: [`ZONE_SIZE`], doubled by each coarsening.
+    zone_size: u32,
+    /// Coarsen when a new zone would make more zones than this.
+    max_zones: usize,
+    /// ... and at least this many (more than `max_zones` when a coarsening could not halve
+    /// the zones, so that each one is paid for by as many new zones as it left).
+    coarsen_at: usize,
 }
 
-impl Default for Schedule {
-    fn default() -> Self {
+impl Schedule {
+    /// An empty schedule whose zones take about `bytes` of memory at most (see the module
+    /// docs).
+    pub(crate) fn with_memory(bytes: u64) -> Self {
+        Schedule::new(usize::try_from(bytes / ZONE_BYTES).unwrap_or(usize::MAX))
+    }
+
+    /// An empty schedule that keeps about `max_zones` zones at most (see the module docs;
+    /// at least 4).
+    pub(crate) fn new(max_zones: usize) -> Self {
+        let max_zones = max_zones.max(4);
         Schedule {
             zones: BTreeMap::from([(FIRST, Zone::default())]),
             by_due: BTreeSet::new(),
             newest: None,
             leased: HashMap::new(),
+            zone_size: ZONE_SIZE,
+            max_zones,
+            coarsen_at: max_zones,
         }
     }
 }
@@ -124,6 +161,8 @@ pub(crate) enum Undo {
     Leased(RecipientId),
     /// This lease, taken at the given time, was dropped (undo: take it again).
     Unleased(RecipientId, u64),
+    /// The zone size was this.
+    ZoneSize(u32),
 }
 
 impl Schedule {
@@ -163,10 +202,10 @@ impl Schedule {
     }
 
     /// Notes that recipient `rid` exists (scheduled or not: the open notes final ones too,
-    /// so that a zone spans ~[`ZONE_SIZE`] recipients, not that many scheduled ones among
-    /// any number of final ones). A new one (above every id noted so far) is counted in the
-    /// last zone, and starts a new zone when that one is full; an empty last zone is merged
-    /// first.
+    /// so that a zone spans about the zone size in recipients, not that many scheduled ones
+    /// among any number of final ones). A new one (above every id noted so far) is counted
+    /// in the last zone, and starts a new zone when that one is full or closed; an empty
+    /// last zone is merged first, and the zones are coarsened first if there are too many.
     pub(crate) fn note(&mut self, rid: RecipientId, log: &mut Vec<Undo>) {
         if self.newest.is_some_and(|n| rid <= n) {
             return;
@@ -175,9 +214,20 @@ impl Schedule {
         // still above it.
         self.newest = Some(rid);
         let (&last, &zone) = self.zones.last_key_value().expect("the first zone stays");
-        if zone.added >= ZONE_SIZE && rid > last {
+        if (zone.closed || zone.added >= self.zone_size) && rid > last {
             self.merge_empty(last, log);
-            self.change(rid, Some(Zone::default()), log);
+            if self.zones.len() >= self.coarsen_at {
+                self.coarsen(log);
+            } else if self.zones.len() < self.max_zones / 4 && self.zone_size > ZONE_SIZE {
+                self.set_zone_size(self.zone_size / 2, log);
+                self.coarsen_at = self.max_zones;
+            }
+            // Coarsening may have merged the last zone into one that is not full yet.
+            let (&last, &zone) = self.zones.last_key_value().expect("the first zone stays");
+            if zone.closed || zone.added >= self.zone_size {
+                debug_assert!(rid > last);
+                self.change(rid, Some(Zone::default()), log);
+            }
         }
         let start = self.start_of(rid);
         let mut zone = self.zones[&start];
@@ -218,6 +268,49 @@ impl Schedule {
         self.merge_empty(start, log);
     }
 
+    fn set_zone_size(&mut self, size: u32, log: &mut Vec<Undo>) {
+        log.push(Undo::ZoneSize(self.zone_size));
+        self.zone_size = size;
+    }
+
+    /// Doubles the zone size, and merges each run of neighbouring zones that together have
+    /// had at most that many recipients into its first zone (bounds lowered to the lowest,
+    /// leases added up). Runs of empty zones that were merged earlier may be too big to
+    /// merge further: a queue that alternates such runs with zones in use keeps more zones
+    /// (at most twice those in use), and the next coarsening then waits until their number
+    /// has doubled.
+    pub(crate) fn coarsen(&mut self, log: &mut Vec<Undo>) {
+        let size = self.zone_size.saturating_mul(2);
+        self.set_zone_size(size, log);
+        let zones: Vec<(RecipientId, Zone)> = self.zones.iter().map(|(s, z)| (*s, *z)).collect();
+        let mut run: Option<(RecipientId, Zone)> = None;
+        for (start, zone) in zones {
+            match &mut run {
+                Some((_, r)) if u64::from(r.added) + u64::from(zone.added) <= u64::from(size) => {
+                    self.change(start, None, log);
+                    *r = Zone {
+                        bound: match zone.bound {
+                            Some(b) => Some(Bound::lower(r.bound, b)),
+                            None => r.bound,
+                        },
+                        leased: r.leased.saturating_add(zone.leased),
+                        added: r.added + zone.added,
+                        closed: zone.closed,
+                    };
+                }
+                _ => {
+                    if let Some((s, z)) = run.replace((start, zone)) {
+                        self.change(s, Some(z), log);
+                    }
+                }
+            }
+        }
+        if let Some((s, z)) = run {
+            self.change(s, Some(z), log);
+        }
+        self.coarsen_at = self.max_zones.max(2 * self.zones.len());
+    }
+
     /// If the zone at `start` is empty, merges it with the next zone and into the previous
     /// one where those are empty too (the first zone is never removed).
     fn merge_empty(&mut self, start: RecipientId, log: &mut Vec<Undo>) {
@@ -230,20 +323,23 @@ impl Schedule {
             .range((Excluded(start), Unbounded))
             .next()
             .map(|(s, z)| (*s, *z));
-        // A merged zone counts as full, so that new recipients start a zone of their own
-        // instead of joining a range that may span many final records (read with it).
-        let merged = Zone {
-            added: ZONE_SIZE,
+        // A merged zone is closed, so that new recipients start a zone of their own instead
+        // of joining a range that may span many final records (read with it).
+        let merged = |a: Zone, b: Zone| Zone {
+            added: a.added.saturating_add(b.added),
+            closed: true,
             ..Zone::default()
         };
-        if let Some((s, _)) = next.filter(|(_, z)| z.is_empty()) {
+        if let Some((s, z)) = next.filter(|(_, z)| z.is_empty()) {
+            let here = self.zones[&start];
             self.change(s, None, log);
-            self.change(start, Some(merged), log);
+            self.change(start, Some(merged(here, z)), log);
         }
         let prev = self.zones.range(..start).next_back().map(|(s, z)| (*s, *z));
-        if let Some((s, _)) = prev.filter(|(_, z)| z.is_empty()) {
+        if let Some((s, z)) = prev.filter(|(_, z)| z.is_empty()) {
+            let here = self.zones[&start];
             self.change(start, None, log);
-            self.change(s, Some(merged), log);
+            self.change(s, Some(merged(z, here)), log);
         }
     }
 
@@ -339,6 +435,7 @@ impl Schedule {
                     self.count_lease(rid, true);
                 }
             }
+            Undo::ZoneSize(size) => self.zone_size = size,
         }
     }
 
@@ -394,12 +491,22 @@ impl Schedule {
         self.zones.len()
     }
 
-    /// The zones, their order by due time and the leases (what an undo must restore).
+    /// New recipients per new zone.
+    #[cfg(test)]
+    pub(crate) fn zone_size(&self) -> u32 {
+        self.zone_size
+    }
+
+    /// The zones, their order by due time, the leases and the zone size (what an undo must
+    /// restore).
     #[cfg(test)]
     pub(crate) fn snapshot(&self) -> String {
         let mut leased: Vec<_> = self.leased.iter().collect();
         leased.sort();
-        format!("{:?} {:?} {:?}", self.zones, self.by_due, leased)
+        format!(
+            "{:?} {:?} {:?} {}",
+            self.zones, self.by_due, leased, self.zone_size
+        )
     }
 }
 
@@ -420,7 +527,7 @@ mod tests {
 
     /// `n` new one-recipient messages 1..=n, due at `due(m)`, created at `m`.
     fn filled(n: u64, due: impl Fn(u64) -> u64) -> Schedule {
-        let mut s = Schedule::default();
+        let mut s = Schedule::new(1 << 20);
         let mut log = Vec::new();
         for m in 1..=n {
             s.add(due(m), rid(m, 0), m, &mut log);
@@ -450,7 +557,7 @@ mod tests {
         assert_eq!(s.due_zones(u64::MAX, Some(all[0]), 1), vec![all[1]]);
         assert_eq!(s.oldest_due(), Some(all[0].0));
         // Every recipient of a big message counts: its zones split inside it.
-        let mut big = Schedule::default();
+        let mut big = Schedule::new(1 << 20);
         let mut log = Vec::new();
         for i in 0..3 * ZONE_SIZE {
             big.add(5, rid(7, i), 1, &mut log);
@@ -535,7 +642,7 @@ mod tests {
     #[test]
     fn final_recipients_noted_at_open_keep_zones_small() {
         let z = u64::from(ZONE_SIZE);
-        let mut s = Schedule::default();
+        let mut s = Schedule::new(1 << 20);
         let mut log = Vec::new();
         for m in 1..=1000 {
             if m % 500 == 0 {
@@ -574,5 +681,93 @@ mod tests {
         assert_eq!(s.snapshot(), before);
         assert_eq!(s.leased_at(rid(3, 0)), Some(9));
         assert_eq!(s.leased_at(rid(z + 2, 0)), None);
+    }
+
+    /// Every scheduled recipient's zone has a bound at most its due and created times.
+    fn assert_bounds_hold(s: &Schedule, scheduled: &[(RecipientId, u64, u64)]) {
+        for &(r, due, created) in scheduled {
+            let (start, b) = s.zone_of(r);
+            let b = b.unwrap_or_else(|| panic!("{r} in {start}, which has no bound"));
+            assert!(
+                b.due <= due && b.created <= created,
+                "{r}: {b:?} vs {due} {created}"
+            );
+        }
+    }
+
+    /// Past `max_zones` the zones merge in neighbouring runs and the zone size doubles, so
+    /// their number stays bounded however many recipients come; every bound still holds,
+    /// leases are still counted, and the due zones still lead to every due recipient.
+    #[test]
+    fn a_deep_queue_coarsens_its_zones_and_every_bound_holds() {
+        let z = u64::from(ZONE_SIZE);
+        let mut s = Schedule::new(8);
+        let mut log = Vec::new();
+        let mut scheduled = Vec::new();
+        let mut most = 0;
+        for m in 1..=100 * z {
+            // Due times that go up and down, so a merge must take the lower bound.
+            let due = 10_000 + (m * 7919) % 1000;
+            s.add(due, rid(m, 0), m, &mut log);
+            scheduled.push((rid(m, 0), due, m));
+            most = most.max(s.zones());
+            if m == 3 * z {
+                assert!(s.lease(rid(2, 0), 5).is_some());
+            }
+        }
+        assert!(most <= 8, "{most} zones");
+        assert!(s.zone_size() >= 16 * ZONE_SIZE, "{}", s.zone_size());
+        assert_bounds_hold(&s, &scheduled);
+        // Every recipient is in a zone that due_zones names once the earliest is due.
+        let due: BTreeSet<RecipientId> =
+            s.due_zones(11_000, None, 100).iter().map(|z| z.1).collect();
+        assert_eq!(due.len(), s.zones(), "all due");
+        // The lease is still counted in its merged zone: read empty, the zone does not merge
+        // with an empty neighbour until the lease is dropped.
+        let (lz, _) = s.zone_of(rid(2, 0));
+        s.settle(lz, None, &mut log);
+        let next = s.zone_end(lz).expect("more zones");
+        s.settle(next, None, &mut log);
+        let n = s.zones();
+        s.unlease(rid(2, 0), &mut log);
+        assert_eq!(s.zones(), n - 1);
+    }
+
+    /// A drained queue goes back to small zones for new recipients, and a coarsening is
+    /// undone with the request that caused it, zone size included.
+    #[test]
+    fn zones_shrink_again_after_a_drain_and_a_coarsening_is_undone_whole() {
+        let z = u64::from(ZONE_SIZE);
+        let mut s = Schedule::new(8);
+        let mut log = Vec::new();
+        for m in 1..=8 * z {
+            s.add(m, rid(m, 0), m, &mut log);
+        }
+        assert_eq!(s.zone_size(), ZONE_SIZE);
+        let before = s.snapshot();
+        let mut log = Vec::new();
+        s.add(9, rid(8 * z + 1, 0), 9, &mut log);
+        assert_eq!(s.zone_size(), 2 * ZONE_SIZE, "the ninth zone coarsened");
+        assert_eq!(
+            s.zones(),
+            5,
+            "four pairs, and a new zone for the new recipient"
+        );
+        s.undo_all(log);
+        assert_eq!(s.snapshot(), before);
+        // Coarsen for real, then drain: everything settles empty and merges into one zone.
+        let mut log = Vec::new();
+        for m in 8 * z + 1..=40 * z {
+            s.add(m, rid(m, 0), m, &mut log);
+        }
+        assert!(s.zone_size() > ZONE_SIZE);
+        while let Some(&(_, start)) = s.due_zones(u64::MAX, None, 1).first() {
+            s.settle(start, None, &mut log);
+        }
+        assert_eq!(s.zones(), 1);
+        let big = s.zone_size();
+        s.add(1, rid(41 * z, 0), 1, &mut log);
+        assert_eq!(s.zone_size(), big / 2, "halved when the zones are few");
+        assert_eq!(s.zone_of(rid(41 * z, 0)), (rid(41 * z, 0), bound(1, 1)));
     }
 }

@@ -667,6 +667,7 @@ impl Queue {
         }
         let idem = Mutex::new(open_idem(path, &db, upgrade)?);
 
+        let sched = Schedule::with_memory(opts.schedule_memory_bytes);
         let shared = Arc::new(Shared {
             path: path.to_path_buf(),
             store: RwLock::new(Arc::new(Store {
@@ -682,7 +683,7 @@ impl Queue {
             seg_dir: seg_dir.clone(),
             segs: Mutex::new(segments::State::default()),
             seg_readers: segments::Readers::default(),
-            sched: Mutex::new(Schedule::default()),
+            sched: Mutex::new(sched),
             idem,
             #[cfg(test)]
             fail_commits: AtomicUsize::new(0),
@@ -3594,7 +3595,7 @@ fn recover(
             _ => None,
         }
     };
-    let mut sched = Schedule::default();
+    let mut sched = Schedule::with_memory(shared.opts.schedule_memory_bytes);
     // Nothing to undo here: the log is dropped as it grows.
     let mut sched_log = Vec::new();
     // Keys of messages above the watermark go into memory; the others are in the buckets.
@@ -3968,6 +3969,70 @@ mod tests {
         q.complete(again[0].recipient.id, delivered(lone).1)
             .unwrap();
         assert_eq!(lock(&q.shared.sched).zones(), 1);
+    }
+
+    /// With room for 8 zones, a queue of 40 zones' worth of recipients keeps at most 8
+    /// (coarser ones), at enqueue and when the open rebuilds them; every recipient is still
+    /// taken once, and the deferred ones again when due, after a reopen too.
+    #[test]
+    fn a_queue_deeper_than_the_schedule_memory_keeps_its_zones_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = || QueueOptions {
+            schedule_memory_bytes: 8 * schedule::ZONE_BYTES,
+            ..QueueOptions::default()
+        };
+        let q = Queue::open(dir.path(), opts()).unwrap();
+        let n = 40 * schedule::ZONE_SIZE as usize;
+        for _ in 0..8 {
+            enqueue_n(&q, n / 8);
+            assert!(lock(&q.shared.sched).zones() <= 8);
+        }
+        let now = SystemTime::now() + Duration::from_secs(1);
+        let ids = taken(&q, now, 2 * n);
+        assert_eq!(ids.len(), n);
+        assert!(taken(&q, now, 10).is_empty());
+        let later = now + Duration::from_secs(60);
+        let (deferred, delivered): (Vec<RecipientId>, Vec<RecipientId>) =
+            ids.iter().partition(|id| id.message.0 % 7 == 3);
+        let items = ids
+            .iter()
+            .map(|&id| {
+                let outcome = if deferred.contains(&id) {
+                    Outcome::Deferred {
+                        reply: "451 later".into(),
+                        next_attempt: later,
+                    }
+                } else {
+                    Outcome::Delivered {
+                        reply: "250 ok".into(),
+                    }
+                };
+                (id, outcome)
+            })
+            .collect();
+        for r in q.complete_batch(items).unwrap() {
+            r.unwrap();
+        }
+        assert!(!delivered.is_empty());
+        drop(q);
+        let q = Queue::open(dir.path(), opts()).unwrap();
+        assert!(lock(&q.shared.sched).zones() <= 8);
+        assert!(taken(&q, now, 10).is_empty(), "not due yet");
+        let again = taken(&q, later + Duration::from_secs(1), 2 * n);
+        assert_eq!(again, deferred);
+        let items = again
+            .iter()
+            .map(|&id| {
+                let outcome = Outcome::Delivered {
+                    reply: "250 ok".into(),
+                };
+                (id, outcome)
+            })
+            .collect();
+        for r in q.complete_batch(items).unwrap() {
+            r.unwrap();
+        }
+        assert_eq!(lock(&q.shared.sched).zones(), 1, "drained: one zone");
     }
 
     /// Message `id`'s stored metadata, from its pack.
