@@ -98,8 +98,8 @@ pub struct QueueSettings {
     #[serde(with = "humantime_serde")]
     pub outcome_commit_delay: Duration,
     /// Memory for the idempotency keys of the newest messages (~13 bytes a key); past it they
-    /// move to the store, where each enqueue with a key reads its bucket. So the queue's
-    /// memory is this plus the cache, whatever its depth.
+    /// move to run files, where each enqueue with a key reads a block of each. So the index's
+    /// memory does not grow with the queue's depth.
     pub idempotency_memory_mb: u64,
     /// Memory for the schedule's zones (which recipients are due when, ~144 bytes per zone
     /// of 64 or more recipients); past it zones are merged and grow, so that it does not

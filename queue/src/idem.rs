@@ -2,24 +2,29 @@
 //!
 //! Two parts. The keys of the newest messages are in memory (`IdemIndex`, up to
 //! `QueueOptions::idempotency_memory_bytes`, 8 MiB by default: ~640,000 keys); when it
-//! holds more, the writer moves all of it into the stored part (`merge` in `store.rs`), and
-//! it starts again empty. The stored part is a fixed number of sled keys ("buckets", `I` +
-//! 16 bits of the key's hash), each holding the sorted entries of every key whose hash
-//! falls in it; with the buckets the merge stores the highest message id it covered (the
-//! "watermark", `codec::IDEM_MERGED_KEY`). Opening the queue puts back into memory the keys
-//! of the messages above the watermark, from their metadata; the buckets and the watermark
-//! are written in one sled batch, so the two parts never disagree after a crash.
+//! holds more, the writer moves all of it into the stored part (`merge_idem` in
+//! `store.rs`), and it starts again empty. The stored part is sorted, immutable run files
+//! outside sled (`runs`), one per merge, merged with each other as they pile up; with the
+//! run the merge stores in sled the highest message id it covered (the "watermark",
+//! `codec::IDEM_MERGED_KEY`). Opening the queue puts back into memory the keys of the
+//! messages above the watermark, from their metadata. Before it writes a run the writer
+//! waits until every group committed so far is synced, so a run only ever names messages
+//! that are durable: a crash between the run and the watermark leaves a run whose keys are
+//! also put back into memory, which lookups do not mind.
 //!
 //! Why: in memory alone (schemas 5 and 6) the index took ~13 bytes for every queued message
 //! with a key, the largest part of the queue's memory that grew with its depth
-//! (BENCHMARKS.md, Queue, "Fourteenth session"). Stored alone, every enqueue with a key
-//! rewrote its bucket: 25 % fewer durable enqueues a second at 200k queued, 25–40 % at a
-//! million, and sled's own memory grew ~10 bytes a message with the scattered rewrites
-//! (segment bookkeeping; BENCHMARKS.md, Queue, "Fifteenth session"). Merging in bulk writes
-//! each bucket once per merge, in key order. What is left per enqueue, once buckets exist, is
-//! one sled read of the key's bucket (a cache hit while sled's cache holds the buckets,
-//! ~12 bytes a stored key). A purge or delete of a message at or below the watermark
-//! rewrites its bucket in the same batch.
+//! (BENCHMARKS.md, Queue, "Fourteenth session"). Stored in sled, every enqueue with a key
+//! rewrote its bucket (25–40 % fewer enqueues a second) or, merged in bulk into 65,536 sled
+//! buckets (schema 7), sled kept every bucket's page in memory: its cache hears of an access
+//! only per 64 to a shard, so ~16,000 pages stay resident beyond its size, and the buckets
+//! are fewer pages than that, so memory grew ~6 bytes for every stored key (BENCHMARKS.md,
+//! Queue, "Fifteenth session" and "Sixteenth session"). Runs are read with `pread`, through
+//! the OS page cache: in the process's memory a run costs 8 bytes per 255 keys.
+//!
+//! A delete or purge does not touch the runs: an entry of a message that is gone points at
+//! nothing (a lookup checks the message's metadata anyway) until a merge of runs drops the
+//! entries below the oldest queued message, or a run whose ids are all below it is deleted.
 //!
 //! A key's hash is SipHash-1-3 keyed with 128 random bits stored in the queue
 //! (`codec::IDEM_SEED_KEY`): the same on every open, and not steerable from outside. A hit is
@@ -39,11 +44,6 @@
 //! under glibc's initial 128 KiB threshold: the shard list (96 KiB) and each shard up to ~44M
 //! entries in all. An insert or removal moves half a shard on average.
 //!
-//! A bucket is the shard's 12 bits and the tag's low 4 bits (so a shard's entries fall into 16
-//! buckets, in order): 65,536 sled keys, so sled's own memory for them is fixed (~2 MiB; sled
-//! keeps ~16 bytes for every key whatever its cache size, see `codec::PACK`). Its value is a
-//! format byte and 12-byte entries (tag, message id), sorted.
-//!
 //! Recovery fills the memory part unsorted (`push`) and sorts each shard once (`finish`):
 //! inserting in hash order would move a quadratic amount.
 
@@ -51,11 +51,10 @@ use std::hash::{BuildHasher, Hasher, RandomState};
 
 use siphasher::sip::SipHasher13;
 
+use crate::runs::{run_key, Run, RunError};
 use crate::MessageId;
 
 const SHARD_BITS: u32 = 12;
-const FORMAT: u8 = 1;
-const ENTRY: usize = 12;
 
 /// 32 bits of a key's hash and the message: 12 bytes, ordered by tag, then id.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -84,21 +83,21 @@ pub(crate) struct IdemIndex {
     /// in the one its top bits name.
     shards: Vec<Vec<Entry>>,
     len: usize,
-    /// Keys of messages up to this id are in the buckets (or gone with their message), the
+    /// Keys of messages up to this id are in the runs (or gone with their message), the
     /// others here.
     pub(crate) merged: u64,
-    /// Whether buckets may exist: lookups read none until then.
-    pub(crate) stored: bool,
+    /// The stored part, oldest first.
+    pub(crate) runs: Vec<Run>,
 }
 
 impl IdemIndex {
-    pub(crate) fn new(hasher: IdemHasher, merged: u64, stored: bool) -> Self {
+    pub(crate) fn new(hasher: IdemHasher, merged: u64, runs: Vec<Run>) -> Self {
         IdemIndex {
             hasher,
             shards: (0..1 << SHARD_BITS).map(|_| Vec::new()).collect(),
             len: 0,
             merged,
-            stored,
+            runs,
         }
     }
 
@@ -129,6 +128,15 @@ impl IdemIndex {
             .take_while(|e| e.tag == tag)
             .map(Entry::id)
             .collect()
+    }
+
+    /// The messages of the stored part whose key may be the one that hashed to `h`.
+    pub(crate) fn stored_candidates(&self, h: u64) -> Result<Vec<MessageId>, RunError> {
+        let mut out = Vec::new();
+        for run in &self.runs {
+            run.candidates(run_key(h), &mut out)?;
+        }
+        Ok(out)
     }
 
     /// Adds `id` under `h` (nothing if it is there already).
@@ -177,19 +185,12 @@ impl IdemIndex {
         }
     }
 
-    /// Every key in memory as (bucket, its new entries), in bucket order: what a merge
-    /// adds to the buckets.
-    pub(crate) fn by_bucket(&self) -> impl Iterator<Item = (u16, Vec<(u32, u64)>)> + '_ {
+    /// Every key in memory as a run stores it (see [`run_key`]), with its message, in order.
+    pub(crate) fn sorted_entries(&self) -> impl Iterator<Item = Result<(u64, u64), RunError>> + '_ {
         self.shards.iter().enumerate().flat_map(|(s, shard)| {
-            let mut parts: [Vec<(u32, u64)>; 16] = Default::default();
-            for e in shard {
-                parts[(e.tag & 0xf) as usize].push((e.tag, e.id().0));
-            }
-            parts
-                .into_iter()
-                .enumerate()
-                .filter(|(_, p)| !p.is_empty())
-                .map(move |(low, p)| ((s << 4 | low) as u16, p))
+            shard
+                .iter()
+                .map(move |e| Ok(((s as u64) << 32 | u64::from(e.tag), e.id().0)))
         })
     }
 
@@ -236,115 +237,6 @@ impl IdemHasher {
     }
 }
 
-/// The bucket a hash falls in: its shard's bits, then the tag's low 4.
-pub(crate) fn bucket(h: u64) -> u16 {
-    ((h >> (64 - SHARD_BITS)) << 4 | (h & 0xf)) as u16
-}
-
-fn tag(h: u64) -> u32 {
-    h as u32
-}
-
-/// A bucket's entries: (tag, message id), sorted, without repeats.
-#[derive(Debug, Default, PartialEq, Eq)]
-pub(crate) struct Bucket(Vec<(u32, u64)>);
-
-impl Bucket {
-    /// Reads a stored bucket; refuses a wrong length, an unknown format and unsorted
-    /// entries (the lookups' binary search would miss keys).
-    pub(crate) fn decode(v: &[u8]) -> Result<Bucket, String> {
-        let Some((&format, body)) = v.split_first() else {
-            return Err("empty idempotency index bucket".into());
-        };
-        if format != FORMAT {
-            return Err(format!("unknown idempotency index bucket format {format}"));
-        }
-        if !body.len().is_multiple_of(ENTRY) {
-            return Err(format!(
-                "idempotency index bucket of {} bytes (entries are {ENTRY})",
-                v.len()
-            ));
-        }
-        let mut entries = Vec::with_capacity(body.len() / ENTRY);
-        for c in body.chunks_exact(ENTRY) {
-            let (t, id) = c.split_at(4);
-            let e = (
-                u32::from_be_bytes(t.try_into().unwrap_or_default()),
-                u64::from_be_bytes(id.try_into().unwrap_or_default()),
-            );
-            if entries.last().is_some_and(|last| *last >= e) {
-                return Err("idempotency index bucket out of order".into());
-            }
-            entries.push(e);
-        }
-        Ok(Bucket(entries))
-    }
-
-    pub(crate) fn encode(&self) -> Vec<u8> {
-        let mut v = Vec::with_capacity(1 + self.0.len() * ENTRY);
-        v.push(FORMAT);
-        for (t, id) in &self.0 {
-            v.extend_from_slice(&t.to_be_bytes());
-            v.extend_from_slice(&id.to_be_bytes());
-        }
-        v
-    }
-
-    pub(crate) fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-
-    #[cfg(test)]
-    pub(crate) fn len(&self) -> usize {
-        self.0.len()
-    }
-
-    #[cfg(test)]
-    pub(crate) fn ids(&self) -> impl Iterator<Item = MessageId> + '_ {
-        self.0.iter().map(|e| MessageId(e.1))
-    }
-
-    /// The messages whose key may be the one that hashed to `h`.
-    pub(crate) fn candidates(&self, h: u64) -> impl Iterator<Item = MessageId> + '_ {
-        let t = tag(h);
-        let from = self.0.partition_point(|e| e.0 < t);
-        self.0[from..]
-            .iter()
-            .take_while(move |e| e.0 == t)
-            .map(|e| MessageId(e.1))
-    }
-
-    /// Adds entries (tag, message id) sorted as `IdemIndex::by_bucket` gives them.
-    pub(crate) fn merge(&mut self, entries: &[(u32, u64)]) {
-        let mut all = Vec::with_capacity(self.0.len() + entries.len());
-        let (mut a, mut b) = (self.0.iter().peekable(), entries.iter().peekable());
-        while let (Some(x), Some(y)) = (a.peek(), b.peek()) {
-            match x.cmp(y) {
-                std::cmp::Ordering::Less => all.extend(a.next()),
-                std::cmp::Ordering::Greater => all.extend(b.next()),
-                std::cmp::Ordering::Equal => {
-                    all.extend(a.next());
-                    b.next();
-                }
-            }
-        }
-        all.extend(a);
-        all.extend(b);
-        self.0 = all;
-    }
-
-    /// Removes `id` under `h`; false if it was not there.
-    pub(crate) fn remove(&mut self, h: u64, id: MessageId) -> bool {
-        match self.0.binary_search(&(tag(h), id.0)) {
-            Ok(at) => {
-                self.0.remove(at);
-                true
-            }
-            Err(_) => false,
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -354,7 +246,7 @@ mod tests {
         IdemIndex::new(
             IdemHasher::from_seed(&IdemHasher::new_seed()).unwrap(),
             0,
-            false,
+            Vec::new(),
         )
     }
 
@@ -425,7 +317,7 @@ mod tests {
     #[test]
     fn pushed_then_finished_is_the_same_index() {
         let mut a = index();
-        let mut b = IdemIndex::new(a.hasher.clone(), 0, false);
+        let mut b = IdemIndex::new(a.hasher.clone(), 0, Vec::new());
         let keys: Vec<u64> = (0..5000u64)
             .map(|i| i.wrapping_mul(0x9e37_79b9_7f4a_7c15))
             .collect();
@@ -443,61 +335,12 @@ mod tests {
         assert_eq!(b.candidates(keys[0]), vec![MessageId(0), MessageId(99)]);
     }
 
-    /// A hash whose top 12 bits are `top` and whose low 32 are `t`: bucket `top << 4 | t & 0xf`.
-    fn h(top: u16, t: u32) -> u64 {
-        u64::from(top) << 52 | 0xabc_0000_0000 | u64::from(t)
-    }
-
+    /// What a merge writes (`sorted_entries` into a run) is what a lookup of the stored
+    /// part finds, the memory part once cleared finds nothing, and hashes that agree in the
+    /// 44 bits kept are all candidates.
     #[test]
-    fn a_bucket_finds_what_was_merged_into_it_until_removed() {
-        let mut b = Bucket::default();
-        let (x, y, z) = (MessageId(1), MessageId(2), MessageId(3));
-        assert_eq!(bucket(h(5, 0x71)), 5 << 4 | 1);
-        // As if three keys had hashed alike (tag 0x71), one apart (0x91), merged twice.
-        b.merge(&[(0x71, 3)]);
-        b.merge(&[(0x71, 1), (0x71, 2), (0x71, 3), (0x91, 1)]);
-        assert_eq!(b.len(), 4, "no repeat");
-        assert_eq!(b.candidates(h(5, 0x71)).collect::<Vec<_>>(), vec![x, y, z]);
-        assert!(b.remove(h(5, 0x71), x));
-        assert!(!b.remove(h(5, 0x71), MessageId(99)));
-        assert_eq!(b.candidates(h(5, 0x71)).collect::<Vec<_>>(), vec![y, z]);
-        assert!(b.remove(h(5, 0x71), y) && b.remove(h(5, 0x71), z));
-        assert_eq!(b.candidates(h(5, 0x71)).count(), 0);
-        assert_eq!(b.candidates(h(5, 0x91)).collect::<Vec<_>>(), vec![x]);
-        assert!(b.remove(h(5, 0x91), x));
-        assert!(b.is_empty());
-    }
-
-    #[test]
-    fn a_bucket_round_trips_and_garbage_is_refused() {
-        let mut b = Bucket::default();
-        let big = 0x0123_4567_89ab_cdef;
-        b.merge(&[(0, 3), (77, 4), (u32::MAX, big)]);
-        let v = b.encode();
-        assert_eq!(v.len(), 1 + 3 * ENTRY);
-        let back = Bucket::decode(&v).unwrap();
-        assert_eq!(back, b);
-        assert_eq!(
-            back.candidates(h(1, u32::MAX)).collect::<Vec<_>>(),
-            vec![MessageId(big)]
-        );
-        assert!(Bucket::decode(&[]).is_err());
-        assert!(Bucket::decode(&v[..v.len() - 1]).is_err(), "truncated");
-        let mut unknown = v.clone();
-        unknown[0] = 9;
-        assert!(Bucket::decode(&unknown).is_err());
-        // The first two entries swapped.
-        let mut swapped = vec![FORMAT];
-        swapped.extend_from_slice(&v[1 + ENTRY..1 + 2 * ENTRY]);
-        swapped.extend_from_slice(&v[1..1 + ENTRY]);
-        swapped.extend_from_slice(&v[1 + 2 * ENTRY..]);
-        assert!(Bucket::decode(&swapped).is_err(), "out of order");
-        assert_eq!(Bucket::decode(&[FORMAT]).unwrap(), Bucket::default());
-    }
-
-    /// What a merge writes (`by_bucket` into buckets) is what a lookup of the bucket finds.
-    #[test]
-    fn the_memory_part_merged_into_buckets_is_found_there() {
+    fn the_memory_part_written_as_a_run_is_found_there() {
+        let dir = tempfile::tempdir().unwrap();
         let mut idx = index();
         let hashes: Vec<u64> = (0..5000u64)
             .map(|i| i.wrapping_mul(0x9e37_79b9_7f4a_7c15))
@@ -505,25 +348,23 @@ mod tests {
         for (n, &x) in hashes.iter().enumerate() {
             idx.insert(x, MessageId(n as u64));
         }
-        let mut buckets: std::collections::BTreeMap<u16, Bucket> = Default::default();
-        // One bucket already holds an entry the merge repeats.
-        let first = hashes[0];
-        buckets
-            .entry(bucket(first))
-            .or_default()
-            .merge(&[(tag(first), 0)]);
-        let mut last = None;
-        for (b, entries) in idx.by_bucket() {
-            assert!(last < Some(b), "bucket order");
-            last = Some(b);
-            assert!(entries.windows(2).all(|w| w[0] < w[1]), "sorted");
-            buckets.entry(b).or_default().merge(&entries);
+        // Differs from hashes[0] only in bits a run does not keep.
+        let twin = hashes[0] ^ 0x000f_ff00_0000_0000;
+        idx.insert(twin, MessageId(9999));
+        let run = Run::write(dir.path(), 0, 9999, idx.sorted_entries())
+            .unwrap()
+            .unwrap();
+        assert_eq!(run.len, 5001);
+        idx.clear();
+        idx.runs.push(run);
+        assert!(idx.candidates(hashes[1]).is_empty());
+        for (n, &x) in hashes.iter().enumerate().skip(1) {
+            assert_eq!(idx.stored_candidates(x).unwrap(), vec![MessageId(n as u64)]);
         }
-        for (n, &x) in hashes.iter().enumerate() {
-            let found: Vec<MessageId> = buckets[&bucket(x)].candidates(x).collect();
-            assert_eq!(found, vec![MessageId(n as u64)], "hash {x:x}");
-        }
-        assert_eq!(buckets.values().map(Bucket::len).sum::<usize>(), 5000);
+        assert_eq!(
+            idx.stored_candidates(hashes[0]).unwrap(),
+            vec![MessageId(0), MessageId(9999)]
+        );
     }
 
     #[test]

@@ -13,7 +13,7 @@
 //! * idempotency keys (a retried enqueue returns the first message's id): each is stored in
 //!   its message's metadata; the index from key to message holds the newest keys in memory
 //!   (~13 bytes each, up to `QueueOptions::idempotency_memory_bytes`), and moves them in
-//!   bulk into sled buckets past that (`idem.rs`);
+//!   bulk into sorted run files in `idem/` past that (`idem.rs`, `runs.rs`);
 //! * crash recovery: on [`Queue::open`] leases of a dead process return to `Scheduled`; in a
 //!   running process, a lease neither completed nor renewed ([`Queue::renew_leases`]) within
 //!   `QueueOptions::lease_timeout` returns at the next [`Queue::take_due`].
@@ -37,9 +37,9 @@
 //! | `s` due_ms id index | the schedule of stores written before it moved into memory: removed on open |
 //! | `f` final_ms id index | final records by the time they became final, for purging: the key names the first record of a group commit that became final at that time, the value lists the others (12 bytes each, at most 63; empty in stores before schema 4) |
 //! | `M` id/16 | message metadata, 16 messages to a key (schema 6; `m` keys of older stores are moved into packs at open) |
-//! | `I` bucket | idempotency index: the keys moved out of memory, 65,536 buckets of (32-bit hash tag, message id) (schema 7, see `idem.rs`) |
+//! | `I` bucket | the idempotency index's stored part in schema 7 (65,536 buckets of (32-bit hash tag, message id)): removed on open, the keys are now in run files (`idem/`, see `runs.rs`) |
 //! | `k` | the idempotency index's hash key (128 random bits) |
-//! | `j` | the idempotency index's watermark: keys of messages up to this id are in the buckets, the newer ones in memory (rebuilt at open from the metadata) |
+//! | `j` | the idempotency index's watermark: keys of messages up to this id are in the run files, the newer ones in memory (rebuilt at open from the metadata) |
 //! | `i` key | idempotency key → message id: stores before schema 5, removed at open |
 //! | `x` address | suppression: reason and time |
 //!
@@ -154,6 +154,7 @@ mod codec;
 mod error;
 mod filter;
 mod idem;
+mod runs;
 mod schedule;
 mod segments;
 mod store;

@@ -15,7 +15,8 @@ use sled::IVec;
 
 use crate::codec::{self, Body, Meta};
 use crate::filter::SuppressionFilter;
-use crate::idem::{Bucket, IdemHasher, IdemIndex};
+use crate::idem::{IdemHasher, IdemIndex};
+use crate::runs::{self, Run, RunError};
 use crate::schedule::{self, Schedule};
 use crate::types::{from_millis, to_millis};
 use crate::{lock, segments};
@@ -40,8 +41,6 @@ const AUTO_PURGE_EVERY: Duration = Duration::from_secs(60);
 /// What a key in the idempotency index's memory part costs, for
 /// `QueueOptions::idempotency_memory_bytes`: 12 bytes and the shards' slack.
 const IDEM_KEY_BYTES: u64 = 13;
-/// Buckets per sled batch when the idempotency index moves into the store.
-const IDEM_MERGE_CHUNK: usize = 4096;
 /// Recovery applies its fixes in batches of this many writes.
 const RECOVERY_CHUNK: usize = 10_000;
 const REQUEST_QUEUE: usize = 4096;
@@ -623,7 +622,8 @@ impl Queue {
                     || v.as_ref() == codec::SCHEMA_VERSION_3
                     || v.as_ref() == codec::SCHEMA_VERSION_4
                     || v.as_ref() == codec::SCHEMA_VERSION_5
-                    || v.as_ref() == codec::SCHEMA_VERSION_6 =>
+                    || v.as_ref() == codec::SCHEMA_VERSION_6
+                    || v.as_ref() == codec::SCHEMA_VERSION_7 =>
             {
                 upgrade = true
             }
@@ -1353,6 +1353,55 @@ fn unexpected() -> QueueError {
     }
 }
 
+/// The id below which every message is gone: the first of the first metadata pack
+/// (`u64::MAX` when there is none).
+fn oldest_message(db: &sled::Db) -> Res<u64> {
+    Ok(match db.scan_prefix([codec::P_PACK]).next().transpose()? {
+        Some((k, _)) => codec::pack_first(&k).map_or(0, |m| m.0),
+        None => u64::MAX,
+    })
+}
+
+/// Keeps the runs few: deletes those whose messages are all below `floor`, and merges the
+/// newest two while the newer is at least half the older, so sizes fall by half or more from
+/// the oldest on and there are about log2(keys / memory part) of them; each key is rewritten
+/// about as often. The merged run leaves out the entries below `floor`.
+fn merge_runs(dir: &Path, runs: &mut Vec<Run>, floor: u64) -> Result<(), RunError> {
+    drop_runs_below(runs, floor);
+    while let [.., older, newer] = &runs[..] {
+        if newer.len * 2 < older.len {
+            break;
+        }
+        // On an error both stay in use (and their files), the output's `.tmp` is removed at
+        // the next open.
+        let out = Run::merge(dir, older, newer, floor)?;
+        for old in runs.drain(runs.len() - 2..) {
+            old.delete(out.as_ref());
+        }
+        runs.extend(out);
+    }
+    Ok(())
+}
+
+/// Deletes the runs whose messages are all below `floor` (gone).
+fn drop_runs_below(runs: &mut Vec<Run>, floor: u64) {
+    runs.retain(|r| {
+        if r.hi >= floor {
+            return true;
+        }
+        let _ = std::fs::remove_file(&r.path);
+        false
+    });
+}
+
+fn run_error(e: RunError) -> QueueError {
+    QueueError::Corrupt {
+        path: e.path,
+        key: e.at,
+        detail: e.detail,
+    }
+}
+
 fn corrupt(path: &Path, key: &[u8], detail: String) -> QueueError {
     QueueError::Corrupt {
         path: path.to_path_buf(),
@@ -1616,37 +1665,16 @@ impl<'a> Tx<'a> {
         }
     }
 
-    /// Stored idempotency index bucket `b` as this group sees it, and its key.
-    fn idem_bucket(&self, b: u16) -> Res<(Bucket, [u8; 3])> {
-        let k = codec::idem_bucket_key(b);
-        let bucket = match self.get(&k)? {
-            None => Bucket::default(),
-            Some(v) => Bucket::decode(&v).map_err(|d| self.corrupt(&k, d))?,
-        };
-        Ok((bucket, k))
-    }
-
-    /// Writes a changed bucket, or removes it when it is left empty.
-    fn put_idem_bucket(&mut self, k: &[u8; 3], bucket: &Bucket) {
-        if bucket.is_empty() {
-            self.remove(k);
-        } else {
-            self.insert(k, bucket.encode().into());
-        }
-    }
-
     /// The stored message that has idempotency key `key`, as this group sees it: a candidate
-    /// from memory or from the key's bucket whose metadata holds that key.
+    /// from memory or from the runs whose metadata holds that key.
     fn idem_lookup(&self, key: &str) -> Res<Option<MessageId>> {
-        let (h, mut candidates, stored) = {
+        let candidates = {
             let idem = lock(&self.shared.idem);
             let h = idem.hash(key);
-            (h, idem.candidates(h), idem.stored)
+            let mut c = idem.candidates(h);
+            c.extend(idem.stored_candidates(h).map_err(run_error)?);
+            c
         };
-        if stored {
-            let (bucket, _) = self.idem_bucket(crate::idem::bucket(h))?;
-            candidates.extend(bucket.candidates(h));
-        }
         for id in candidates {
             if self
                 .meta(id)?
@@ -1666,22 +1694,15 @@ impl<'a> Tx<'a> {
         self.idem_undo.push((h, id, true));
     }
 
-    /// Removes a message's key from the idempotency index: from memory, or from its stored
-    /// bucket when a merge moved it there (the bucket is rewritten, or removed once empty).
-    fn idem_remove(&mut self, key: &str, id: MessageId) -> Res<()> {
+    /// Removes a message's key from the idempotency index's memory part. A key already in
+    /// the runs stays there, pointing at nothing, until a merge of runs drops it (see `idem`).
+    fn idem_remove(&mut self, key: &str, id: MessageId) {
         let mut idem = lock(&self.shared.idem);
         let h = idem.hash(key);
         if id.0 > idem.merged {
             idem.remove(h, id);
             self.idem_undo.push((h, id, false));
-            return Ok(());
         }
-        drop(idem);
-        let (mut bucket, k) = self.idem_bucket(crate::idem::bucket(h))?;
-        if bucket.remove(h, id) {
-            self.put_idem_bucket(&k, &bucket);
-        }
-        Ok(())
     }
 
     fn get(&self, key: &[u8]) -> Res<Option<IVec>> {
@@ -2236,7 +2257,7 @@ impl Writer {
                         .get_or_insert_with(|| Instant::now() + COMPACT_CHECK_DELAY);
                 }
                 self.commit(tx, group, &done);
-                self.maybe_merge_idem();
+                self.maybe_merge_idem(&done);
             }
             if Instant::now() >= self.next_purge {
                 self.auto_purge();
@@ -2605,57 +2626,79 @@ impl Writer {
             let c = self.purge_chunk(cutoff)?;
             total += c.dropped;
             if c.seen < PURGE_CHUNK {
+                if total > 0 {
+                    self.drop_dead_runs();
+                }
                 return Ok(total);
             }
         }
     }
 
-    /// Moves the idempotency index's memory part into its buckets once it holds more than
+    /// Moves the idempotency index's memory part into a new run once it holds more than
     /// `QueueOptions::idempotency_memory_bytes` allows (see `idem`). Runs between groups, so
-    /// every message up to `last_id` is committed: that is the new watermark, written with
-    /// the last of the merge's sled batches (`IDEM_MERGE_CHUNK` buckets each, so that no
-    /// batch holds the whole stored index). Durable with the next sync. A crash part-way
-    /// leaves the old watermark: the open puts those keys back into memory, and the buckets
-    /// already written hold them too, which lookups do not mind (a key of a message deleted
-    /// before the next merge may then stay in its bucket, 12 bytes, pointing at nothing).
-    fn maybe_merge_idem(&mut self) {
+    /// every message up to `last_id` is committed; it first waits for the syncer to have
+    /// synced them all, so that the run names only durable messages. The watermark
+    /// (`last_id`) is committed after the run is durable, and synced with the next group: a
+    /// crash before that leaves the run and puts its keys back into memory too.
+    fn maybe_merge_idem(&mut self, done: &ToSyncer) {
         let shared = Arc::clone(&self.shared);
         let budget = shared.opts.idempotency_memory_bytes / IDEM_KEY_BYTES;
         if lock(&shared.idem).len() as u64 <= budget || lock(&shared.closed).is_some() {
             return;
         }
+        while done.busy() {
+            if done.idle.recv().is_err() {
+                return;
+            }
+        }
+        if lock(&shared.closed).is_some() {
+            return;
+        }
         let started = Instant::now();
         match self.merge_idem(&shared) {
-            Ok(keys) => {
-                tracing::info!(path = %shared.path.display(), keys, ms = started.elapsed().as_millis() as u64, "idempotency keys moved from memory into the store");
+            Ok((keys, runs)) => {
+                tracing::info!(path = %shared.path.display(), keys, runs, ms = started.elapsed().as_millis() as u64, "idempotency keys moved from memory into a run");
             }
             Err(e) => {
                 // Nothing lost: the keys stay in memory, and the next group tries again.
-                tracing::error!(path = %shared.path.display(), "moving idempotency keys into the store failed: {e}");
+                tracing::error!(path = %shared.path.display(), "moving idempotency keys into a run failed: {e}");
             }
         }
     }
 
-    fn merge_idem(&self, shared: &Shared) -> Res<usize> {
+    /// Writes the memory part as a run, commits the watermark, empties the memory part, and
+    /// merges runs (see `merge_runs`). Returns the keys moved and the runs left.
+    fn merge_idem(&self, shared: &Shared) -> Res<(usize, usize)> {
         let mut idem = lock(&shared.idem);
         let keys = idem.len();
+        let dir = shared.path.join(runs::DIR);
+        let run = Run::write(&dir, idem.merged + 1, self.last_id, idem.sorted_entries())
+            .map_err(run_error)?;
         let mut tx = Tx::new(shared);
-        let mut buckets = 0;
-        for (b, entries) in idem.by_bucket() {
-            let (mut bucket, k) = tx.idem_bucket(b)?;
-            bucket.merge(&entries);
-            tx.put_idem_bucket(&k, &bucket);
-            buckets += 1;
-            if buckets % IDEM_MERGE_CHUNK == 0 {
-                std::mem::replace(&mut tx, Tx::new(shared)).commit()?;
-            }
-        }
         tx.insert_blind(codec::IDEM_MERGED_KEY, &self.last_id.to_be_bytes());
         tx.commit()?;
         idem.clear();
         idem.merged = self.last_id;
-        idem.stored = true;
-        Ok(keys)
+        idem.runs.extend(run);
+        let floor = oldest_message(&shared.db())?;
+        if let Err(e) = merge_runs(&dir, &mut idem.runs, floor) {
+            // The keys did move; the runs stay as they were, and are merged next time.
+            tracing::warn!(path = %shared.path.display(), "merging idempotency runs failed: {}", run_error(e));
+        }
+        Ok((keys, idem.runs.len()))
+    }
+
+    /// Deletes the runs of the idempotency index whose messages are all gone.
+    fn drop_dead_runs(&self) {
+        let shared = &self.shared;
+        let floor = match oldest_message(&shared.db()) {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::warn!("cannot find the oldest message: {e}");
+                return;
+            }
+        };
+        drop_runs_below(&mut lock(&shared.idem).runs, floor);
     }
 
     fn auto_purge(&mut self) {
@@ -2670,6 +2713,7 @@ impl Writer {
             Ok(c) => {
                 if c.dropped > 0 {
                     tracing::debug!(records = c.dropped, "purged final records");
+                    self.drop_dead_runs();
                 }
                 self.next_purge = Instant::now() + AUTO_PURGE_EVERY;
             }
@@ -3118,7 +3162,7 @@ impl Writer {
             tx.remove_body(id, &meta);
         }
         if let Some(k) = &meta.idempotency_key {
-            tx.idem_remove(k, id)?;
+            tx.idem_remove(k, id);
         }
         tx.remove(&codec::meta_key(id));
         Ok(true)
@@ -3166,7 +3210,7 @@ impl Writer {
                             tx.remove_body(rid.message, &meta);
                         }
                         if let Some(ik) = &meta.idempotency_key {
-                            tx.idem_remove(ik, rid.message)?;
+                            tx.idem_remove(ik, rid.message);
                         }
                         tx.remove(&codec::meta_key(rid.message));
                     } else {
@@ -3394,16 +3438,18 @@ fn segment_body_ok(
     }
 }
 
-/// The idempotency index as stored: its hash key, watermark, and whether it has buckets,
-/// with nothing in memory yet (`recover` adds the keys above the watermark). A store
-/// without a hash key (new, or upgraded from before schema 7: `upgrade`) gets a new one, and
-/// loses any buckets and watermark it has (they were hashed with another key, if any: their
-/// messages' keys are all put back into memory from the metadata instead).
+/// The idempotency index as stored: its hash key, watermark and runs, with nothing in
+/// memory yet (`recover` adds the keys above the watermark). A store without a hash key
+/// (new, or upgraded from before schema 8: `upgrade`) gets a new one, and loses any runs,
+/// sled buckets (schema 7) and watermark it has (they were hashed with another key, if any:
+/// their messages' keys are all put back into memory from the metadata instead).
 fn open_idem(path: &Path, db: &sled::Db, upgrade: bool) -> Res<IdemIndex> {
     let oe = |e| open_err(path, e);
+    let dir = path.join(runs::DIR);
     let seed = match db.get(codec::IDEM_SEED_KEY).map_err(oe)? {
         Some(seed) if !upgrade => seed.to_vec(),
         _ => {
+            runs::remove_all(&dir).map_err(|e| open_err(path, e))?;
             let seed = IdemHasher::new_seed();
             let mut batch = sled::Batch::default();
             for item in db.scan_prefix([codec::P_IDEM_INDEX]) {
@@ -3439,13 +3485,8 @@ fn open_idem(path: &Path, db: &sled::Db, upgrade: bool) -> Res<IdemIndex> {
             }
         },
     };
-    let stored = db
-        .scan_prefix([codec::P_IDEM_INDEX])
-        .next()
-        .transpose()
-        .map_err(oe)?
-        .is_some();
-    Ok(IdemIndex::new(hasher, merged, stored))
+    let runs = runs::open_all(&dir).map_err(run_error)?;
+    Ok(IdemIndex::new(hasher, merged, runs))
 }
 
 /// The fixes `recover` writes, a sled batch every `RECOVERY_CHUNK` of them.
@@ -3455,8 +3496,6 @@ struct RecoveryFixes<'a> {
     batch: sled::Batch,
     /// Metadata fixes (message → new metadata, `None`: removed), written as packs.
     metas: BTreeMap<MessageId, Option<Vec<u8>>>,
-    /// The idempotency index entries (hash, message) of removed messages.
-    idem: Vec<(u64, MessageId)>,
     /// Fixes since the last batch.
     n: usize,
 }
@@ -3475,24 +3514,6 @@ impl RecoveryFixes<'_> {
             return Ok(());
         }
         let (path, db, batch) = (self.path, self.db, &mut self.batch);
-        self.idem.sort_unstable();
-        for same in self
-            .idem
-            .chunk_by(|a, b| crate::idem::bucket(a.0) == crate::idem::bucket(b.0))
-        {
-            let k = codec::idem_bucket_key(crate::idem::bucket(same[0].0));
-            let Some(v) = db.get(k)? else { continue };
-            let mut bucket = Bucket::decode(&v).map_err(|d| corrupt(path, &k, d))?;
-            for &(h, id) in same {
-                bucket.remove(h, id);
-            }
-            if bucket.is_empty() {
-                batch.remove(&k);
-            } else {
-                batch.insert(&k, bucket.encode());
-            }
-        }
-        self.idem.clear();
         repack(
             path,
             db,
@@ -3569,7 +3590,6 @@ fn recover(
         db,
         batch: sled::Batch::default(),
         metas: BTreeMap::new(),
-        idem: Vec::new(),
         n: 0,
     };
     let mut released = 0u64;
@@ -3598,7 +3618,7 @@ fn recover(
     let mut sched = Schedule::with_memory(shared.opts.schedule_memory_bytes);
     // Nothing to undo here: the log is dropped as it grows.
     let mut sched_log = Vec::new();
-    // Keys of messages above the watermark go into memory; the others are in the buckets.
+    // Keys of messages above the watermark go into memory; the others are in the runs.
     let mut idem = lock(&shared.idem);
     let merged = idem.merged;
 
@@ -3646,9 +3666,6 @@ fn recover(
                 }
             }
             fixes.metas.insert(mid, None);
-            if let Some(k) = meta.idempotency_key.as_deref().filter(|_| mid.0 <= merged) {
-                fixes.idem.push((idem.hash(k), mid));
-            }
             fixes.n += 3;
             orphans += 1;
             fixes.flush(false)?;
@@ -3742,6 +3759,7 @@ fn recover(
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+    use std::os::unix::fs::FileExt;
 
     fn message() -> NewMessage {
         NewMessage {
@@ -4040,16 +4058,14 @@ mod tests {
         codec::decode_meta(&db_meta(Path::new("test"), db, id).unwrap().unwrap()).unwrap()
     }
 
-    /// The messages in the stored idempotency index, in order.
-    fn idem_ids(db: &sled::Db) -> Vec<MessageId> {
-        let mut ids = Vec::new();
-        for item in db.scan_prefix([codec::P_IDEM_INDEX]) {
-            let (k, v) = item.unwrap();
-            assert_eq!(k.len(), 3, "a bucket key");
-            let b = Bucket::decode(&v).unwrap();
-            assert!(!b.is_empty(), "empty buckets are removed");
-            ids.extend(b.ids());
-        }
+    /// The messages in the idempotency index's runs, in order.
+    fn idem_ids(q: &Queue) -> Vec<MessageId> {
+        let idem = lock(&q.shared.idem);
+        let mut ids: Vec<MessageId> = idem
+            .runs
+            .iter()
+            .flat_map(|r| r.entries().map(|e| MessageId(e.unwrap().1)))
+            .collect();
         ids.sort();
         ids
     }
@@ -4595,6 +4611,50 @@ mod tests {
         }
     }
 
+    /// A schema-7 store (its stored keys in sled buckets, no runs) opens with its buckets
+    /// and watermark removed and every key in memory, from the metadata; the first merge
+    /// then writes a run.
+    #[test]
+    fn schema_7_store_drops_its_sled_buckets_and_keeps_every_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let q = Queue::open(dir.path(), QueueOptions::default()).unwrap();
+        let keys: Vec<String> = (0..30).map(|i| format!("esp-{i}")).collect();
+        let ids: Vec<MessageId> = keys
+            .iter()
+            .map(|k| q.enqueue(keyed(k)).unwrap().id)
+            .collect();
+        let db = q.shared.db();
+        for b in [3u16, 0xfff0] {
+            db.insert(codec::idem_bucket_key(b), &b"\x01garbage-of-schema-7"[..])
+                .unwrap();
+        }
+        db.insert(codec::IDEM_MERGED_KEY, &ids[20].0.to_be_bytes())
+            .unwrap();
+        db.insert(codec::version_key(), codec::SCHEMA_VERSION_7)
+            .unwrap();
+        drop(db);
+        q.flush().unwrap();
+        drop(q);
+        let q = Queue::open(dir.path(), small_idem_memory(40)).unwrap();
+        assert_eq!(
+            q.shared.db().get(codec::version_key()).unwrap().as_deref(),
+            Some(codec::SCHEMA_VERSION)
+        );
+        let db = q.shared.db();
+        assert_eq!(db.scan_prefix([codec::P_IDEM_INDEX]).count(), 0);
+        assert_eq!(db.get(codec::IDEM_MERGED_KEY).unwrap(), None);
+        assert_eq!(idem_memory_ids(&q), ids, "every key in memory");
+        for (k, id) in keys.iter().zip(&ids) {
+            let e = q.enqueue(keyed(k)).unwrap();
+            assert!(e.duplicate && e.id == *id, "{k}");
+        }
+        for i in 30..45 {
+            q.enqueue(keyed(&format!("esp-{i}"))).unwrap();
+        }
+        q.flush().unwrap();
+        assert!(idem_ids(&q).starts_with(&ids), "merged into a run");
+    }
+
     fn small_idem_memory(keys: u64) -> QueueOptions {
         QueueOptions {
             idempotency_memory_bytes: keys * IDEM_KEY_BYTES,
@@ -4612,16 +4672,17 @@ mod tests {
     fn idem_memory_ids(q: &Queue) -> Vec<MessageId> {
         let idem = lock(&q.shared.idem);
         let mut ids: Vec<MessageId> = idem
-            .by_bucket()
-            .flat_map(|(_, e)| e.into_iter().map(|(_, id)| MessageId(id)))
+            .sorted_entries()
+            .map(|e| MessageId(e.unwrap().1))
             .collect();
         ids.sort();
         ids
     }
 
-    /// Past `idempotency_memory_bytes` the keys move into the stored buckets; every key
-    /// still finds its message, before and after a reopen (which puts back into memory only
-    /// the keys above the watermark); a delete and a purge take keys out of the buckets.
+    /// Past `idempotency_memory_bytes` the keys move into runs; every key still finds its
+    /// message, before and after a reopen (which puts back into memory only the keys above
+    /// the watermark); a deleted message's key finds nothing, and a purge of everything
+    /// deletes the runs.
     #[test]
     fn idempotency_keys_move_into_the_store_past_the_memory_budget() {
         let dir = tempfile::tempdir().unwrap();
@@ -4634,8 +4695,13 @@ mod tests {
         // The writer merges after a group's commit, which the reply does not wait for; a
         // flush is handled after it.
         q.flush().unwrap();
-        let stored = idem_ids(&q.shared.db());
+        let stored = idem_ids(&q);
         let memory = idem_memory_ids(&q);
+        let runs = lock(&q.shared.idem).runs.len();
+        assert!(
+            (1..=3).contains(&runs),
+            "{runs} runs: merged as they pile up"
+        );
         assert!(memory.len() <= 10, "{} keys in memory", memory.len());
         assert!(stored.len() >= 40, "{} keys stored", stored.len());
         let mut all = [stored.clone(), memory.clone()].concat();
@@ -4661,17 +4727,17 @@ mod tests {
         q.flush().unwrap();
         drop(q);
         let q = Queue::open(dir.path(), small_idem_memory(10)).unwrap();
-        assert_eq!(idem_ids(&q.shared.db()), stored);
+        assert_eq!(idem_ids(&q), stored);
         assert_eq!(idem_memory_ids(&q), memory, "the keys above the watermark");
         check(&q);
 
-        // A delete takes the key out of its bucket: the retry is a new message.
+        // A delete leaves the key in its run, pointing at nothing: the retry is a new message.
         assert!(q.delete(ids[0]).unwrap());
-        assert!(!idem_ids(&q.shared.db()).contains(&ids[0]));
+        assert!(idem_ids(&q).contains(&ids[0]));
         let again = q.enqueue(keyed(&keys[0])).unwrap();
         assert!(!again.duplicate);
 
-        // A purge empties both parts, and leaves no bucket behind.
+        // A purge of everything empties both parts and deletes the runs.
         loop {
             let leases = q
                 .take_due(SystemTime::now() + Duration::from_secs(1), 100)
@@ -4688,35 +4754,45 @@ mod tests {
         q.purge_final(SystemTime::now() + Duration::from_secs(1))
             .unwrap();
         assert!(q.list(None, 10).unwrap().is_empty());
-        assert_eq!(q.shared.db().scan_prefix([codec::P_IDEM_INDEX]).count(), 0);
+        assert!(idem_ids(&q).is_empty());
         assert!(idem_memory_ids(&q).is_empty());
+        let files = std::fs::read_dir(dir.path().join(runs::DIR))
+            .unwrap()
+            .count();
+        assert_eq!(files, 0, "run files deleted");
     }
 
-    /// A damaged bucket of the idempotency index, or a hash key or watermark of the wrong
-    /// length, is a clear error naming the store and the key: an enqueue with a key in that
-    /// bucket fails (nothing stored), others go on; the open refuses the bad hash key.
+    /// A damaged run of the idempotency index, or a hash key or watermark of the wrong
+    /// length, is a clear error naming the file or store and where: an enqueue whose key
+    /// falls in the damaged block fails (nothing stored), others go on; the open refuses
+    /// them.
     #[test]
     fn a_damaged_idempotency_index_is_a_clear_error() {
         let dir = tempfile::tempdir().unwrap();
         let q = Queue::open(dir.path(), small_idem_memory(0)).unwrap();
         q.enqueue(keyed("order-0")).unwrap();
         q.flush().unwrap(); // after the merge
-        assert!(lock(&q.shared.idem).stored, "merged at once");
-        let h = lock(&q.shared.idem).hash("order-1");
-        let k = codec::idem_bucket_key(crate::idem::bucket(h));
-        q.shared.db().insert(k, &b"\x01short"[..]).unwrap();
-        match q.enqueue(keyed("order-1")) {
-            Err(QueueError::Corrupt { path, key, detail }) => {
-                assert_eq!(path, dir.path());
-                assert_eq!(key, codec::show_key(&k));
-                assert!(detail.contains("bucket"), "{detail}");
+        let run = lock(&q.shared.idem).runs[0].path.clone();
+        runs::open_for_damage(&run)
+            .write_all_at(&[0xff], 20)
+            .unwrap();
+        let is_damaged_run = |e: QueueError| match e {
+            QueueError::Corrupt { path, key, detail } => {
+                assert_eq!((path, key.as_str()), (run.clone(), "block 0"));
+                assert!(detail.contains("checksum"), "{detail}");
             }
-            other => panic!("enqueue over a damaged bucket: {other:?}"),
-        }
+            other => panic!("not the damaged run: {other:?}"),
+        };
+        // The block that would hold the key is read, and found damaged.
+        is_damaged_run(q.enqueue(keyed("order-0")).unwrap_err());
         assert_eq!(q.list(None, 10).unwrap().len(), 1, "nothing stored");
         assert!(!q.enqueue(message()).unwrap().duplicate);
         q.flush().unwrap();
         drop(q);
+        match Queue::open(dir.path(), QueueOptions::default()) {
+            Err(e) => is_damaged_run(e),
+            Ok(_) => panic!("open with a damaged run succeeded"),
+        }
 
         for (key, value, says) in [
             (codec::IDEM_MERGED_KEY, &[1u8; 3][..], "3 bytes"),
@@ -4738,10 +4814,10 @@ mod tests {
         }
     }
 
-    /// A message that recovery removes (its body was cut short by a crash) leaves the
-    /// stored idempotency index too: no entry for a message that is gone.
+    /// A message that recovery removes (its body was cut short by a crash) is not found by
+    /// its key any more, though its entry stays in its run; the other one still is.
     #[test]
-    fn a_message_removed_at_open_leaves_the_idempotency_index() {
+    fn a_message_removed_at_open_is_not_found_by_its_key() {
         let dir = tempfile::tempdir().unwrap();
         let q = Queue::open(dir.path(), small_idem_memory(0)).unwrap();
         let kept = q.enqueue(keyed("kept")).unwrap().id;
@@ -4749,7 +4825,7 @@ mod tests {
         cut.body = vec![b'x'; 10_000];
         let cut_id = q.enqueue(cut.clone()).unwrap().id;
         q.flush().unwrap(); // after the merge
-        assert_eq!(idem_ids(&q.shared.db()), vec![kept, cut_id]);
+        assert_eq!(idem_ids(&q), vec![kept, cut_id]);
         drop(q);
         let seg_dir = dir.path().join(segments::DIR);
         for e in std::fs::read_dir(&seg_dir).unwrap() {
@@ -4761,9 +4837,11 @@ mod tests {
         }
         let q = Queue::open(dir.path(), small_idem_memory(0)).unwrap();
         assert!(q.message(cut_id).unwrap().is_none(), "removed at open");
-        assert_eq!(idem_ids(&q.shared.db()), vec![kept]);
+        assert_eq!(idem_ids(&q), vec![kept, cut_id], "a stale entry");
         let again = q.enqueue(cut).unwrap();
         assert!(!again.duplicate, "stored anew");
+        let kept_again = q.enqueue(keyed("kept")).unwrap();
+        assert!(kept_again.duplicate && kept_again.id == kept);
     }
 
     /// A store written by a newer version than this one knows is refused, naming the path

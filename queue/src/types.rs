@@ -58,9 +58,10 @@ pub struct QueueOptions {
     /// and waiting would only add the delay to it. 0: always. Default 4.
     pub outcome_commit_siblings: usize,
     /// The memory the idempotency index may take for the keys of the newest messages
-    /// (~13 bytes a key) before the writer moves them all into the stored index (one sled
-    /// batch; see `idem.rs`). The keys of older messages cost no memory, but an enqueue with
-    /// a key then also reads its bucket from sled. Default 8 MiB: ~640,000 keys.
+    /// (~13 bytes a key) before the writer moves them all into a run file (see `idem.rs`).
+    /// The keys of older messages cost next to no memory (8 bytes per 255), but an enqueue
+    /// with a key then also reads a 4 KiB block of each run file (through the OS page
+    /// cache). Default 8 MiB: ~640,000 keys.
     pub idempotency_memory_bytes: u64,
     /// The memory the schedule's zones may take (~144 bytes a zone, see `schedule.rs`).
     /// Past it, neighbouring zones are merged and new zones are twice as big: a zone read
