@@ -3792,6 +3792,32 @@ mod tests {
         ids
     }
 
+    /// Completes leased `ids`: deferred to `later(id)` where that says so, else delivered.
+    fn complete_all(
+        q: &Queue,
+        ids: &[RecipientId],
+        later: impl Fn(RecipientId) -> Option<SystemTime>,
+    ) {
+        let items = ids
+            .iter()
+            .map(|&id| {
+                let outcome = match later(id) {
+                    Some(next_attempt) => Outcome::Deferred {
+                        reply: "451 later".into(),
+                        next_attempt,
+                    },
+                    None => Outcome::Delivered {
+                        reply: "250 ok".into(),
+                    },
+                };
+                (id, outcome)
+            })
+            .collect();
+        for r in q.complete_batch(items).unwrap() {
+            r.unwrap();
+        }
+    }
+
     /// The schedule keeps zones, not entries: recipients deferred in zones that were already
     /// read whole are found again when due (and not before), in a message of many recipients
     /// too, and a drained queue is left with one zone.
@@ -3913,25 +3939,8 @@ mod tests {
         let now = SystemTime::now() + Duration::from_secs(1);
         let ids = taken(&q, now, 200);
         let lone = ids[150];
-        let items = ids
-            .iter()
-            .map(|&id| {
-                let outcome = if id == lone {
-                    Outcome::Deferred {
-                        reply: "451 later".into(),
-                        next_attempt: now + Duration::from_secs(60),
-                    }
-                } else {
-                    Outcome::Delivered {
-                        reply: "250 ok".into(),
-                    }
-                };
-                (id, outcome)
-            })
-            .collect();
-        for r in q.complete_batch(items).unwrap() {
-            r.unwrap();
-        }
+        let later = now + Duration::from_secs(60);
+        complete_all(&q, &ids, |id| (id == lone).then_some(later));
         drop(q);
         let q = Queue::open(dir.path(), QueueOptions::default()).unwrap();
         let (start, _) = lock(&q.shared.sched).zone_of(lone);
@@ -4012,25 +4021,7 @@ mod tests {
         let later = now + Duration::from_secs(60);
         let (deferred, delivered): (Vec<RecipientId>, Vec<RecipientId>) =
             ids.iter().partition(|id| id.message.0 % 7 == 3);
-        let items = ids
-            .iter()
-            .map(|&id| {
-                let outcome = if deferred.contains(&id) {
-                    Outcome::Deferred {
-                        reply: "451 later".into(),
-                        next_attempt: later,
-                    }
-                } else {
-                    Outcome::Delivered {
-                        reply: "250 ok".into(),
-                    }
-                };
-                (id, outcome)
-            })
-            .collect();
-        for r in q.complete_batch(items).unwrap() {
-            r.unwrap();
-        }
+        complete_all(&q, &ids, |id| deferred.contains(&id).then_some(later));
         assert!(!delivered.is_empty());
         drop(q);
         let q = Queue::open(dir.path(), opts()).unwrap();
@@ -4038,18 +4029,7 @@ mod tests {
         assert!(taken(&q, now, 10).is_empty(), "not due yet");
         let again = taken(&q, later + Duration::from_secs(1), 2 * n);
         assert_eq!(again, deferred);
-        let items = again
-            .iter()
-            .map(|&id| {
-                let outcome = Outcome::Delivered {
-                    reply: "250 ok".into(),
-                };
-                (id, outcome)
-            })
-            .collect();
-        for r in q.complete_batch(items).unwrap() {
-            r.unwrap();
-        }
+        complete_all(&q, &again, |_| None);
         assert_eq!(lock(&q.shared.sched).zones(), 1, "drained: one zone");
     }
 
