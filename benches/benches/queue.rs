@@ -10,7 +10,9 @@
 //! freeing anything: under `heaptrack` its "leaked" memory is what the full queue holds. It
 //! leaves the store behind: give it a `--dir` to remove afterwards. `--reopen-full` closes
 //! and reopens the queue after each fill and times the recovery of the full queue.
-//! `--n` may also come from `BULKSEND_BENCH_N`.
+//! `--n` may also come from `BULKSEND_BENCH_N`. The queue's log goes to stderr at the level
+//! `RUST_LOG` names (e.g. `RUST_LOG=bulksend_queue=info` shows each idempotency merge and how
+//! long it held the writer).
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -397,6 +399,12 @@ fn lifecycle(a: &Args, base: &Path) {
 }
 
 fn main() {
+    if std::env::var_os("RUST_LOG").is_some() {
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_writer(std::io::stderr)
+            .init();
+    }
     let a = parse_args();
     let tmp;
     let base = match &a.dir {
