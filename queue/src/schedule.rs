@@ -55,9 +55,9 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use crate::{MessageId, RecipientId};
 
-/// New recipients per zone. A zone read costs one sled range scan of up to this many
-/// messages' metadata (and, for messages of several recipients, a read per record); a
-/// zone costs ~130 bytes of memory.
+/// New recipients per zone to begin with (coarsening doubles it, see the module docs). A
+/// zone read costs one sled range scan of up to that many messages' metadata (and, for
+/// messages of several recipients, a read per record); a zone costs [`ZONE_BYTES`].
 pub(crate) const ZONE_SIZE: u32 = 64;
 
 /// What a zone costs in memory: its `BTreeMap` entry and its `BTreeSet` entry, as measured
