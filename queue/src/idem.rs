@@ -10,7 +10,8 @@
 //! messages above the watermark, from their metadata. Before it writes a run the writer
 //! waits until every group committed so far is synced, so a run only ever names messages
 //! that are durable: a crash between the run and the watermark leaves a run whose keys are
-//! also put back into memory, which lookups do not mind.
+//! also put back into memory, which lookups do not mind. (Message ids are not reused after
+//! a crash either: each open starts above `unix_millis << 20`.)
 //!
 //! Why: in memory alone (schemas 5 and 6) the index took ~13 bytes for every queued message
 //! with a key, the largest part of the queue's memory that grew with its depth
@@ -29,8 +30,9 @@
 //! A key's hash is SipHash-1-3 keyed with 128 random bits stored in the queue
 //! (`codec::IDEM_SEED_KEY`): the same on every open, and not steerable from outside. A hit is
 //! only a candidate: the caller compares the key stored in that message's metadata, so keys
-//! whose hashes agree all stay findable. 44 bits of the hash decide (the bucket's or shard's
-//! 12 top bits, and the low 32 bits as a tag): a false candidate (one more metadata read)
+//! whose hashes agree all stay findable. 44 bits of the hash decide (the shard's 12 top
+//! bits, and the low 32 bits as a tag; a run stores the same 44, `runs::run_key`): a false
+//! candidate (one more metadata read)
 //! comes about once in 2^44 / keys lookups.
 //!
 //! Memory layout: 4,096 shards picked by the hash's top 12 bits, each a sorted `Vec` of 12-byte

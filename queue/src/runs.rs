@@ -5,8 +5,9 @@
 //! `lo..=hi`, sorted, in blocks of 4 KiB: a block is a count (u16), a format byte, a spare
 //! byte, the CRC-32 of its entries, then up to 255 entries of 16 bytes (both big-endian u64),
 //! zero-padded. The file is `{lo:016x}-{hi:016x}.run`. In memory a run costs the first hash of
-//! each block (8 bytes per 255 entries); a lookup reads one block per run (two when equal
-//! hashes straddle blocks) through the OS page cache, which is not the process's memory.
+//! each block (8 bytes per 255 entries); a lookup reads one block per run through the OS
+//! page cache, which is not the process's memory (two when the key is the first of a block:
+//! the block before may end with it too).
 //!
 //! Runs are written whole to a `.tmp` file, `fdatasync`ed and renamed (the directory synced),
 //! so a run file is always complete; nothing in them is ever changed. Entries of messages
