@@ -295,7 +295,7 @@ impl Run {
     }
 
     /// Writes one run covering `older` and `newer`, without the entries of messages below
-    /// `floor` (gone); the caller deletes the two (see [`Run::delete`]). `None`: nothing was
+    /// `floor` (gone); the caller deletes the two (see [`Run::delete_file`]). `None`: nothing was
     /// left.
     pub(crate) fn merge(
         dir: &Path,
@@ -323,7 +323,7 @@ impl Run {
     }
 
     /// Deletes the file of a run that is no longer used, unless `kept` has taken its name.
-    pub(crate) fn delete(self, kept: Option<&Run>) {
+    pub(crate) fn delete_file(&self, kept: Option<&Run>) {
         if kept.is_none_or(|k| k.path != self.path) {
             let _ = std::fs::remove_file(&self.path);
         }
@@ -464,8 +464,8 @@ mod tests {
         std::fs::copy(&a.path, &ca).unwrap();
         std::fs::copy(&b.path, &cb).unwrap();
         let m = Run::merge(dir.path(), &a, &b, 100).unwrap().unwrap();
-        a.delete(Some(&m));
-        b.delete(Some(&m));
+        a.delete_file(Some(&m));
+        b.delete_file(Some(&m));
         let want = sorted(
             older
                 .iter()
@@ -499,8 +499,8 @@ mod tests {
             .unwrap()
             .unwrap();
         assert!(Run::merge(dir.path(), &only, &c, 10_000).unwrap().is_none());
-        only.delete(None);
-        c.delete(None);
+        only.delete_file(None);
+        c.delete_file(None);
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
     }
 
