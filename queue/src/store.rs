@@ -1208,7 +1208,8 @@ impl Queue {
         Ok(out)
     }
 
-    /// Waits until everything submitted so far is durable.
+    /// Waits until everything submitted so far is durable, and the idempotency index's runs
+    /// are merged as far as they will be (the writer waits for those merges meanwhile).
     pub fn flush(&self) -> Res<()> {
         match self.call(Op::Flush)? {
             Reply::Unit => Ok(()),
