@@ -310,7 +310,7 @@ pub(crate) fn parse_final_entry(tail: &[u8], value: &[u8]) -> Option<(u64, Vec<R
 }
 
 /// `i ++ key` → message id: the idempotency index of stores before schema 5 (removed at
-/// open; schema 7 stores it in buckets, see `idem_bucket_key`).
+/// open; schema 7 kept it in sled buckets, see `idem_bucket_key`, schema 8 in run files).
 #[cfg(test)]
 pub(crate) fn idem_key(key: &str) -> Vec<u8> {
     let mut k = Vec::with_capacity(key.len() + 1);

@@ -50,6 +50,7 @@
 //! inserting in hash order would move a quadratic amount.
 
 use std::hash::{BuildHasher, Hasher, RandomState};
+use std::sync::Arc;
 
 use siphasher::sip::SipHasher13;
 
@@ -89,11 +90,11 @@ pub(crate) struct IdemIndex {
     /// others here.
     pub(crate) merged: u64,
     /// The stored part, oldest first.
-    pub(crate) runs: Vec<std::sync::Arc<Run>>,
+    pub(crate) runs: Vec<Arc<Run>>,
 }
 
 impl IdemIndex {
-    pub(crate) fn new(hasher: IdemHasher, merged: u64, runs: Vec<std::sync::Arc<Run>>) -> Self {
+    pub(crate) fn new(hasher: IdemHasher, merged: u64, runs: Vec<Arc<Run>>) -> Self {
         IdemIndex {
             hasher,
             shards: (0..1 << SHARD_BITS).map(|_| Vec::new()).collect(),
@@ -358,7 +359,7 @@ mod tests {
             .unwrap();
         assert_eq!(run.len, 5001);
         idx.clear();
-        idx.runs.push(std::sync::Arc::new(run));
+        idx.runs.push(Arc::new(run));
         assert!(idx.candidates(hashes[1]).is_empty());
         for (n, &x) in hashes.iter().enumerate().skip(1) {
             assert_eq!(idx.stored_candidates(x).unwrap(), vec![MessageId(n as u64)]);

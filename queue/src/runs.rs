@@ -17,7 +17,7 @@
 //! deletes any run whose range another run covers (the inputs of a merge cut short).
 
 use std::fs::File;
-use std::io::{BufReader, BufWriter, Read, Write};
+use std::io::{BufWriter, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
@@ -72,13 +72,17 @@ fn parse_name(name: &str) -> Option<(u64, u64)> {
     ))
 }
 
-/// Decodes block `n` of `path`: its entries, checked (count, format, CRC, order).
-fn decode_block(path: &Path, n: usize, b: &[u8]) -> Result<Vec<(u64, u64)>, RunError> {
+/// Reads block `n` of a run file and checks its format, count and CRC: its bytes and its
+/// number of entries.
+fn read_block(file: &File, path: &Path, n: usize) -> Result<([u8; BLOCK], usize), RunError> {
     let err = |detail: String| RunError {
         path: path.to_path_buf(),
         at: format!("block {n}"),
         detail,
     };
+    let mut b = [0u8; BLOCK];
+    file.read_exact_at(&mut b, (n * BLOCK) as u64)
+        .map_err(|e| err(e.to_string()))?;
     let count = usize::from(u16::from_be_bytes([b[0], b[1]]));
     if b[2] != FORMAT {
         return Err(err(format!("unknown format {}", b[2])));
@@ -86,22 +90,38 @@ fn decode_block(path: &Path, n: usize, b: &[u8]) -> Result<Vec<(u64, u64)>, RunE
     if count == 0 || count > PER_BLOCK {
         return Err(err(format!("{count} entries")));
     }
-    let body = &b[HEADER..HEADER + count * ENTRY];
     let crc = u32::from_be_bytes([b[4], b[5], b[6], b[7]]);
-    if crc32fast::hash(body) != crc {
+    if crc32fast::hash(&b[HEADER..HEADER + count * ENTRY]) != crc {
         return Err(err("checksum mismatch".into()));
     }
-    let mut out = Vec::with_capacity(count);
-    for c in body.chunks_exact(ENTRY) {
-        let (k, id) = c.split_at(8);
-        let e = (
-            u64::from_be_bytes(k.try_into().unwrap_or_default()),
-            u64::from_be_bytes(id.try_into().unwrap_or_default()),
-        );
-        if out.last().is_some_and(|last| *last >= e) {
-            return Err(err("entries out of order".into()));
-        }
-        out.push(e);
+    Ok((b, count))
+}
+
+/// Entry `i` of a block: (key, message id).
+fn entry(b: &[u8; BLOCK], i: usize) -> (u64, u64) {
+    let at = HEADER + i * ENTRY;
+    let word = |at: usize| {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(&b[at..at + 8]);
+        u64::from_be_bytes(w)
+    };
+    (word(at), word(at + 8))
+}
+
+/// The entries of a block read by [`read_block`], checked to be in order.
+fn decode_block(
+    path: &Path,
+    n: usize,
+    b: &[u8; BLOCK],
+    count: usize,
+) -> Result<Vec<(u64, u64)>, RunError> {
+    let out: Vec<(u64, u64)> = (0..count).map(|i| entry(b, i)).collect();
+    if out.windows(2).any(|w| w[0] >= w[1]) {
+        return Err(RunError {
+            path: path.to_path_buf(),
+            at: format!("block {n}"),
+            detail: "entries out of order".into(),
+        });
     }
     Ok(out)
 }
@@ -229,9 +249,9 @@ impl Run {
         let mut first = Vec::new();
         let mut len = 0;
         let mut last = None;
-        for (n, b) in blocks(&file).enumerate() {
-            let b = b.map_err(io)?;
-            let entries = decode_block(&path, n, &b)?;
+        for n in 0..(size / BLOCK as u64) as usize {
+            let (b, count) = read_block(&file, &path, n)?;
+            let entries = decode_block(&path, n, &b, count)?;
             if last.is_some_and(|l| l >= entries[0]) {
                 return Err(RunError {
                     path: path.clone(),
@@ -253,32 +273,30 @@ impl Run {
         })
     }
 
-    fn block(&self, n: usize) -> Result<Vec<(u64, u64)>, RunError> {
-        let mut b = vec![0u8; BLOCK];
-        self.file
-            .read_exact_at(&mut b, (n * BLOCK) as u64)
-            .map_err(|e| RunError {
-                path: self.path.clone(),
-                at: format!("block {n}"),
-                detail: e.to_string(),
-            })?;
-        decode_block(&self.path, n, &b)
-    }
-
-    /// Adds to `out` the messages under `key` (see [`run_key`]).
+    /// Adds to `out` the messages under `key` (see [`run_key`]). A lookup searches the
+    /// block's bytes once its CRC is right, without decoding it: the order was checked when
+    /// the run was opened or written.
     pub(crate) fn candidates(&self, key: u64, out: &mut Vec<MessageId>) -> Result<(), RunError> {
         // The last block that starts below `key` may end with it; later ones start at it.
         let mut n = self.first.partition_point(|&f| f < key).saturating_sub(1);
         while n < self.first.len() && self.first[n] <= key {
-            let entries = self.block(n)?;
-            let from = entries.partition_point(|e| e.0 < key);
+            let (b, count) = read_block(&self.file, &self.path, n)?;
+            let (mut i, mut end) = (0, count);
+            while i < end {
+                let mid = (i + end) / 2;
+                if entry(&b, mid).0 < key {
+                    i = mid + 1;
+                } else {
+                    end = mid;
+                }
+            }
             out.extend(
-                entries[from..]
-                    .iter()
+                (i..count)
+                    .map(|i| entry(&b, i))
                     .take_while(|e| e.0 == key)
                     .map(|e| MessageId(e.1)),
             );
-            if entries.last().is_some_and(|e| e.0 > key) {
+            if entry(&b, count - 1).0 > key {
                 break;
             }
             n += 1;
@@ -288,9 +306,13 @@ impl Run {
 
     /// Every entry, in order (checked).
     pub(crate) fn entries(&self) -> impl Iterator<Item = Result<(u64, u64), RunError>> + '_ {
-        (0..self.first.len()).flat_map(move |n| match self.block(n) {
-            Ok(v) => v.into_iter().map(Ok).collect::<Vec<_>>(),
-            Err(e) => vec![Err(e)],
+        (0..self.first.len()).flat_map(move |n| {
+            let block = read_block(&self.file, &self.path, n)
+                .and_then(|(b, count)| decode_block(&self.path, n, &b, count));
+            match block {
+                Ok(v) => v.into_iter().map(Ok).collect::<Vec<_>>(),
+                Err(e) => vec![Err(e)],
+            }
         })
     }
 
@@ -328,19 +350,6 @@ impl Run {
             let _ = std::fs::remove_file(&self.path);
         }
     }
-}
-
-/// The blocks of a file, read sequentially.
-fn blocks(file: &File) -> impl Iterator<Item = std::io::Result<Vec<u8>>> + '_ {
-    let mut r = BufReader::with_capacity(64 * 1024, file);
-    std::iter::from_fn(move || {
-        let mut b = vec![0u8; BLOCK];
-        match r.read_exact(&mut b) {
-            Ok(()) => Some(Ok(b)),
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => None,
-            Err(e) => Some(Err(e)),
-        }
-    })
 }
 
 /// Opens the runs in `dir` (creating it), oldest first: removes unfinished `.tmp` files and

@@ -1364,17 +1364,6 @@ fn oldest_message(db: &sled::Db) -> Res<u64> {
     })
 }
 
-/// Deletes the runs whose messages are all below `floor` (gone).
-fn drop_runs_below(runs: &mut Vec<Arc<Run>>, floor: u64) {
-    runs.retain(|r| {
-        if r.hi >= floor {
-            return true;
-        }
-        r.delete_file(None);
-        false
-    });
-}
-
 fn run_error(e: RunError) -> QueueError {
     QueueError::Corrupt {
         path: e.path,
@@ -2670,8 +2659,8 @@ impl Writer {
         }
     }
 
-    /// Writes the memory part as a run, commits the watermark, empties the memory part, and
-    /// merges runs (see `merge_runs`). Returns the keys moved and the runs left.
+    /// Writes the memory part as a run, commits the watermark and empties the memory part.
+    /// Returns the keys moved and the runs now in use.
     fn merge_idem(&self, shared: &Shared) -> Res<(usize, usize)> {
         let mut idem = lock(&shared.idem);
         let keys = idem.len();
@@ -2698,16 +2687,11 @@ impl Writer {
         if self.run_merge.is_some() {
             return;
         }
-        let floor = match oldest_message(&self.shared.db()) {
-            Ok(f) => f,
-            Err(e) => {
-                tracing::warn!("cannot find the oldest message: {e}");
-                return;
-            }
+        let Some(floor) = self.drop_dead_runs() else {
+            return;
         };
         let (older, newer) = {
-            let mut idem = lock(&self.shared.idem);
-            drop_runs_below(&mut idem.runs, floor);
+            let idem = lock(&self.shared.idem);
             let runs = &idem.runs;
             let Some(i) = (1..runs.len())
                 .rev()
@@ -2785,16 +2769,24 @@ impl Writer {
     }
 
     /// Deletes the runs of the idempotency index whose messages are all gone.
-    fn drop_dead_runs(&self) {
-        let shared = &self.shared;
-        let floor = match oldest_message(&shared.db()) {
+    /// Returns the id below which every message is gone (`oldest_message`), `None` if it
+    /// cannot be read.
+    fn drop_dead_runs(&self) -> Option<u64> {
+        let floor = match oldest_message(&self.shared.db()) {
             Ok(f) => f,
             Err(e) => {
                 tracing::warn!("cannot find the oldest message: {e}");
-                return;
+                return None;
             }
         };
-        drop_runs_below(&mut lock(&shared.idem).runs, floor);
+        lock(&self.shared.idem).runs.retain(|r| {
+            if r.hi >= floor {
+                return true;
+            }
+            r.delete_file(None);
+            false
+        });
+        Some(floor)
     }
 
     fn auto_purge(&mut self) {
