@@ -5,7 +5,12 @@
 //! CARGO_TARGET_DIR=target-queue cargo bench -p bulksend-benches --bench queue -- \
 //!     [--n 200000] [--secs 5] [--producers 1,8,64] [--rounds 1] [--cache-mib 64] [--dir PATH]
 //!     [--idem-mib 8] [--sched-mib 4] [--skip-throughput] [--exit-after-fill] [--reopen-full]
+//!     [--sample-every K]
 //! ```
+//! `--sample-every K` reads RSS each time the first fill passes a multiple of K messages
+//! and prints the samples and their least-squares slope over the second half of the fill:
+//! the growth with depth, with the idempotency memory part's cycle (it fills and empties)
+//! averaged over rather than caught at one phase.
 //! `--exit-after-fill` ends the process right after the first fill's figures, without
 //! freeing anything: under `heaptrack` its "leaked" memory is what the full queue holds. It
 //! leaves the store behind: give it a `--dir` to remove afterwards. `--reopen-full` closes
@@ -36,6 +41,8 @@ struct Args {
     skip_throughput: bool,
     exit_after_fill: bool,
     reopen_full: bool,
+    /// During the first fill, RSS every this many messages (0: not sampled).
+    sample_every: u64,
 }
 
 fn parse_args() -> Args {
@@ -54,6 +61,7 @@ fn parse_args() -> Args {
         skip_throughput: false,
         exit_after_fill: false,
         reopen_full: false,
+        sample_every: 0,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -72,6 +80,7 @@ fn parse_args() -> Args {
             "--skip-throughput" => a.skip_throughput = true,
             "--exit-after-fill" => a.exit_after_fill = true,
             "--reopen-full" => a.reopen_full = true,
+            "--sample-every" => a.sample_every = val().parse().unwrap_or(0),
             "--bench" => {} // passed by cargo bench
             other => eprintln!("ignoring argument {other:?}"),
         }
@@ -106,7 +115,26 @@ fn opts(a: &Args, durable: bool) -> QueueOptions {
 
 /// `producers` threads enqueue one message at a time until `limit` messages or `secs`.
 fn enqueue_run(q: &Arc<Queue>, producers: usize, limit: u64, secs: u64, offset: u64) -> (u64, f64) {
-    let count = Arc::new(AtomicU64::new(0));
+    enqueue_run_counted(
+        q,
+        producers,
+        limit,
+        secs,
+        offset,
+        &Arc::new(AtomicU64::new(0)),
+    )
+}
+
+/// [`enqueue_run`] counting the messages taken on in `count` (which starts at 0), for a
+/// thread that watches the fill.
+fn enqueue_run_counted(
+    q: &Arc<Queue>,
+    producers: usize,
+    limit: u64,
+    secs: u64,
+    offset: u64,
+    count: &Arc<AtomicU64>,
+) -> (u64, f64) {
     let stop = Arc::new(AtomicBool::new(false));
     let start = Instant::now();
     let deadline = start
@@ -114,7 +142,7 @@ fn enqueue_run(q: &Arc<Queue>, producers: usize, limit: u64, secs: u64, offset: 
         .unwrap_or(start + Duration::from_secs(10 * 365 * 86_400));
     let threads: Vec<_> = (0..producers)
         .map(|p| {
-            let (q, count, stop) = (Arc::clone(q), Arc::clone(&count), Arc::clone(&stop));
+            let (q, count, stop) = (Arc::clone(q), Arc::clone(count), Arc::clone(&stop));
             std::thread::spawn(move || {
                 let body = body();
                 while !stop.load(Ordering::Relaxed) {
@@ -254,6 +282,59 @@ fn throughput(a: &Args, base: &Path) {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// The first fill with RSS read each time it passes a multiple of `every` messages (polled
+/// every 20 ms, so a sample is a little past its mark): (messages, rate, samples of
+/// (messages, RSS bytes)).
+fn sampled_fill(
+    q: &Arc<Queue>,
+    producers: usize,
+    n: u64,
+    every: u64,
+) -> (u64, f64, Vec<(u64, u64)>) {
+    let count = Arc::new(AtomicU64::new(0));
+    let done = Arc::new(AtomicBool::new(false));
+    let watcher = {
+        let (count, done) = (Arc::clone(&count), Arc::clone(&done));
+        std::thread::spawn(move || {
+            let mut samples = Vec::new();
+            let mut next = every;
+            while !done.load(Ordering::Relaxed) {
+                let c = count.load(Ordering::Relaxed);
+                if c >= next {
+                    samples.push((c, rss().0));
+                    next = (c / every + 1) * every;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            samples
+        })
+    };
+    let (m, rate) = enqueue_run_counted(q, producers, n, u64::MAX, 0, &count);
+    done.store(true, Ordering::Relaxed);
+    (m, rate, watcher.join().unwrap_or_default())
+}
+
+/// The least-squares slope of RSS over messages, in bytes per message, of the samples from
+/// `from` messages on (None with fewer than two).
+fn slope(samples: &[(u64, u64)], from: u64) -> Option<(f64, usize)> {
+    let late: Vec<(f64, f64)> = samples
+        .iter()
+        .filter(|&&(c, _)| c >= from)
+        .map(|&(c, r)| (c as f64, r as f64))
+        .collect();
+    if late.len() < 2 {
+        return None;
+    }
+    let k = late.len() as f64;
+    let (mx, my) = late
+        .iter()
+        .fold((0.0, 0.0), |(x, y), &(c, r)| (x + c / k, y + r / k));
+    let (sxy, sxx) = late.iter().fold((0.0, 0.0), |(sxy, sxx), &(c, r)| {
+        (sxy + (c - mx) * (r - my), sxx + (c - mx) * (c - mx))
+    });
+    Some((sxy / sxx, late.len()))
+}
+
 fn lifecycle(a: &Args, base: &Path) {
     let dir = base.join("lifecycle");
     let producers = a.producers.iter().copied().max().unwrap_or(64);
@@ -271,7 +352,12 @@ fn lifecycle(a: &Args, base: &Path) {
     let mut q = Arc::new(Queue::open(&dir, opts(a, true)).unwrap_or_else(|e| panic!("{e}")));
     for round in 0..a.rounds {
         let offset = u64::from(round) * a.n;
-        let (n, rate) = enqueue_run(&q, producers, a.n, u64::MAX, offset);
+        let (n, rate, samples) = if round == 0 && a.sample_every > 0 {
+            sampled_fill(&q, producers, a.n, a.sample_every)
+        } else {
+            let (n, rate) = enqueue_run(&q, producers, a.n, u64::MAX, offset);
+            (n, rate, Vec::new())
+        };
         row(
             &format!("round {round}: fill {n} msgs, durable enqueue"),
             format!("{rate:.0} msg/s"),
@@ -286,6 +372,28 @@ fn lifecycle(a: &Args, base: &Path) {
             &format!("round {round}: RSS after fill (VmRSS / VmHWM)"),
             format!("{} / {}", mib(r), mib(h)),
         );
+        if !samples.is_empty() {
+            let line: Vec<String> = samples
+                .iter()
+                .map(|&(c, r)| {
+                    format!(
+                        "{:.1}M {:.1}",
+                        c as f64 / 1e6,
+                        r as f64 / f64::from(1 << 20)
+                    )
+                })
+                .collect();
+            row(
+                &format!("round {round}: RSS during fill (messages RSS-MiB)"),
+                line.join(", "),
+            );
+            if let Some((b, k)) = slope(&samples, a.n / 2) {
+                row(
+                    &format!("round {round}: RSS slope, second half of fill"),
+                    format!("{b:.2} bytes/msg ({k} samples)"),
+                );
+            }
+        }
         if a.exit_after_fill {
             std::process::exit(0);
         }
