@@ -115,14 +115,68 @@ fn opts(a: &Args, durable: bool) -> QueueOptions {
 
 /// `producers` threads enqueue one message at a time until `limit` messages or `secs`.
 fn enqueue_run(q: &Arc<Queue>, producers: usize, limit: u64, secs: u64, offset: u64) -> (u64, f64) {
-    enqueue_run_counted(
-        q,
-        producers,
-        limit,
-        secs,
-        offset,
-        &Arc::new(AtomicU64::new(0)),
-    )
+    let count = Arc::new(AtomicU64::new(0));
+    enqueue_run_counted(q, producers, limit, secs, offset, &count, &Latency::new())
+}
+
+/// Enqueue call latencies: a histogram of 0.1 ms buckets up to 100 ms (and one above), and
+/// the longest.
+struct Latency {
+    buckets: Vec<AtomicU64>,
+    max_us: AtomicU64,
+}
+
+impl Latency {
+    const BUCKET_US: u64 = 100;
+    const BUCKETS: usize = 1001;
+
+    fn new() -> Arc<Latency> {
+        Arc::new(Latency {
+            buckets: (0..Self::BUCKETS).map(|_| AtomicU64::new(0)).collect(),
+            max_us: AtomicU64::new(0),
+        })
+    }
+
+    fn record(&self, d: Duration) {
+        let us = u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+        let b = usize::try_from(us / Self::BUCKET_US)
+            .map_or(Self::BUCKETS - 1, |b| b.min(Self::BUCKETS - 1));
+        self.buckets[b].fetch_add(1, Ordering::Relaxed);
+        self.max_us.fetch_max(us, Ordering::Relaxed);
+    }
+
+    /// The upper edge of the bucket holding quantile `q`, in ms ("> 100" past the last).
+    fn quantile(&self, q: f64) -> String {
+        let counts: Vec<u64> = self
+            .buckets
+            .iter()
+            .map(|b| b.load(Ordering::Relaxed))
+            .collect();
+        let total: u64 = counts.iter().sum();
+        let want = ((total as f64 * q).ceil() as u64).max(1);
+        let mut seen = 0;
+        for (i, c) in counts.iter().enumerate() {
+            seen += c;
+            if seen >= want {
+                if i == Self::BUCKETS - 1 {
+                    return "> 100".into();
+                }
+                return format!("{:.1}", ((i as u64 + 1) * Self::BUCKET_US) as f64 / 1000.0);
+            }
+        }
+        "-".into()
+    }
+
+    /// "p50 / p99 / p99.9 / max" in ms (a quantile as its 0.1 ms bucket's upper edge).
+    fn summary(&self) -> String {
+        format!(
+            "{} / {} / {} / {:.1} ms",
+            self.quantile(0.5),
+            self.quantile(0.99),
+            self.quantile(0.999),
+            self.max_us.load(Ordering::Relaxed) as f64 / 1000.0
+        )
+    }
 }
 
 /// [`enqueue_run`] counting the messages taken on in `count` (which starts at 0), for a
@@ -134,6 +188,7 @@ fn enqueue_run_counted(
     secs: u64,
     offset: u64,
     count: &Arc<AtomicU64>,
+    latency: &Arc<Latency>,
 ) -> (u64, f64) {
     let stop = Arc::new(AtomicBool::new(false));
     let start = Instant::now();
@@ -143,6 +198,7 @@ fn enqueue_run_counted(
     let threads: Vec<_> = (0..producers)
         .map(|p| {
             let (q, count, stop) = (Arc::clone(q), Arc::clone(count), Arc::clone(&stop));
+            let latency = Arc::clone(latency);
             std::thread::spawn(move || {
                 let body = body();
                 while !stop.load(Ordering::Relaxed) {
@@ -151,7 +207,11 @@ fn enqueue_run_counted(
                         count.fetch_sub(1, Ordering::Relaxed);
                         break;
                     }
-                    if let Err(e) = q.enqueue(message(p, offset + i, &body)) {
+                    let m = message(p, offset + i, &body);
+                    let called = Instant::now();
+                    let r = q.enqueue(m);
+                    latency.record(called.elapsed());
+                    if let Err(e) = r {
                         eprintln!("enqueue failed: {e}");
                         stop.store(true, Ordering::Relaxed);
                     }
@@ -290,6 +350,7 @@ fn sampled_fill(
     producers: usize,
     n: u64,
     every: u64,
+    latency: &Arc<Latency>,
 ) -> (u64, f64, Vec<(u64, u64)>) {
     let count = Arc::new(AtomicU64::new(0));
     let done = Arc::new(AtomicBool::new(false));
@@ -309,7 +370,7 @@ fn sampled_fill(
             samples
         })
     };
-    let (m, rate) = enqueue_run_counted(q, producers, n, u64::MAX, 0, &count);
+    let (m, rate) = enqueue_run_counted(q, producers, n, u64::MAX, 0, &count, latency);
     done.store(true, Ordering::Relaxed);
     (m, rate, watcher.join().unwrap_or_default())
 }
@@ -352,15 +413,22 @@ fn lifecycle(a: &Args, base: &Path) {
     let mut q = Arc::new(Queue::open(&dir, opts(a, true)).unwrap_or_else(|e| panic!("{e}")));
     for round in 0..a.rounds {
         let offset = u64::from(round) * a.n;
+        let latency = Latency::new();
         let (n, rate, samples) = if round == 0 && a.sample_every > 0 {
-            sampled_fill(&q, producers, a.n, a.sample_every)
+            sampled_fill(&q, producers, a.n, a.sample_every, &latency)
         } else {
-            let (n, rate) = enqueue_run(&q, producers, a.n, u64::MAX, offset);
+            let count = Arc::new(AtomicU64::new(0));
+            let (n, rate) =
+                enqueue_run_counted(&q, producers, a.n, u64::MAX, offset, &count, &latency);
             (n, rate, Vec::new())
         };
         row(
             &format!("round {round}: fill {n} msgs, durable enqueue"),
             format!("{rate:.0} msg/s"),
+        );
+        row(
+            &format!("round {round}: fill, enqueue call p50 / p99 / p99.9 / max"),
+            latency.summary(),
         );
         let s = q.stats();
         row(
