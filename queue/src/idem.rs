@@ -2,16 +2,18 @@
 //!
 //! Two parts. The keys of the newest messages are in memory (`IdemIndex`, up to
 //! `QueueOptions::idempotency_memory_bytes`, 8 MiB by default: ~640,000 keys); when it
-//! holds more, the writer moves all of it into the stored part (`merge_idem` in
-//! `store.rs`), and it starts again empty. The stored part is sorted, immutable run files
-//! outside sled (`runs`), one per merge, merged with each other as they pile up; with the
-//! run the merge stores in sled the highest message id it covered (the "watermark",
-//! `codec::IDEM_MERGED_KEY`). Opening the queue puts back into memory the keys of the
-//! messages above the watermark, from their metadata. Before it writes a run the writer
-//! waits until every group committed so far is synced, so a run only ever names messages
-//! that are durable: a crash between the run and the watermark leaves a run whose keys are
-//! also put back into memory, which lookups do not mind. (Message ids are not reused after
-//! a crash either: each open starts above `unix_millis << 20`.)
+//! holds more, the writer freezes all of it, has another thread write it into the stored
+//! part, and a new memory part starts empty (`maybe_merge_idem` in `store.rs`); lookups
+//! search the frozen part too until its run is in use. The stored part is sorted, immutable
+//! run files outside sled (`runs`), one per such write, merged with each other as they pile
+//! up; once a run is durable the writer puts it in use and stores in sled the highest
+//! message id it covered (the "watermark", `codec::IDEM_MERGED_KEY`). Opening the queue
+//! puts back into memory the keys of the messages above the watermark, from their
+//! metadata. Before it freezes the memory part the writer waits until every group
+//! committed so far is synced, so a run only ever names messages that are durable: a crash
+//! between the run and the watermark leaves a run whose keys are also put back into
+//! memory, which lookups do not mind. (Message ids are not reused after a crash either:
+//! each open starts above `unix_millis << 20`.)
 //!
 //! Why: in memory alone (schemas 5 and 6) the index took ~13 bytes for every queued message
 //! with a key, the largest part of the queue's memory that grew with its depth
@@ -87,10 +89,58 @@ pub(crate) struct IdemIndex {
     shards: Vec<Vec<Entry>>,
     len: usize,
     /// Keys of messages up to this id are in the runs (or gone with their message), the
-    /// others here.
+    /// others here or in `frozen`.
     pub(crate) merged: u64,
     /// The stored part, oldest first.
     pub(crate) runs: Vec<Arc<Run>>,
+    /// The memory part as it was when the writer started writing it as a run on another
+    /// thread: the keys of messages `merged + 1 ..= frozen.hi`, still looked up here until
+    /// the run is in `runs` (see `Writer::maybe_merge_idem` in `store.rs`).
+    frozen: Option<Frozen>,
+}
+
+/// A memory part being written as a run: its shards, shared with the thread writing them.
+#[derive(Clone)]
+pub(crate) struct Frozen {
+    shards: Arc<Vec<Vec<Entry>>>,
+    len: usize,
+    /// The highest message id it may hold: the watermark once it is stored.
+    pub(crate) hi: u64,
+}
+
+impl Frozen {
+    /// The number of keys.
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Every key as a run stores it, in order (see [`sorted_entries`]).
+    pub(crate) fn sorted_entries(&self) -> impl Iterator<Item = Result<(u64, u64), RunError>> + '_ {
+        sorted_entries(&self.shards)
+    }
+}
+
+/// Every key of `shards` as a run stores it (see [`run_key`]), with its message, in order.
+fn sorted_entries(
+    shards: &[Vec<Entry>],
+) -> impl Iterator<Item = Result<(u64, u64), RunError>> + '_ {
+    shards.iter().enumerate().flat_map(|(s, shard)| {
+        shard
+            .iter()
+            .map(move |e| Ok(((s as u64) << 32 | u64::from(e.tag), e.id().0)))
+    })
+}
+
+/// The messages of a sorted `shard` under the tag `h as u32`, added to `out`.
+fn shard_candidates(shard: &[Entry], h: u64, out: &mut Vec<MessageId>) {
+    let tag = h as u32;
+    let from = shard.partition_point(|e| e.tag < tag);
+    out.extend(
+        shard[from..]
+            .iter()
+            .take_while(|e| e.tag == tag)
+            .map(Entry::id),
+    );
 }
 
 impl IdemIndex {
@@ -101,6 +151,7 @@ impl IdemIndex {
             len: 0,
             merged,
             runs,
+            frozen: None,
         }
     }
 
@@ -121,16 +172,72 @@ impl IdemIndex {
         self.len
     }
 
-    /// The messages whose key may be the one that hashed to `h`.
+    /// The messages whose key may be the one that hashed to `h`, in memory (the frozen part
+    /// included).
     pub(crate) fn candidates(&self, h: u64) -> Vec<MessageId> {
-        let shard = self.shard(h);
-        let tag = h as u32;
-        let from = shard.partition_point(|e| e.tag < tag);
-        shard[from..]
-            .iter()
-            .take_while(|e| e.tag == tag)
-            .map(Entry::id)
-            .collect()
+        let mut out = Vec::new();
+        shard_candidates(self.shard(h), h, &mut out);
+        if let Some(f) = &self.frozen {
+            shard_candidates(&f.shards[(h >> (64 - SHARD_BITS)) as usize], h, &mut out);
+        }
+        out
+    }
+
+    /// The id above which a key is in the (unfrozen) memory part: a removal below it leaves
+    /// the key where it is, pointing at nothing.
+    pub(crate) fn memory_floor(&self) -> u64 {
+        self.frozen.as_ref().map_or(self.merged, |f| f.hi)
+    }
+
+    /// The memory part being written as a run, if one is.
+    #[cfg(test)]
+    pub(crate) fn frozen(&self) -> Option<&Frozen> {
+        self.frozen.as_ref()
+    }
+
+    /// Hands the memory part, which holds the keys of messages up to `hi`, to a run writer:
+    /// it stays found by lookups until [`IdemIndex::stored`] or [`IdemIndex::thaw`], and
+    /// the memory part starts again empty. `None` if one is frozen already.
+    pub(crate) fn freeze(&mut self, hi: u64) -> Option<Frozen> {
+        if self.frozen.is_some() {
+            return None;
+        }
+        let shards = std::mem::replace(
+            &mut self.shards,
+            (0..1 << SHARD_BITS).map(|_| Vec::new()).collect(),
+        );
+        let f = Frozen {
+            shards: Arc::new(shards),
+            len: std::mem::take(&mut self.len),
+            hi,
+        };
+        self.frozen = Some(f.clone());
+        Some(f)
+    }
+
+    /// The frozen part is stored as `run` (none if it was empty), and the watermark is its
+    /// `hi`.
+    pub(crate) fn stored(&mut self, run: Option<Arc<Run>>) {
+        if let Some(f) = self.frozen.take() {
+            self.merged = f.hi;
+        }
+        self.runs.extend(run);
+    }
+
+    /// The frozen part could not be stored: its keys go back into the memory part.
+    pub(crate) fn thaw(&mut self) {
+        let Some(f) = self.frozen.take() else {
+            return;
+        };
+        for (shard, old) in self.shards.iter_mut().zip(f.shards.iter()) {
+            if old.is_empty() {
+                continue;
+            }
+            shard.extend_from_slice(old);
+            shard.sort_unstable();
+            shard.dedup();
+        }
+        self.len = self.shards.iter().map(Vec::len).sum();
     }
 
     /// The messages of the stored part whose key may be the one that hashed to `h`.
@@ -189,20 +296,9 @@ impl IdemIndex {
     }
 
     /// Every key in memory as a run stores it (see [`run_key`]), with its message, in order.
+    #[cfg(test)]
     pub(crate) fn sorted_entries(&self) -> impl Iterator<Item = Result<(u64, u64), RunError>> + '_ {
-        self.shards.iter().enumerate().flat_map(|(s, shard)| {
-            shard
-                .iter()
-                .map(move |e| Ok(((s as u64) << 32 | u64::from(e.tag), e.id().0)))
-        })
-    }
-
-    /// Forgets every key in memory (after a merge stored them), freeing the shards.
-    pub(crate) fn clear(&mut self) {
-        for shard in &mut self.shards {
-            *shard = Vec::new();
-        }
-        self.len = 0;
+        sorted_entries(&self.shards)
     }
 }
 
@@ -276,9 +372,43 @@ mod tests {
         assert!(idx.candidates(7).is_empty());
         assert_eq!(idx.candidates(9), vec![a]);
         assert_eq!(idx.len(), 1);
-        idx.clear();
+        let frozen = idx.freeze(10).unwrap();
+        assert_eq!((frozen.len(), idx.len()), (1, 0));
+        assert_eq!(idx.candidates(9), vec![a], "found while frozen");
+        assert!(idx.freeze(11).is_none(), "one at a time");
+        idx.stored(None);
         assert!(idx.candidates(9).is_empty());
-        assert_eq!(idx.len(), 0);
+        assert_eq!((idx.merged, idx.memory_floor()), (10, 10));
+    }
+
+    /// A memory part that could not be stored goes back: every key, old and new, found once,
+    /// the shards sorted, the watermark unchanged.
+    #[test]
+    fn a_thawed_memory_part_merges_back_into_the_new_one() {
+        let mut idx = index();
+        let keys: Vec<u64> = (0..3000u64)
+            .map(|i| i.wrapping_mul(0x9e37_79b9_7f4a_7c15))
+            .collect();
+        for (n, &h) in keys.iter().enumerate().take(2000) {
+            idx.insert(h, MessageId(n as u64));
+        }
+        idx.freeze(1999).unwrap();
+        assert_eq!(idx.memory_floor(), 1999);
+        // Newer keys, and one sharing an old key's hash.
+        for (n, &h) in keys.iter().enumerate().skip(2000) {
+            idx.insert(h, MessageId(n as u64));
+        }
+        idx.insert(keys[5], MessageId(5000));
+        assert_eq!(idx.candidates(keys[5]), vec![MessageId(5000), MessageId(5)]);
+        idx.thaw();
+        assert!(idx.frozen().is_none());
+        assert_eq!((idx.len(), idx.merged, idx.memory_floor()), (3001, 0, 0));
+        assert_eq!(idx.candidates(keys[5]), vec![MessageId(5), MessageId(5000)]);
+        for (n, &h) in keys.iter().enumerate().filter(|&(n, _)| n != 5) {
+            assert_eq!(idx.candidates(h), vec![MessageId(n as u64)], "key {n}");
+        }
+        assert!(idx.shards.iter().all(|s| s.windows(2).all(|w| w[0] < w[1])));
+        assert!(idx.freeze(3000).is_some(), "and may be frozen again");
     }
 
     #[test]
@@ -338,9 +468,9 @@ mod tests {
         assert_eq!(b.candidates(keys[0]), vec![MessageId(0), MessageId(99)]);
     }
 
-    /// What a merge writes (`sorted_entries` into a run) is what a lookup of the stored
-    /// part finds, the memory part once cleared finds nothing, and hashes that agree in the
-    /// 44 bits kept are all candidates.
+    /// What a merge writes (the frozen memory part into a run) is what a lookup of the
+    /// stored part finds, the memory part once stored finds nothing, and hashes that agree in
+    /// the 44 bits kept are all candidates.
     #[test]
     fn the_memory_part_written_as_a_run_is_found_there() {
         let dir = tempfile::tempdir().unwrap();
@@ -354,12 +484,12 @@ mod tests {
         // Differs from hashes[0] only in bits a run does not keep.
         let twin = hashes[0] ^ 0x000f_ff00_0000_0000;
         idx.insert(twin, MessageId(9999));
-        let run = Run::write(dir.path(), 0, 9999, idx.sorted_entries())
+        let frozen = idx.freeze(9999).unwrap();
+        let run = Run::write(dir.path(), 0, 9999, frozen.sorted_entries())
             .unwrap()
             .unwrap();
         assert_eq!(run.len, 5001);
-        idx.clear();
-        idx.runs.push(Arc::new(run));
+        idx.stored(Some(Arc::new(run)));
         assert!(idx.candidates(hashes[1]).is_empty());
         for (n, &x) in hashes.iter().enumerate().skip(1) {
             assert_eq!(idx.stored_candidates(x).unwrap(), vec![MessageId(n as u64)]);

@@ -108,6 +108,9 @@ struct Shared {
     /// Tests: this many coming group commits fail as a failing sled batch would.
     #[cfg(test)]
     fail_commits: AtomicUsize,
+    /// Tests: while true, a run write of the idempotency index waits before it writes.
+    #[cfg(test)]
+    hold_run_writes: (Mutex<bool>, std::sync::Condvar),
 }
 
 /// One generation of the sled store.
@@ -687,6 +690,8 @@ impl Queue {
             idem,
             #[cfg(test)]
             fail_commits: AtomicUsize::new(0),
+            #[cfg(test)]
+            hold_run_writes: (Mutex::new(false), std::sync::Condvar::new()),
         });
         if upgrade {
             // Marked before `recover` removes what older versions stored (the schedule, the
@@ -730,6 +735,7 @@ impl Queue {
                     next_purge: Instant::now(),
                     next_compact_check: Some(Instant::now() + COMPACT_CHECK_DELAY),
                     background: None,
+                    run_write: None,
                     run_merge: None,
                     compacted_size: 0,
                     compacted_live: 0,
@@ -1208,8 +1214,11 @@ impl Queue {
         Ok(out)
     }
 
-    /// Waits until everything submitted so far is durable, and the idempotency index's runs
-    /// are merged as far as they will be (the writer waits for those merges meanwhile).
+    /// Waits until everything submitted so far is durable, the run of the idempotency index
+    /// being written (if one is) is in use, and the runs are merged as far as they will be
+    /// (the writer waits for that meanwhile). The commit of the flush's own group may start
+    /// the next run write, if the memory part is over its budget: a second flush waits for
+    /// that one.
     pub fn flush(&self) -> Res<()> {
         match self.call(Op::Flush)? {
             Reply::Unit => Ok(()),
@@ -1665,11 +1674,12 @@ impl<'a> Tx<'a> {
     }
 
     /// Removes a message's key from the idempotency index's memory part. A key already in
-    /// the runs stays there, pointing at nothing, until a merge of runs drops it (see `idem`).
+    /// the runs (or in a frozen memory part being written as one) stays there, pointing at
+    /// nothing, until a merge of runs drops it (see `idem`).
     fn idem_remove(&mut self, key: &str, id: MessageId) {
         let mut idem = lock(&self.shared.idem);
         let h = idem.hash(key);
-        if id.0 > idem.merged {
+        if id.0 > idem.memory_floor() {
             idem.remove(h, id);
             self.idem_undo.push((h, id, false));
         }
@@ -2064,6 +2074,16 @@ struct Background {
 
 /// What one `purge_chunk` did: final-index entries looked at (records listed), and records
 /// dropped (those still there).
+/// The idempotency index's frozen memory part being written as a run on its own thread
+/// (see `Writer::maybe_merge_idem`).
+struct RunWrite {
+    handle: std::thread::JoinHandle<Result<Option<Run>, RunError>>,
+    keys: usize,
+    /// The watermark once the run is stored.
+    hi: u64,
+    started: Instant,
+}
+
 /// A merge of two neighbouring runs on its own thread (see `Writer::start_run_merge`).
 struct RunMerge {
     handle: std::thread::JoinHandle<Result<Option<Run>, RunError>>,
@@ -2083,6 +2103,8 @@ struct Writer {
     /// When to look at whether a compaction is worth it; `None`: nothing changed since.
     next_compact_check: Option<Instant>,
     background: Option<Background>,
+    /// The idempotency index's memory part being written as a run on another thread.
+    run_write: Option<RunWrite>,
     /// Two runs of the idempotency index being merged on another thread.
     run_merge: Option<RunMerge>,
     /// sled's size right after the last compaction, and the live data estimated when it began.
@@ -2144,7 +2166,7 @@ impl Writer {
             let mut next = self
                 .next_compact_check
                 .map_or(self.next_purge, |c| c.min(self.next_purge));
-            if self.background.is_some() || self.run_merge.is_some() {
+            if self.background.is_some() || self.run_write.is_some() || self.run_merge.is_some() {
                 next = next.min(Instant::now() + Duration::from_millis(50));
             }
             let wait = next.saturating_duration_since(Instant::now());
@@ -2153,6 +2175,9 @@ impl Writer {
                 Err(RecvTimeoutError::Timeout) => None,
                 Err(RecvTimeoutError::Disconnected) => {
                     self.abandon_background();
+                    if let Some(w) = self.run_write.take() {
+                        self.store_run_between_groups(w);
+                    }
                     if let Some(m) = self.run_merge.take() {
                         self.apply_run_merge(m);
                     }
@@ -2252,6 +2277,15 @@ impl Writer {
                 self.maybe_compact();
             }
             self.poll_background();
+            if self
+                .run_write
+                .as_ref()
+                .is_some_and(|w| w.handle.is_finished())
+            {
+                if let Some(w) = self.run_write.take() {
+                    self.store_run_between_groups(w);
+                }
+            }
             if self
                 .run_merge
                 .as_ref()
@@ -2626,18 +2660,25 @@ impl Writer {
         }
     }
 
-    /// Moves the idempotency index's memory part into a new run once it holds more than
-    /// `QueueOptions::idempotency_memory_bytes` allows (see `idem`). Runs between groups, so
-    /// every message up to `last_id` is committed; it first waits for the syncer to have
-    /// synced them all, so that the run names only durable messages. The watermark
-    /// (`last_id`) is committed after the run is durable, and synced with the next group: a
-    /// crash before that leaves the run and puts its keys back into memory too.
+    /// Starts writing the idempotency index's memory part as a new run once it holds more
+    /// than `QueueOptions::idempotency_memory_bytes` allows (see `idem`). Runs between
+    /// groups, so every message up to `last_id` is committed; it first waits for the syncer
+    /// to have synced them all, so that the run names only durable messages. Then the
+    /// memory part is frozen (still looked up, no longer changed: a delete leaves its key
+    /// there, pointing at nothing, as in a run) and written on another thread while a new
+    /// memory part takes the new keys. The writer goes on meanwhile: written on its own
+    /// thread, a run of ~645k keys held it 12–35 ms (6M fill, sixteenth session).
+    /// `store_run` puts the run in use once it is durable; one run is written at a time.
     fn maybe_merge_idem(&mut self, done: &ToSyncer) {
         let shared = Arc::clone(&self.shared);
         let budget = shared.opts.idempotency_memory_bytes / IDEM_KEY_BYTES;
-        if lock(&shared.idem).len() as u64 <= budget || lock(&shared.closed).is_some() {
+        if self.run_write.is_some()
+            || lock(&shared.idem).len() as u64 <= budget
+            || lock(&shared.closed).is_some()
+        {
             return;
         }
+        let waited = Instant::now();
         while done.busy() {
             if done.idle.recv().is_err() {
                 return;
@@ -2646,34 +2687,92 @@ impl Writer {
         if lock(&shared.closed).is_some() {
             return;
         }
-        let started = Instant::now();
-        match self.merge_idem(&shared) {
-            Ok((keys, runs)) => {
-                tracing::info!(path = %shared.path.display(), keys, runs, ms = started.elapsed().as_millis() as u64, "idempotency keys moved from memory into a run");
-                self.start_run_merge();
+        let (frozen, lo) = {
+            let mut idem = lock(&shared.idem);
+            let lo = idem.merged + 1;
+            match idem.freeze(self.last_id) {
+                Some(f) => (f, lo),
+                None => return,
+            }
+        };
+        let (keys, hi) = (frozen.len(), frozen.hi);
+        let dir = shared.path.join(runs::DIR);
+        #[cfg(test)]
+        let hold = Arc::clone(&shared);
+        let spawned = std::thread::Builder::new()
+            .name("bulksend-idem-run".into())
+            .spawn(move || {
+                #[cfg(test)]
+                {
+                    let (held, cv) = &hold.hold_run_writes;
+                    let mut h = lock(held);
+                    while *h {
+                        h = cv
+                            .wait(h)
+                            .unwrap_or_else(std::sync::PoisonError::into_inner);
+                    }
+                }
+                Run::write(&dir, lo, hi, frozen.sorted_entries())
+            });
+        match spawned {
+            Ok(handle) => {
+                tracing::debug!(
+                    keys,
+                    wait_ms = waited.elapsed().as_millis() as u64,
+                    "writing idempotency keys from memory into a run"
+                );
+                self.run_write = Some(RunWrite {
+                    handle,
+                    keys,
+                    hi,
+                    started: Instant::now(),
+                });
             }
             Err(e) => {
-                // Nothing lost: the keys stay in memory, and the next group tries again.
-                tracing::error!(path = %shared.path.display(), "moving idempotency keys into a run failed: {e}");
+                tracing::error!(path = %shared.path.display(), "cannot start writing idempotency keys into a run: {e}");
+                lock(&shared.idem).thaw();
             }
         }
     }
 
-    /// Writes the memory part as a run, commits the watermark and empties the memory part.
-    /// Returns the keys moved and the runs now in use.
-    fn merge_idem(&self, shared: &Shared) -> Res<(usize, usize)> {
-        let mut idem = lock(&shared.idem);
-        let keys = idem.len();
-        let dir = shared.path.join(runs::DIR);
-        let run = Run::write(&dir, idem.merged + 1, self.last_id, idem.sorted_entries())
-            .map_err(run_error)?;
-        let mut tx = Tx::new(shared);
-        tx.insert_blind(codec::IDEM_MERGED_KEY, &self.last_id.to_be_bytes());
-        tx.commit()?;
-        idem.clear();
-        idem.merged = self.last_id;
-        idem.runs.extend(run.map(Arc::new));
-        Ok((keys, idem.runs.len()))
+    /// Puts the run `w` wrote in use and stages the new watermark in `tx` (committed with
+    /// it; the run is durable already, so a watermark that is lost only puts the run's keys
+    /// back into memory at the next open, which lookups do not mind). If the write failed
+    /// the frozen keys go back into memory, and a later group tries again; a run file left
+    /// behind is found, or removed as covered, at the next open.
+    fn store_run(&mut self, w: RunWrite, tx: &mut Tx<'_>) {
+        let shared = Arc::clone(&self.shared);
+        let run = match w.handle.join() {
+            Ok(Ok(run)) => run,
+            Ok(Err(e)) => {
+                tracing::error!(path = %shared.path.display(), "moving idempotency keys into a run failed: {}", run_error(e));
+                lock(&shared.idem).thaw();
+                return;
+            }
+            Err(_) => {
+                tracing::error!(path = %shared.path.display(), "writing idempotency keys into a run panicked");
+                lock(&shared.idem).thaw();
+                return;
+            }
+        };
+        tx.insert_blind(codec::IDEM_MERGED_KEY, &w.hi.to_be_bytes());
+        let runs = {
+            let mut idem = lock(&shared.idem);
+            idem.stored(run.map(Arc::new));
+            idem.runs.len()
+        };
+        tracing::info!(path = %shared.path.display(), keys = w.keys, runs, ms = w.started.elapsed().as_millis() as u64, "idempotency keys moved from memory into a run");
+        self.start_run_merge();
+    }
+
+    /// [`Writer::store_run`] with a commit of its own, between groups.
+    fn store_run_between_groups(&mut self, w: RunWrite) {
+        let shared = Arc::clone(&self.shared);
+        let mut tx = Tx::new(&shared);
+        self.store_run(w, &mut tx);
+        if let Err(e) = tx.commit() {
+            tracing::warn!(path = %shared.path.display(), "cannot store the idempotency watermark (the next run stores it): {e}");
+        }
     }
 
     /// Starts merging two neighbouring runs of the idempotency index on another thread, if
@@ -2838,6 +2937,9 @@ impl Writer {
             ),
             Op::SuppressRemove(a) => (self.suppress_remove(tx, &a).map(Reply::Bool), true),
             Op::Flush => {
+                if let Some(w) = self.run_write.take() {
+                    self.store_run(w, tx);
+                }
                 self.settle_run_merges();
                 (Ok(Reply::Unit), true)
             }
@@ -4767,8 +4869,11 @@ mod tests {
             .iter()
             .map(|k| q.enqueue(keyed(k)).unwrap().id)
             .collect();
-        // The writer merges after a group's commit, which the reply does not wait for; a
-        // flush is handled after it.
+        // The writer starts a run write after a group's commit, which the reply does not
+        // wait for; a flush stores the run being written, and the group it commits starts
+        // the next if the memory part grew past its budget meanwhile, which a second flush
+        // stores.
+        q.flush().unwrap();
         q.flush().unwrap();
         let stored = idem_ids(&q);
         let memory = idem_memory_ids(&q);
@@ -4845,6 +4950,76 @@ mod tests {
         assert_eq!(files, 0, "run files deleted");
     }
 
+    /// While the memory part is written as a run on another thread, its keys are still
+    /// found, new keys go into a new memory part, and a delete of a frozen key leaves it
+    /// pointing at nothing; once the run is stored, the watermark is its last id, and the
+    /// keys are found in it.
+    #[test]
+    fn keys_are_found_while_their_run_is_being_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let q = Queue::open(dir.path(), small_idem_memory(10)).unwrap();
+        /// Holds run writes until dropped, so that a failed assertion ends the test rather
+        /// than leaving the writer's exit waiting for a held write.
+        struct Hold(Arc<Shared>);
+        impl Drop for Hold {
+            fn drop(&mut self) {
+                let (held, cv) = &self.0.hold_run_writes;
+                *lock(held) = false;
+                cv.notify_all();
+            }
+        }
+        *lock(&q.shared.hold_run_writes.0) = true;
+        let hold = Hold(Arc::clone(&q.shared));
+        let keys: Vec<String> = (0..11).map(|i| format!("esp-{i}")).collect();
+        let ids: Vec<MessageId> = keys
+            .iter()
+            .map(|k| q.enqueue(keyed(k)).unwrap().id)
+            .collect();
+        // The next request is handled after the write started (see the test above).
+        let extra = q.enqueue(keyed("esp-new")).unwrap().id;
+        {
+            let idem = lock(&q.shared.idem);
+            let frozen = idem.frozen().expect("a run being written");
+            assert_eq!((frozen.len(), frozen.hi), (11, ids[10].0));
+            assert_eq!((idem.len(), idem.runs.len(), idem.merged), (1, 0, 0));
+        }
+        for (k, id) in keys.iter().zip(&ids) {
+            let e = q.enqueue(keyed(k)).unwrap();
+            assert!(e.duplicate && e.id == *id, "{k} while frozen");
+        }
+        assert!(q.delete(ids[3]).unwrap());
+        assert!(
+            !q.enqueue(keyed(&keys[3])).unwrap().duplicate,
+            "points at nothing"
+        );
+        assert!(
+            lock(&q.shared.idem).frozen().is_some(),
+            "still being written"
+        );
+        drop(hold);
+        q.flush().unwrap();
+        {
+            let idem = lock(&q.shared.idem);
+            assert!(idem.frozen().is_none());
+            assert_eq!((idem.runs.len(), idem.merged), (1, ids[10].0));
+        }
+        assert_eq!(
+            q.shared
+                .db()
+                .get(codec::IDEM_MERGED_KEY)
+                .unwrap()
+                .as_deref(),
+            Some(&ids[10].0.to_be_bytes()[..])
+        );
+        assert_eq!(idem_ids(&q), ids, "the frozen keys, the deleted one's too");
+        for (k, id) in keys.iter().zip(&ids).filter(|(_, id)| **id != ids[3]) {
+            let e = q.enqueue(keyed(k)).unwrap();
+            assert!(e.duplicate && e.id == *id, "{k} from the run");
+        }
+        let e = q.enqueue(keyed("esp-new")).unwrap();
+        assert!(e.duplicate && e.id == extra);
+    }
+
     /// A damaged run of the idempotency index, or a hash key or watermark of the wrong
     /// length, is a clear error naming the file or store and where: an enqueue whose key
     /// falls in the damaged block fails (nothing stored), others go on; the open refuses
@@ -4907,7 +5082,10 @@ mod tests {
         let mut cut = keyed("cut");
         cut.body = vec![b'x'; 10_000];
         let cut_id = q.enqueue(cut.clone()).unwrap().id;
-        q.flush().unwrap(); // after the merge
+        // The first flush stores the run of "kept" (its write started after its group), and
+        // its own group's commit starts writing "cut", which the second stores.
+        q.flush().unwrap();
+        q.flush().unwrap();
         assert_eq!(idem_ids(&q), vec![kept, cut_id]);
         drop(q);
         let seg_dir = dir.path().join(segments::DIR);
