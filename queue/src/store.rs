@@ -2667,7 +2667,8 @@ impl Writer {
     /// memory part is frozen (still looked up, no longer changed: a delete leaves its key
     /// there, pointing at nothing, as in a run) and written on another thread while a new
     /// memory part takes the new keys. The writer goes on meanwhile: written on its own
-    /// thread, a run of ~645k keys held it 12–35 ms (6M fill, sixteenth session).
+    /// thread, a run of ~645k keys held it 12–61 ms in 6M fills (sixteenth session; 1–4 ms on its
+    /// own thread in the seventeenth).
     /// `store_run` puts the run in use once it is durable; one run is written at a time.
     fn maybe_merge_idem(&mut self, done: &ToSyncer) {
         let shared = Arc::clone(&self.shared);
