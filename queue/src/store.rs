@@ -2666,10 +2666,10 @@ impl Writer {
     /// to have synced them all, so that the run names only durable messages. Then the
     /// memory part is frozen (still looked up, no longer changed: a delete leaves its key
     /// there, pointing at nothing, as in a run) and written on another thread while a new
-    /// memory part takes the new keys. The writer goes on meanwhile: written on its own
-    /// thread, a run of ~645k keys held it 12–61 ms in 6M fills (sixteenth session; 1–4 ms on its
-    /// own thread in the seventeenth).
-    /// `store_run` puts the run in use once it is durable; one run is written at a time.
+    /// memory part takes the new keys. The writer goes on meanwhile (written on the writer
+    /// thread, a run of ~645k keys held it 12–61 ms in the sixteenth session's 6M fills; on
+    /// its own thread it took 1–4 ms in the seventeenth's 4M fills). `store_run` puts the
+    /// run in use once it is durable; one run is written at a time.
     fn maybe_merge_idem(&mut self, done: &ToSyncer) {
         let shared = Arc::clone(&self.shared);
         let budget = shared.opts.idempotency_memory_bytes / IDEM_KEY_BYTES;
