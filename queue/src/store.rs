@@ -2072,8 +2072,6 @@ struct Background {
     started: Instant,
 }
 
-/// What one `purge_chunk` did: final-index entries looked at (records listed), and records
-/// dropped (those still there).
 /// The idempotency index's frozen memory part being written as a run on its own thread
 /// (see `Writer::maybe_merge_idem`).
 struct RunWrite {
@@ -2091,6 +2089,8 @@ struct RunMerge {
     newer: Arc<Run>,
 }
 
+/// What one `purge_chunk` did: final-index entries looked at (records listed), and records
+/// dropped (those still there).
 struct PurgeChunk {
     seen: usize,
     dropped: usize,
@@ -2277,23 +2277,11 @@ impl Writer {
                 self.maybe_compact();
             }
             self.poll_background();
-            if self
-                .run_write
-                .as_ref()
-                .is_some_and(|w| w.handle.is_finished())
-            {
-                if let Some(w) = self.run_write.take() {
-                    self.store_run_between_groups(w);
-                }
+            if let Some(w) = self.run_write.take_if(|w| w.handle.is_finished()) {
+                self.store_run_between_groups(w);
             }
-            if self
-                .run_merge
-                .as_ref()
-                .is_some_and(|m| m.handle.is_finished())
-            {
-                if let Some(m) = self.run_merge.take() {
-                    self.apply_run_merge(m);
-                }
+            if let Some(m) = self.run_merge.take_if(|m| m.handle.is_finished()) {
+                self.apply_run_merge(m);
                 self.start_run_merge();
             }
         }
